@@ -1,0 +1,293 @@
+"""Everything shardgen knows about torchao's plain int4 layout, in one place.
+
+A plain int4 weight of logical shape (N, K) with group size G is a
+``torchao.quantization.Int4Tensor`` made of:
+
+- ``qdata``       int8 (N, K/2): column 2j is the low nibble of byte j, column
+                  2j+1 the high nibble; each nibble is a signed int in [-8, 7];
+- ``scale``       (K/G, N), the activation dtype;
+- ``zero_point``  (K/G, N), same dtype; ``w ~= q * scale + zero_point``.
+
+This module quantizes (bit-exact with fbgemm's ``int4_row_quantize_zp`` +
+``pack_int4``), dequantizes, computes which bytes of the three inner tensors
+hold a tensor-parallel shard, copies shards into merged parameters, and
+converts a loaded shard to the layout of the hardware it landed on.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torchao.quantization import Int4Tensor
+
+INT4_DATA_NAMES = ("qdata", "scale", "zero_point")
+# Attributes that belong to the tensor subclass itself, not to the parameter.
+_SUBCLASS_FIELDS = frozenset(
+    {"qdata", "scale", "zero_point", "block_size", "act_pre_scale", "group_scale",
+     "group_zero", "row_scale", "_is_param"}
+)
+
+# The layout names that show up in logs, Parquet metadata and benchmarks.
+LAYOUT_PRESHUFFLED = "int4-preshuffled"
+LAYOUT_PLAIN = "int4-plain"
+LAYOUT_CPU = "cpu-dequantized"
+
+
+def is_int4(t: torch.Tensor) -> bool:
+    """True for a plain int4 tensor (the checkpoint and loading layout)."""
+    return isinstance(t, Int4Tensor)
+
+
+def group_size_of(t: Int4Tensor) -> int:
+    return int(t.block_size[-1])
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def quantize(w: torch.Tensor, group_size: int) -> Int4Tensor:
+    """Quantize a float weight (N, K) to a plain ``Int4Tensor`` with groups of ``group_size``.
+
+    Bit-exact with fbgemm's ``int4_row_quantize_zp`` + ``pack_int4`` followed by
+    torchao's cast of scale and zero point to the weight's dtype, when run on
+    the same device. Pure torch, so it runs where fbgemm cannot load.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"int4 quantization needs a 2-D weight, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if k % group_size != 0 or k % 2 != 0:
+        raise ValueError(
+            f"int4 quantization needs K ({k}) to be a multiple of the group size ({group_size}); "
+            f"pick a group size that divides {k}, or leave this weight unquantized"
+        )
+    groups = w.to(torch.float).reshape(n, k // group_size, group_size)
+    w_max = groups.amax(dim=-1, keepdim=True)
+    w_min = groups.amin(dim=-1, keepdim=True)
+    # Same operations, same order as fbgemm: any reordering changes the last bit.
+    scale = (w_max - w_min).clamp(min=1e-6) / 15
+    zero = w_min + scale * 8
+    q = groups.sub(w_min).div(scale).round().clamp_(0, 15)
+    q = (q - 8).to(torch.int8).reshape(n, k)
+    qdata = torch.bitwise_or(
+        torch.bitwise_and(q[:, ::2], 0xF), torch.bitwise_left_shift(q[:, 1::2], 4)
+    ).contiguous()
+    scale = scale.reshape(n, -1).t().contiguous().to(w.dtype)
+    zero = zero.reshape(n, -1).t().contiguous().to(w.dtype)
+    return Int4Tensor(qdata, scale, zero, [1, group_size], torch.Size([n, k]))
+
+
+def unpack(qdata: torch.Tensor) -> torch.Tensor:
+    """int8 (N, K/2) packed nibbles -> int8 (N, K) values in [-8, 7]."""
+    low = torch.bitwise_right_shift(torch.bitwise_left_shift(qdata, 4), 4)  # sign-extends
+    high = torch.bitwise_right_shift(qdata, 4)
+    return torch.stack((low, high), dim=-1).reshape(qdata.shape[0], -1)
+
+
+def dequantize(t: Int4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight (N, K) that a plain int4 tensor stands for."""
+    n, k = t.shape
+    g = group_size_of(t)
+    q = unpack(t.qdata).to(dtype).reshape(n, k // g, g)
+    scale = t.scale.t().to(dtype).unsqueeze(-1)
+    zero = t.zero_point.t().to(dtype).unsqueeze(-1)
+    return (q * scale + zero).reshape(n, k)
+
+
+# ----------------------------------------------------------------------- tensor parallel
+
+
+def check_shardable(name: str, shape: tuple[int, int], dim: int, tp_size: int, group_size: int | None) -> None:
+    """Refuse a shard that the plain int4 layout cannot express, naming the layer.
+
+    Column-parallel (dim 0) needs N divisible by T; row-parallel (dim 1) needs
+    K/T to be a multiple of G, since every rank must own whole groups.
+    """
+    size = shape[dim]
+    if size % tp_size != 0:
+        raise ValueError(
+            f"{name}: dimension {dim} of size {size} does not split over --tp {tp_size}; "
+            f"choose a --tp that divides {size}"
+        )
+    if group_size is not None and dim == 1 and (size // tp_size) % group_size != 0:
+        raise ValueError(
+            f"{name}: row-parallel int4 slice K/T = {size}/{tp_size} = {size // tp_size} is not a "
+            f"multiple of the group size G = {group_size}; use a --tp with K/T divisible by {group_size} "
+            f"(valid here: {valid_tp_sizes(size, group_size)}) or re-quantize with a smaller --group-size"
+        )
+
+
+def valid_tp_sizes(k: int, group_size: int, limit: int = 64) -> list[int]:
+    return [t for t in range(1, limit + 1) if k % t == 0 and (k // t) % group_size == 0]
+
+
+def shard_index(dim: int, start: int, length: int, group_size: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Where a logical shard [start, start+length) along ``dim`` lives in (qdata, scale/zero_point).
+
+    Both index tuples are 2-D. Used for in-memory slicing and for reading the
+    same bytes straight from a safetensors file, so the two cannot disagree.
+    """
+    everything = slice(None)
+    if dim == 0:
+        return (slice(start, start + length), everything), (everything, slice(start, start + length))
+    assert dim == 1, dim
+    assert start % group_size == 0 and length % group_size == 0, (start, length, group_size)
+    q_cols = slice(start // 2, (start + length) // 2)
+    s_rows = slice(start // group_size, (start + length) // group_size)
+    return (everything, q_cols), (s_rows, everything)
+
+
+def read_shard(
+    read: Callable[[str, tuple[slice, slice]], torch.Tensor],
+    shape: tuple[int, int],
+    group_size: int,
+    dim: int,
+    start: int,
+    length: int,
+) -> Int4Tensor:
+    """Build the shard of an int4 weight from ``read(data_name, index)``, reading only its bytes.
+
+    The result's inner tensors are fresh and contiguous: a row-parallel slice
+    converted while non-contiguous gives silently wrong results (DESIGN.md).
+    """
+    q_index, s_index = shard_index(dim, start, length, group_size)
+    qdata = read("qdata", q_index).contiguous()
+    scale = read("scale", s_index).contiguous()
+    zero = read("zero_point", s_index).contiguous()
+    n, k = shape
+    new_shape = torch.Size([length, k] if dim == 0 else [n, length])
+    assert qdata.shape == (new_shape[0], new_shape[1] // 2), (qdata.shape, new_shape)
+    return Int4Tensor(qdata, scale, zero, [1, group_size], new_shape)
+
+
+def narrow(t: Int4Tensor, dim: int, start: int, length: int) -> Int4Tensor:
+    """Shard of an in-memory int4 tensor along ``dim``, with contiguous copies of its inner tensors."""
+    inner = {"qdata": t.qdata, "scale": t.scale, "zero_point": t.zero_point}
+    return read_shard(lambda name, index: inner[name][index].clone(), tuple(t.shape), group_size_of(t), dim, start, length)
+
+
+def shard(t: Int4Tensor, dim: int, tp_rank: int, tp_size: int, name: str = "weight") -> Int4Tensor:
+    """Rank ``tp_rank``'s slice of ``t`` for a T-way split along ``dim`` (0: column-, 1: row-parallel)."""
+    check_shardable(name, tuple(t.shape), dim, tp_size, group_size_of(t))
+    size = t.shape[dim] // tp_size
+    return narrow(t, dim, tp_rank * size, size)
+
+
+def empty(shape: tuple[int, int], group_size: int, dtype: torch.dtype, device: torch.device | str) -> Int4Tensor:
+    """A zero-filled plain int4 tensor that a parameter holds until its shards are loaded."""
+    n, k = shape
+    assert k % group_size == 0, (shape, group_size)
+    return Int4Tensor(
+        torch.zeros(n, k // 2, dtype=torch.int8, device=device),
+        torch.zeros(k // group_size, n, dtype=dtype, device=device),
+        torch.zeros(k // group_size, n, dtype=dtype, device=device),
+        [1, group_size],
+        torch.Size([n, k]),
+    )
+
+
+def copy_rows(dst: torch.Tensor, src: torch.Tensor, row_offset: int) -> None:
+    """Copy ``src`` (dense or int4, N_src rows) into rows [row_offset, row_offset + N_src) of ``dst``.
+
+    Merged layers (q/k/v, gate/up) and padded vocab shards are filled this way.
+    """
+    rows = src.shape[0]
+    if rows > dst.shape[0] - row_offset or src.shape[1] != dst.shape[1]:
+        raise ValueError(
+            f"tensor of shape {tuple(src.shape)} does not fit rows {row_offset}.. of a parameter "
+            f"of shape {tuple(dst.shape)}; the checkpoint does not match its config.json"
+        )
+    if not is_int4(dst):
+        dst.data[row_offset : row_offset + rows].copy_(src)
+        return
+    if not is_int4(src):
+        raise ValueError("expected an int4 tensor for an int4 parameter; the checkpoint mixes layouts for one layer")
+    if group_size_of(src) != group_size_of(dst):
+        raise ValueError(
+            f"group size {group_size_of(src)} in the checkpoint differs from {group_size_of(dst)} in its config"
+        )
+    dst.qdata[row_offset : row_offset + rows].copy_(src.qdata)
+    dst.scale[:, row_offset : row_offset + rows].copy_(src.scale)
+    dst.zero_point[:, row_offset : row_offset + rows].copy_(src.zero_point)
+
+
+# ---------------------------------------------------------------------------- hardware
+
+
+def _preshuffle_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    from torchao.utils import _is_fbgemm_gpu_genai_available
+
+    return _is_fbgemm_gpu_genai_available() and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def hardware_layout(device: torch.device | str, preshuffle: bool = True) -> str:
+    """The layout int4 weights take on ``device``: preshuffled (SM90+ with fbgemm), plain (other CUDA), or CPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return LAYOUT_CPU
+    if preshuffle and _preshuffle_available(device):
+        return LAYOUT_PRESHUFFLED
+    return LAYOUT_PLAIN
+
+
+def param_attributes(param: nn.Parameter) -> dict[str, object]:
+    """The attributes shardgen (or anyone) set on a parameter, without the subclass's own fields."""
+    return {k: v for k, v in vars(param).items() if k not in _SUBCLASS_FIELDS}
+
+
+def contiguous(t: Int4Tensor) -> Int4Tensor:
+    """Same weight with contiguous inner tensors (copies only what is not contiguous already)."""
+    return Int4Tensor(
+        t.qdata.contiguous(), t.scale.contiguous(), t.zero_point.contiguous(), list(t.block_size), t.shape
+    )
+
+
+def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype) -> nn.Parameter:
+    """Turn a loaded plain-int4 parameter into the parameter the forward pass will use.
+
+    - ``int4-preshuffled``: ``Int4PreshuffledTensor`` through torchao's
+      ``convert_to_packed_tensor_based_on_current_hardware``. fbgemm shuffles the
+      source in place, so the old parameter is garbage afterwards: callers must
+      replace it and never read it again.
+    - ``int4-plain``: the plain ``Int4Tensor``, inner tensors made contiguous.
+    - ``cpu-dequantized``: the dequantized float weight in ``dtype``.
+
+    The new parameter has ``requires_grad=False`` and keeps every attribute the
+    old one had (``weight_loader``, ``input_dim``, ``output_dim``, ...).
+    """
+    weight = param.data
+    assert is_int4(weight), f"expected a plain Int4Tensor, got {type(weight).__name__}"
+    assert not getattr(param, "int4_converted", False), "this storage was converted already"
+    # A row-parallel slice converted while non-contiguous is silently wrong.
+    weight = contiguous(weight)
+    if layout == LAYOUT_PRESHUFFLED:
+        from torchao.prototype.tensor_conversion.api import convert_to_packed_tensor_based_on_current_hardware
+
+        new = convert_to_packed_tensor_based_on_current_hardware(weight)
+        assert not is_int4(new), "preshuffled layout asked for on hardware that does not support it"
+    elif layout == LAYOUT_PLAIN:
+        new = weight
+    elif layout == LAYOUT_CPU:
+        new = dequantize(weight, dtype)
+    else:
+        raise ValueError(f"unknown int4 layout {layout!r}")
+    out = nn.Parameter(new, requires_grad=False)
+    for key, value in param_attributes(param).items():
+        setattr(out, key, value)
+    out.int4_converted = True
+    out.int4_layout = layout
+    return out
+
+
+def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype) -> int:
+    """Convert every plain-int4 parameter under ``module`` in place of the old one; returns how many."""
+    count = 0
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if is_int4(param.data) and not getattr(param, "int4_converted", False):
+                setattr(sub, name, convert_for_hardware(param, layout, dtype))
+                count += 1
+    return count
