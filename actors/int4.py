@@ -193,7 +193,7 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor, row_offset: int) -> None:
     Merged layers (q/k/v, gate/up) and padded vocab shards are filled this way.
     """
     rows = src.shape[0]
-    if rows > dst.shape[0] - row_offset or src.shape[1] != dst.shape[1]:
+    if rows > dst.shape[0] - row_offset or tuple(src.shape[1:]) != tuple(dst.shape[1:]):
         raise ValueError(
             f"tensor of shape {tuple(src.shape)} does not fit rows {row_offset}.. of a parameter "
             f"of shape {tuple(dst.shape)}; the checkpoint does not match its config.json"

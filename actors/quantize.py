@@ -1,0 +1,114 @@
+"""``shardgen quantize``: a float Hugging Face model directory -> a plain int4 shardgen checkpoint.
+
+Works one tensor at a time (read, quantize, write, drop), so host memory stays
+near the largest tensor. Every linear weight inside the decoder layers becomes
+int4; embeddings and norms stay as they are; lm_head only when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors import int4
+from actors.checkpoint import INDEX_FILE, Checkpoint, PlannedTensor, save_checkpoint
+from actors.config import ModelConfig, QuantConfig
+
+_LAYER_LINEAR = re.compile(r"^model\.layers\.\d+\..*\.weight$")
+_NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".tmp")
+
+
+@dataclass
+class QuantizeReport:
+    output: Path
+    int4_weights: int = 0
+    kept_dense: list[str] = field(default_factory=list)
+    unquantizable: list[str] = field(default_factory=list)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    group_size: int = 128,
+    quantize_lm_head: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> QuantizeReport:
+    """Quantize the model in ``src`` into ``dst``. See the module docstring."""
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"--group-size must be an even number >= 2 (32, 64 or 128 are usual), got {group_size}")
+    cfg = ModelConfig.from_dir(src)
+    if cfg.quant is not None:
+        raise ValueError(f"{src} is already quantized (config.json has a quantization_config); pass the float model")
+    if dst.exists() and any(dst.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{dst} is not empty; choose another output directory or pass --overwrite")
+        shutil.rmtree(dst)
+    report = QuantizeReport(dst)
+    with Checkpoint(src) as ckpt:
+        plan: list[PlannedTensor] = []
+        for name in ckpt.names():
+            entry = ckpt.entry(name)
+            if entry.is_int4:
+                raise ValueError(f"{src}: {name} is int4 already; pass the float model")
+            report.bytes_in += _nbytes(entry.shape, entry.dtype.itemsize)
+            if cfg.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            wanted = bool(_LAYER_LINEAR.match(name)) and len(entry.shape) == 2
+            if not wanted:
+                plan.append(PlannedTensor(name, entry.shape, entry.dtype, None, _reader(ckpt, name)))
+                continue
+            if entry.shape[1] % group_size:
+                report.unquantizable.append(f"{name} (K={entry.shape[1]} is not a multiple of {group_size})")
+                plan.append(PlannedTensor(name, entry.shape, entry.dtype, None, _reader(ckpt, name)))
+                continue
+            plan.append(PlannedTensor(name, entry.shape, entry.dtype, group_size, _quantizer(ckpt, name, group_size)))
+        untie = False
+        if quantize_lm_head:
+            head = "lm_head.weight" if "lm_head.weight" in ckpt else "model.embed_tokens.weight"
+            entry = ckpt.entry(head)
+            if entry.shape[1] % group_size:
+                report.unquantizable.append(f"lm_head.weight (K={entry.shape[1]} is not a multiple of {group_size})")
+            else:
+                plan = [t for t in plan if t.name != "lm_head.weight"]
+                plan.append(PlannedTensor("lm_head.weight", entry.shape, entry.dtype, group_size, _quantizer(ckpt, head, group_size)))
+                untie = cfg.tie_word_embeddings
+        report.kept_dense = [t.name for t in plan if t.group_size is None]
+        report.int4_weights = sum(t.group_size is not None for t in plan)
+        save_checkpoint(dst, plan, max_shard_bytes)
+        report.bytes_out = sum(t.nbytes() for t in plan)
+
+    raw = json.loads((src / "config.json").read_text())
+    raw["quantization_config"] = QuantConfig(group_size).to_hf_dict()
+    if untie:
+        raw["tie_word_embeddings"] = False
+    (dst / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    for path in src.iterdir():
+        if path.is_file() and path.name not in ("config.json", INDEX_FILE) and not path.name.endswith(_NOT_COPIED):
+            shutil.copy2(path, dst / path.name)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _reader(ckpt: Checkpoint, name: str):
+    return lambda: ckpt.read(name)
+
+
+def _quantizer(ckpt: Checkpoint, name: str, group_size: int):
+    return lambda: int4.quantize(ckpt.read(name), group_size)
+
+
+def _nbytes(shape: tuple[int, ...], itemsize: int) -> int:
+    n = itemsize
+    for s in shape:
+        n *= s
+    return n
