@@ -70,7 +70,6 @@ class Checkpoint:
     def __init__(self, model_dir: str | Path) -> None:
         self.dir = Path(model_dir)
         self.files = _find_safetensors(self.dir)
-        self._handles: dict[Path, object] = {}
         self.entries: dict[str, TensorEntry] = {}
         for file in self.files:
             self._index_file(file)
@@ -82,7 +81,7 @@ class Checkpoint:
         self.close()
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept so a Checkpoint reads naturally as a context manager."""
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -101,19 +100,16 @@ class Checkpoint:
         if dim is None:
             dim, start, length = 0, 0, e.shape[0]
         assert length is not None and 0 <= start and start + length <= e.shape[dim], (name, dim, start, length, e.shape)
-        handle = self._handle(e.file)
-        if e.is_int4:
-            def read_part(data_name: str, index: tuple[slice, slice]) -> torch.Tensor:
-                return handle.get_slice(int4_key(name, data_name))[index]
+        # One mapping per tensor: safetensors reads through mmap, and the pages it touched count
+        # towards this process's memory until the file is closed.
+        with safe_open(str(e.file), framework="pt", device="cpu") as handle:
+            if e.is_int4:
+                def read_part(data_name: str, index: tuple[slice, slice]) -> torch.Tensor:
+                    return handle.get_slice(int4_key(name, data_name))[index]
 
-            return int4.read_shard(read_part, e.shape, e.group_size, dim, start, length)
-        index = tuple(slice(start, start + length) if d == dim else slice(None) for d in range(len(e.shape)))
-        return handle.get_slice(name)[index]
-
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return self._handles[file]
+                return int4.read_shard(read_part, e.shape, e.group_size, dim, start, length)
+            index = tuple(slice(start, start + length) if d == dim else slice(None) for d in range(len(e.shape)))
+            return handle.get_slice(name)[index]
 
     def _index_file(self, file: Path) -> None:
         try:

@@ -1,0 +1,153 @@
+"""Tiny models built in the tests (random weights, no download) and their references."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from actors import int4
+from actors.attention import AttentionMetadata
+from actors.checkpoint import Checkpoint, PlannedTensor, save_checkpoint
+from actors.config import QuantConfig
+from actors.quantize import quantize_checkpoint
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+TINY = dict(vocab_size=301, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            initializer_range=0.2, tie_word_embeddings=False)
+
+
+def hf_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: object):
+    """A randomly initialised transformers model of ``family`` (llama, mistral, qwen2, qwen3)."""
+    import transformers as tf
+
+    classes = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {"rope_parameters": LLAMA3_ROPE}),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": None}),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 64}),
+    }
+    config_cls, model_cls, extra = classes[family]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **extra, **overrides})
+    return model_cls(config).to(dtype).eval()
+
+
+def save_hf(model, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    return directory
+
+
+def int4_checkpoint(family: str, tmp: Path, group_size: int = 32, dtype: torch.dtype = torch.float32,
+                    quantize_lm_head: bool = False, **overrides: object):
+    """(transformers model whose weights are the dequantized int4 ones, path of the shardgen int4 checkpoint)."""
+    model = hf_model(family, dtype, **overrides)
+    src = save_hf(model, tmp / f"{family}-float")
+    dst = tmp / f"{family}-int4"
+    quantize_checkpoint(src, dst, group_size=group_size, quantize_lm_head=quantize_lm_head)
+    return dequantized_reference(model, dst), dst
+
+
+def dequantized_reference(model, ckpt_dir: Path):
+    """Load the dequantized int4 weights of ``ckpt_dir`` into a transformers ``model`` (float32)."""
+    state = model.state_dict()
+    with Checkpoint(ckpt_dir) as ckpt:
+        for name in ckpt.names():
+            state[name] = int4.dequantize(ckpt.read(name)) if ckpt.entry(name).is_int4 else ckpt.read(name)
+    model = model.float()
+    model.load_state_dict(state)
+    return model
+
+
+def shardgen_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a shardgen CausalLM for a (B, L) batch of equal-length prompts, no cache: (B, L, V)."""
+    b, length = ids.shape
+    meta = AttentionMetadata.prefill([length] * b, ids.device)
+    positions = torch.arange(length, device=ids.device).repeat(b)
+    with torch.no_grad():
+        hidden = model(ids.flatten(), positions, meta)
+        return model.compute_logits(hidden).view(b, length, -1)
+
+
+def greedy_paged(model, prompts: list[list[int]], new_tokens: int, block_size: int = 4) -> list[list[int]]:
+    """Greedy decoding through a paged KV cache: one prefill of all prompts, then batched decode steps."""
+    attn = model.model.layers[0].self_attn
+    b = len(prompts)
+    max_len = max(len(p) for p in prompts) + new_tokens
+    blocks_per_seq = -(-max_len // block_size)
+    shape = (b * blocks_per_seq, block_size, attn.num_kv_heads, attn.head_dim)
+    dtype = model.model.embed_tokens.weight.dtype
+    caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in model.model.layers]
+    # Hand out blocks in reverse so block order differs from sequence order.
+    tables = torch.arange(b * blocks_per_seq).flip(0).view(b, blocks_per_seq)
+    seqs = [list(p) for p in prompts]
+
+    def step(chunks: list[list[int]]) -> list[int]:
+        ids, pos, slots = [], [], []
+        for s, chunk in enumerate(chunks):
+            start = len(seqs[s]) - len(chunk)
+            for i, tok in enumerate(chunk):
+                p = start + i
+                ids.append(tok)
+                pos.append(p)
+                slots.append(int(tables[s, p // block_size]) * block_size + p % block_size)
+        q_lens = [len(c) for c in chunks]
+        cu = torch.tensor([0] + q_lens).cumsum(0)
+        ctx = torch.tensor([len(s) for s in seqs])
+        meta = AttentionMetadata(cu, ctx, max(q_lens), int(ctx.max()), torch.tensor(slots), tables)
+        with torch.no_grad():
+            hidden = model(torch.tensor(ids), torch.tensor(pos), meta, caches)
+            logits = model.compute_logits(hidden[cu[1:] - 1])
+        return logits.argmax(-1).tolist()
+
+    next_tokens = step([list(p) for p in prompts])
+    for _ in range(new_tokens - 1):
+        for s, t in enumerate(next_tokens):
+            seqs[s].append(t)
+        next_tokens = step([[t] for t in next_tokens])
+    for s, t in enumerate(next_tokens):
+        seqs[s].append(t)
+    return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+def synthetic_int4_checkpoint(directory: Path, hidden: int, intermediate: int, layers: int, vocab: int,
+                              heads: int, kv_heads: int, group_size: int = 128) -> int:
+    """A Llama-shaped plain int4 checkpoint of random bytes (fast to make at any size). Returns its bytes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    head_dim = hidden // heads
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+        "torch_dtype": "bfloat16", "quantization_config": QuantConfig(group_size).to_hf_dict(),
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+
+    def rand_int4(n: int, k: int):
+        g = torch.Generator().manual_seed(n * 31 + k)
+        return lambda: int4.Int4Tensor(
+            torch.randint(-128, 128, (n, k // 2), dtype=torch.int8, generator=g),
+            torch.rand(k // group_size, n, generator=g).to(torch.bfloat16) * 0.01,
+            torch.zeros(k // group_size, n, dtype=torch.bfloat16), [1, group_size], torch.Size([n, k]))
+
+    def dense(*shape: int):
+        return lambda: torch.randn(*shape).to(torch.bfloat16)
+
+    plan = [PlannedTensor("model.embed_tokens.weight", (vocab, hidden), torch.bfloat16, None, dense(vocab, hidden))]
+    linears = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv_heads * head_dim, hidden),
+               "self_attn.v_proj": (kv_heads * head_dim, hidden), "self_attn.o_proj": (hidden, hidden),
+               "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+               "mlp.down_proj": (hidden, intermediate)}
+    for i in range(layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            plan.append(PlannedTensor(f"model.layers.{i}.{norm}.weight", (hidden,), torch.bfloat16, None, dense(hidden)))
+        for name, (n, k) in linears.items():
+            plan.append(PlannedTensor(f"model.layers.{i}.{name}.weight", (n, k), torch.bfloat16, group_size, rand_int4(n, k)))
+    plan.append(PlannedTensor("model.norm.weight", (hidden,), torch.bfloat16, None, dense(hidden)))
+    plan.append(PlannedTensor("lm_head.weight", (vocab, hidden), torch.bfloat16, None, dense(vocab, hidden)))
+    save_checkpoint(directory, plan, max_shard_bytes=2**28)
+    return sum(t.nbytes() for t in plan)
