@@ -54,6 +54,11 @@ def int4_checkpoint(family: str, tmp: Path, group_size: int = 32, dtype: torch.d
 
 def dequantized_reference(model, ckpt_dir: Path):
     """Load the dequantized int4 weights of ``ckpt_dir`` into a transformers ``model`` (float32)."""
+    config = json.loads((ckpt_dir / "config.json").read_text())
+    if model.config.tie_word_embeddings and not config.get("tie_word_embeddings", True):
+        # The checkpoint stores its own (int4) head: untie, or loading it overwrites the embeddings.
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
     state = model.state_dict()
     with Checkpoint(ckpt_dir) as ckpt:
         for name in ckpt.names():
