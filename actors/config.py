@@ -82,7 +82,7 @@ class ModelConfig:
         """Read ``config.json`` of a Hugging Face style model directory."""
         path = Path(model_dir) / "config.json"
         if not Path(model_dir).is_dir():
-            raise FileNotFoundError(f"model directory {model_dir} does not exist; pass --model DIR with a config.json in it")
+            raise FileNotFoundError(f"model directory {model_dir} does not exist; check the path")
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: a shardgen model directory needs config.json, tokenizer files and *.safetensors")
         try:

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import typer
+
+
+class _DropTorchaoCppNotice(logging.Filter):
+    """torchao logs that its own C++ CPU ops are skipped; shardgen does not use them (int4 runs on fbgemm or dequantized)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping import of cpp extensions" not in record.getMessage()
+
+
+logging.getLogger("torchao").addFilter(_DropTorchaoCppNotice())
 
 app = typer.Typer(
     name="shardgen",

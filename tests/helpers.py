@@ -34,7 +34,11 @@ def hf_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **o
     config_cls, model_cls, extra = classes[family]
     torch.manual_seed(seed)
     config = config_cls(**{**TINY, **extra, **overrides})
-    return model_cls(config).to(dtype).eval()
+    model = model_cls(config).eval()
+    # Parameters only: transformers keeps rotary inv_freq in float32 whatever the weights' dtype.
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
 
 
 def save_hf(model, directory: Path) -> Path:
@@ -85,8 +89,10 @@ def greedy_paged(model, prompts: list[list[int]], new_tokens: int, block_size: i
     max_len = max(len(p) for p in prompts) + new_tokens
     blocks_per_seq = -(-max_len // block_size)
     shape = (b * blocks_per_seq, block_size, attn.num_kv_heads, attn.head_dim)
-    dtype = model.model.embed_tokens.weight.dtype
-    caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in model.model.layers]
+    weight = model.model.embed_tokens.weight
+    dev = weight.device
+    caches = [(torch.zeros(shape, dtype=weight.dtype, device=dev), torch.zeros(shape, dtype=weight.dtype, device=dev))
+              for _ in model.model.layers]
     # Hand out blocks in reverse so block order differs from sequence order.
     tables = torch.arange(b * blocks_per_seq).flip(0).view(b, blocks_per_seq)
     seqs = [list(p) for p in prompts]
@@ -101,11 +107,11 @@ def greedy_paged(model, prompts: list[list[int]], new_tokens: int, block_size: i
                 pos.append(p)
                 slots.append(int(tables[s, p // block_size]) * block_size + p % block_size)
         q_lens = [len(c) for c in chunks]
-        cu = torch.tensor([0] + q_lens).cumsum(0)
+        cu = torch.tensor([0] + q_lens).cumsum(0).to(dev)
         ctx = torch.tensor([len(s) for s in seqs])
-        meta = AttentionMetadata(cu, ctx, max(q_lens), int(ctx.max()), torch.tensor(slots), tables)
+        meta = AttentionMetadata(cu, ctx.to(dev), max(q_lens), int(ctx.max()), torch.tensor(slots, device=dev), tables.to(dev))
         with torch.no_grad():
-            hidden = model(torch.tensor(ids), torch.tensor(pos), meta, caches)
+            hidden = model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta, caches)
             logits = model.compute_logits(hidden[cu[1:] - 1])
         return logits.argmax(-1).tolist()
 

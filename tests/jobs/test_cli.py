@@ -1,0 +1,102 @@
+"""The shardgen command line, run as a user runs it (the installed console script, in a subprocess)."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.checkpoint import Checkpoint
+from actors.loader import load_model
+from tests.helpers import dequantized_reference, hf_model, save_hf, shardgen_logits
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def shardgen(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "shardgen"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "jobs.cli"]
+    return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_commands_with_examples_and_starts_fast():
+    start = time.perf_counter()
+    r = shardgen("--help")
+    elapsed = time.perf_counter() - start
+    assert r.returncode == 0 and "quantize" in r.stdout and "run" in r.stdout
+    assert "Example: shardgen quantize" in shardgen("quantize", "--help").stdout
+    print(f"shardgen --help took {elapsed:.2f} s")
+
+
+def test_quantize_round_trip_of_a_bf16_transformers_model(tmp_path):
+    model = hf_model("qwen2", dtype=torch.bfloat16)
+    src = save_hf(model, tmp_path / "src")
+    (src / "tokenizer_config.json").write_text("{}")
+    r = shardgen("quantize", str(src), str(tmp_path / "int4"), "--group-size", "64")
+    assert r.returncode == 0, r.stderr
+    assert "14 int4 weights (G=64)" in r.stdout  # 7 projections x 2 layers
+    out = tmp_path / "int4"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_type"]["default"]["_data"] == {"group_size": 64, "int4_packing_format": "plain"}
+    assert (out / "tokenizer_config.json").exists()
+    with Checkpoint(out) as ckpt:
+        assert ckpt.entry("model.layers.1.mlp.down_proj.weight").group_size == 64
+        assert ckpt.entry("model.layers.1.mlp.down_proj.weight").dtype == torch.bfloat16
+        assert not ckpt.entry("model.embed_tokens.weight").is_int4
+        assert not ckpt.entry("lm_head.weight").is_int4
+        assert not ckpt.entry("model.norm.weight").is_int4
+    reference = dequantized_reference(model, out)
+    ids = torch.randint(0, 301, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference(ids).logits
+    got = shardgen_logits(load_model(out).model, ids)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
+
+
+def test_quantize_keeps_layers_whose_k_is_not_a_multiple_of_g_in_float_and_says_so(tmp_path):
+    src = save_hf(hf_model("llama", intermediate_size=96), tmp_path / "src")
+    r = shardgen("quantize", str(src), str(tmp_path / "int4"), "--group-size", "64")
+    assert r.returncode == 0, r.stderr
+    assert "kept in float, cannot be grouped: model.layers.0.mlp.down_proj.weight (K=96" in r.stdout
+    with Checkpoint(tmp_path / "int4") as ckpt:
+        assert not ckpt.entry("model.layers.0.mlp.down_proj.weight").is_int4
+        assert ckpt.entry("model.layers.0.mlp.gate_proj.weight").is_int4
+
+
+@pytest.mark.parametrize(
+    "setup,args,message",
+    [
+        (None, ["quantize", "{tmp}/nope", "{tmp}/out"], "model directory {tmp}/nope does not exist"),
+        ("float", ["quantize", "{tmp}/src", "{tmp}/src"], "is not empty; choose another output directory or pass --overwrite"),
+        ("float", ["quantize", "{tmp}/src", "{tmp}/out", "--group-size", "3"], "--group-size must be an even number"),
+        ("int4", ["quantize", "{tmp}/int4", "{tmp}/out"], "already quantized"),
+    ],
+)
+def test_quantize_errors_name_what_to_fix(tmp_path, setup, args, message):
+    if setup:
+        src = save_hf(hf_model("llama"), tmp_path / "src")
+        if setup == "int4":
+            shardgen("quantize", str(src), str(tmp_path / "int4"), "--group-size", "32")
+    r = shardgen(*[a.format(tmp=tmp_path) for a in args])
+    assert r.returncode == 2
+    assert message.format(tmp=tmp_path) in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_quantize_overwrite_replaces_the_output(tmp_path):
+    src = save_hf(hf_model("llama"), tmp_path / "src")
+    dst = tmp_path / "out"
+    shutil.copytree(src, dst)
+    r = shardgen("quantize", str(src), str(dst), "--group-size", "32", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    with Checkpoint(dst) as ckpt:
+        assert ckpt.entry("model.layers.0.self_attn.q_proj.weight").is_int4
+
+
+def test_run_exists_and_exits_cleanly_until_the_pipeline_lands():
+    r = shardgen("run")
+    assert r.returncode == 0 and "not yet" in r.stdout
