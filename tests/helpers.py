@@ -82,8 +82,13 @@ def shardgen_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model.compute_logits(hidden).view(b, length, -1)
 
 
-def greedy_paged(model, prompts: list[list[int]], new_tokens: int, block_size: int = 4) -> list[list[int]]:
-    """Greedy decoding through a paged KV cache: one prefill of all prompts, then batched decode steps."""
+def greedy_paged(model, prompts: list[list[int]], new_tokens: int, block_size: int = 4,
+                 forced: list[list[int]] | None = None) -> list[list[int]]:
+    """Greedy decoding through a paged KV cache: one prefill of all prompts, then batched decode steps.
+
+    Returns each step's argmax. With ``forced``, those tokens are fed instead of the argmax
+    (teacher forcing), so every step is compared on the same context.
+    """
     attn = model.model.layers[0].self_attn
     b = len(prompts)
     max_len = max(len(p) for p in prompts) + new_tokens
@@ -115,14 +120,14 @@ def greedy_paged(model, prompts: list[list[int]], new_tokens: int, block_size: i
             logits = model.compute_logits(hidden[cu[1:] - 1])
         return logits.argmax(-1).tolist()
 
-    next_tokens = step([list(p) for p in prompts])
-    for _ in range(new_tokens - 1):
-        for s, t in enumerate(next_tokens):
+    predicted = [[t] for t in step([list(p) for p in prompts])]
+    for i in range(1, new_tokens):
+        fed = [forced[s][i - 1] if forced else predicted[s][-1] for s in range(b)]
+        for s, t in enumerate(fed):
             seqs[s].append(t)
-        next_tokens = step([[t] for t in next_tokens])
-    for s, t in enumerate(next_tokens):
-        seqs[s].append(t)
-    return [s[len(p):] for s, p in zip(seqs, prompts)]
+        for s, t in enumerate(step([[t] for t in fed])):
+            predicted[s].append(t)
+    return predicted
 
 
 def synthetic_int4_checkpoint(directory: Path, hidden: int, intermediate: int, layers: int, vocab: int,

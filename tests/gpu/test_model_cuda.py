@@ -1,10 +1,12 @@
 """The whole int4 model on the GPU (bf16, preshuffled and plain layouts) against transformers on the dequantized weights.
 
-Tolerance: bf16 activations through 2 layers give ~1e-2 relative logit error;
-3e-2 passes that and fails any wrong slice or layout (errors of order 1).
-Greedy tokens may diverge where two logits are within bf16 rounding, so the
-agreement rate is reported and must stay high rather than be exactly 1.
+Tolerance: the float32 transformers model is the reference; transformers run in
+bf16 on the GPU on the same dequantized weights shows what bf16 rounding alone
+costs. shardgen's error must stay within 1.5x of that (any wrong slice, layout
+or conversion gives errors of order 1). Greedy tokens may diverge where two
+logits are within bf16 rounding, so agreement is compared with bf16 transformers'.
 """
+import copy
 
 import pytest
 import torch
@@ -42,27 +44,35 @@ def test_model_on_the_gpu_matches_transformers_on_dequantized_weights(checkpoint
     ids = torch.randint(0, 2048, (4, 33), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = reference(ids).logits
+        hf_bf16 = copy.deepcopy(reference).to("cuda", torch.bfloat16)(ids.cuda()).logits.float().cpu()
     got = shardgen_logits(loaded.model, ids.cuda()).float().cpu()
     err = ((got - want).norm() / want.norm()).item()
+    hf_err = ((hf_bf16 - want).norm() / want.norm()).item()
     top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
-    print(f"{path.name} layout={loaded.layout} logits rel err {err:.2e}, top-1 agreement {top1:.3f}, "
-          f"load {loaded.load_s:.2f}s convert {loaded.convert_s:.3f}s")
-    assert err < 3e-2 and top1 > 0.95
+    print(f"{path.name} layout={loaded.layout} logits rel err {err:.2e} (transformers bf16: {hf_err:.2e}), "
+          f"top-1 agreement {top1:.3f}, load {loaded.load_s:.2f}s convert {loaded.convert_s:.3f}s")
+    assert err < 1.5 * hf_err and top1 > 0.95
 
 
 def test_greedy_through_the_paged_cache_on_the_gpu_agrees_with_transformers(checkpoint):
+    """Teacher-forced on float32 transformers' greedy output, so one near-tie does not derail the rest."""
     reference, path = checkpoint
     model = load_model(path, device="cuda").model
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 2048, (n,), generator=gen).tolist() for n in (7, 20, 13, 31)]
-    got = greedy_paged(model, prompts, new_tokens=16)
-    same = total = 0
-    for prompt, tokens in zip(prompts, got):
-        with torch.no_grad():
-            out = reference.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16,
-                                     do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
-        # Count matching tokens up to the first divergence (after it, the contexts differ).
-        n = next((i for i, (a, b) in enumerate(zip(tokens, out)) if a != b), len(out))
-        same, total = same + n, total + len(out)
-    print(f"{path.name}: greedy tokens identical before first divergence {same}/{total}")
-    assert same / total > 0.5
+    prompts = [torch.randint(0, 2048, (n,), generator=gen).tolist() for n in (7, 20, 13, 31, 5, 64, 40, 9)]
+    new = 16
+    with torch.no_grad():
+        fp32 = [reference.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                   pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        hf_bf16 = copy.deepcopy(reference).to("cuda", torch.bfloat16)
+        theirs = [hf_bf16(torch.tensor([p + f], device="cuda")).logits[0, len(p) - 1: len(p) + new - 1].argmax(-1).tolist()
+                  for p, f in zip(prompts, fp32)]
+    ours = greedy_paged(model, prompts, new, forced=fp32)
+    total = len(prompts) * new
+    ours_rate = sum(a == b for s, t in zip(ours, fp32) for a, b in zip(s, t)) / total
+    theirs_rate = sum(a == b for s, t in zip(theirs, fp32) for a, b in zip(s, t)) / total
+    free = greedy_paged(model, prompts, new)
+    print(f"{path.name}: per-step greedy agreement with float32 transformers (teacher-forced, {total} steps): "
+          f"shardgen bf16 paged {ours_rate:.3f}, transformers bf16 {theirs_rate:.3f}; free-running sequences "
+          f"identical to float32: {sum(f == t for f, t in zip(free, fp32))}/{len(prompts)}")
+    assert ours_rate >= theirs_rate - 0.03
