@@ -57,7 +57,7 @@ def attention(
 ) -> torch.Tensor:
     """q: (tokens, Hq, D); k, v: (tokens, Hkv, D); cache: two (blocks, block_size, Hkv, D). Returns (tokens, Hq, D)."""
     tokens, _, head_dim = q.shape
-    b, max_q = meta.num_seqs, meta.max_q_len
+    max_q = meta.max_q_len
     q_lens = meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]
     steps = torch.arange(max_q, device=q.device)
     q_valid = steps[None, :] < q_lens[:, None]  # (B, max_q)

@@ -13,15 +13,11 @@ import torch.nn.functional as F
 from actors import int4
 from actors.checkpoint import Checkpoint, PlannedTensor, save_checkpoint
 from actors.distributed import TPGroup
-from actors.layers import ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead, RowParallelLinear
+from actors.layers import MergedColumnParallelLinear, ParallelLMHead, RowParallelLinear
+from tests.gpu import require_gpu_kernels
 
 pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-try:
-    import fbgemm_gpu.experimental.gen_ai  # noqa: F401
-except ImportError:
-    pytest.skip("needs fbgemm-gpu-genai (pip install shardgen[gpu])", allow_module_level=True)
+require_gpu_kernels()
 
 from torchao.quantization import Int4PreshuffledTensor, Int4Tensor  # noqa: E402
 
@@ -93,7 +89,7 @@ def _load(layer: torch.nn.Module, ckpt: Checkpoint, parts: list[str], layout: st
     for i, name in enumerate(parts):
         layer.weight.weight_loader(layer.weight, ckpt, name, i if len(parts) > 1 else None)
     int4.convert_module_weights(layer, layout, torch.bfloat16)
-    assert getattr(layer.weight, "int4_layout") == layout and layer.weight.requires_grad is False
+    assert layer.weight.int4_layout == layout and layer.weight.requires_grad is False
     assert callable(layer.weight.weight_loader) and layer.weight.output_dim == 0
     if layout == int4.LAYOUT_PRESHUFFLED:
         assert isinstance(layer.weight.data, Int4PreshuffledTensor)

@@ -11,14 +11,10 @@ from actors import int4
 from actors.checkpoint import Checkpoint
 from actors.loader import load_model
 from tests.helpers import hf_model, save_hf, shardgen_logits
+from tests.gpu import require_gpu_kernels
 
 pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-try:
-    import fbgemm_gpu.experimental.gen_ai  # noqa: F401
-except ImportError:
-    pytest.skip("needs fbgemm-gpu-genai (pip install shardgen[gpu])", allow_module_level=True)
+require_gpu_kernels()
 
 from torchao.quantization import Int4Tensor, Int4WeightOnlyConfig  # noqa: E402
 from transformers import AutoModelForCausalLM, TorchAoConfig  # noqa: E402

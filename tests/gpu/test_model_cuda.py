@@ -14,14 +14,10 @@ import torch
 from actors import int4
 from actors.loader import load_model
 from tests.helpers import greedy_paged, int4_checkpoint, shardgen_logits
+from tests.gpu import require_gpu_kernels
 
 pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-try:
-    import fbgemm_gpu.experimental.gen_ai  # noqa: F401
-except ImportError:
-    pytest.skip("needs fbgemm-gpu-genai (pip install shardgen[gpu])", allow_module_level=True)
+require_gpu_kernels()
 
 SM90 = torch.cuda.get_device_capability() >= (9, 0)
 SHAPE = dict(vocab_size=2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
