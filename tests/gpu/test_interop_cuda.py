@@ -10,8 +10,8 @@ import torch
 from actors import int4
 from actors.checkpoint import Checkpoint
 from actors.loader import load_model
-from tests.helpers import hf_model, save_hf, shardgen_logits
 from tests.gpu import require_gpu_kernels
+from tests.helpers import hf_model, save_hf, shardgen_logits
 
 pytestmark = pytest.mark.gpu
 require_gpu_kernels()

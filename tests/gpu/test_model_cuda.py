@@ -13,8 +13,8 @@ import torch
 
 from actors import int4
 from actors.loader import load_model
-from tests.helpers import greedy_paged, int4_checkpoint, shardgen_logits
 from tests.gpu import require_gpu_kernels
+from tests.helpers import greedy_paged, int4_checkpoint, shardgen_logits
 
 pytestmark = pytest.mark.gpu
 require_gpu_kernels()
