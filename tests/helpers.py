@@ -72,6 +72,17 @@ def dequantized_reference(model, ckpt_dir: Path):
     return model
 
 
+def hf_greedy(model, prompt: list[int], new_tokens: int, ignore_eos: bool = True) -> list[int]:
+    """transformers' own greedy ``generate`` (the reference no shardgen code computes)."""
+    ids = torch.tensor([prompt], device=model.device)
+    kwargs = {"min_new_tokens": new_tokens, "eos_token_id": None} if ignore_eos else {}
+    with torch.no_grad():
+        # An explicit mask: token 0 inside a prompt must not be taken for padding.
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=model.config.vocab_size - 1, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
 def shardgen_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Logits of a shardgen CausalLM for a (B, L) batch of equal-length prompts, no cache: (B, L, V)."""
     b, length = ids.shape

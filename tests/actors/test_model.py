@@ -11,7 +11,7 @@ import torch
 
 from actors import int4
 from actors.loader import load_model
-from tests.helpers import greedy_paged, hf_model, int4_checkpoint, save_hf, shardgen_logits
+from tests.helpers import greedy_paged, hf_greedy, hf_model, int4_checkpoint, save_hf, shardgen_logits
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 RTOL = 1e-4
@@ -48,10 +48,7 @@ def test_greedy_tokens_through_the_paged_kv_cache_match_transformers_generate(ch
     prompts = [torch.randint(0, 301, (n,), generator=gen).tolist() for n in (5, 11, 8)]
     got = greedy_paged(model, prompts, new_tokens=12)
     for prompt, tokens in zip(prompts, got):
-        with torch.no_grad():
-            out = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                     min_new_tokens=12, pad_token_id=0)
-        assert tokens == out[0, len(prompt):].tolist()
+        assert tokens == hf_greedy(reference, prompt, 12)
 
 
 def test_comparison_detects_one_corrupted_int4_group(checkpoints, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from actors import int4
 from actors.loader import load_model
 from tests.gpu import require_gpu_kernels
-from tests.helpers import greedy_paged, int4_checkpoint, shardgen_logits
+from tests.helpers import greedy_paged, hf_greedy, int4_checkpoint, shardgen_logits
 
 pytestmark = pytest.mark.gpu
 require_gpu_kernels()
@@ -58,8 +58,7 @@ def test_greedy_through_the_paged_cache_on_the_gpu_agrees_with_transformers(chec
     prompts = [torch.randint(0, 2048, (n,), generator=gen).tolist() for n in (7, 20, 13, 31, 5, 64, 40, 9)]
     new = 16
     with torch.no_grad():
-        fp32 = [reference.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                   pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        fp32 = [hf_greedy(reference, p, new) for p in prompts]
         hf_bf16 = copy.deepcopy(reference).to("cuda", torch.bfloat16)
         theirs = [hf_bf16(torch.tensor([p + f], device="cuda")).logits[0, len(p) - 1: len(p) + new - 1].argmax(-1).tolist()
                   for p, f in zip(prompts, fp32)]

@@ -1,0 +1,153 @@
+"""Continuous batching over a paged KV cache.
+
+Every step takes all running sequences that need one more token (decode), then
+fills the rest of the token budget with prompt chunks (chunked prefill) from
+sequences mid-prefill and then from the waiting queue, up to ``max_num_seqs``
+running sequences. Sequences leave as they finish and new ones join on the next
+step. When the cache runs out, the most recently admitted sequence is preempted
+(its blocks freed, recomputed later).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from actors.sequence import FINISH_ERROR, Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("--max-num-seqs and the token budget per step must be >= 1")
+        if self.num_blocks * self.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {self.num_blocks * self.block_size} tokens ({self.num_blocks} blocks of "
+                f"{self.block_size}), less than one sequence of --max-model-len {self.max_model_len}; "
+                f"lower --max-model-len or give the cache more memory"
+            )
+
+
+@dataclass
+class ScheduledBatch:
+    """Which sequences run this step and how many of their tokens (starting at ``num_computed``)."""
+
+    seqs: list[Sequence]
+    num_tokens: list[int]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Whether sequence i reaches its last token this step, so a next token is sampled for it."""
+        s = self.seqs[i]
+        return s.num_computed + self.num_tokens[i] == len(s.tokens)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int) -> None:
+        self.free: deque[int] = deque(range(num_blocks))
+        self.num_blocks = num_blocks
+
+    def blocks_needed(self, seq: Sequence, upto_tokens: int, block_size: int) -> int:
+        return max(0, -(-upto_tokens // block_size) - len(seq.block_table))
+
+    def allocate(self, seq: Sequence, n: int) -> None:
+        assert n <= len(self.free)
+        seq.block_table.extend(self.free.popleft() for _ in range(n))
+
+    def release(self, seq: Sequence) -> None:
+        self.free.extend(seq.block_table)
+        seq.block_table = []
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.blocks = BlockManager(config.num_blocks)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[ScheduledBatch, list[Sequence]]:
+        """The next step's batch, and sequences refused outright (finished with an error)."""
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        seqs: list[Sequence] = []
+        counts: list[int] = []
+        refused: list[Sequence] = []
+
+        # Running sequences first, oldest first: decodes take one token, unfinished prefills a chunk.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            if not self._reserve(seq, n, seqs):
+                continue  # seq (or a later one) was preempted; self.running changed
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+            i += 1
+
+        # Then new sequences while there is room.
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting[0]
+            needed_total = -(-len(seq.tokens) // cfg.block_size)
+            if len(seq.tokens) > cfg.max_model_len or needed_total > self.blocks.num_blocks:
+                self.waiting.popleft()
+                seq.status, seq.finish_reason = Status.FINISHED, FINISH_ERROR
+                seq.error = f"prompt has {len(seq.tokens)} tokens, more than --max-model-len {cfg.max_model_len}"
+                refused.append(seq)
+                continue
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            need = self.blocks.blocks_needed(seq, seq.num_computed + n, cfg.block_size)
+            if need > len(self.blocks.free):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, need)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+        return ScheduledBatch(seqs, counts), refused
+
+    def _reserve(self, seq: Sequence, n: int, scheduled: list[Sequence]) -> bool:
+        """Make sure ``seq`` has blocks for ``n`` more tokens, preempting the newest others if needed."""
+        need = self.blocks.blocks_needed(seq, seq.num_computed + n, self.config.block_size)
+        while need > len(self.blocks.free):
+            victim = self.running[-1]
+            if victim in scheduled:
+                victim = seq  # never preempt work already in this step's batch
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.allocate(seq, need)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.running.remove(seq)
+        self.blocks.release(seq)

@@ -1,0 +1,94 @@
+"""A request, its sampling parameters, and the sequence the engine grows from it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+FINISH_STOP = "stop"  # EOS, a stop token or a stop string
+FINISH_LENGTH = "length"  # max_new_tokens or max_model_len
+FINISH_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is sampled and when it stops. temperature 0 is greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values, as text naming each field (empty if all is well)."""
+        out = []
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            out.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            out.append(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            out.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            out.append(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            out.append(f"stop must be a list of non-empty strings, got {list(self.stop)!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    error: str | None = None
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request being generated: its tokens, how many are in the KV cache, and its cache blocks."""
+
+    request: Request
+    tokens: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            self.tokens = list(self.request.prompt_token_ids)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt:]
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    def completion(self) -> Completion:
+        assert self.finish_reason is not None
+        return Completion(self.request.request_id, self.output_ids, self.finish_reason, self.num_prompt, self.error)
