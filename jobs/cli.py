@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -55,11 +57,95 @@ def quantize(
     )
 
 
-@app.command(epilog="Example: shardgen run --model ./Llama-3.2-1B-int4 --input prompts.parquet --output out/")
-def run() -> None:
-    """Generate completions for a table of prompts (the batch pipeline arrives with issue 4)."""
-    typer.echo("shardgen run: not yet - the batch pipeline (engine, Ray actors, Parquet output) lands in the next issue.")
-    typer.echo("Available now: `shardgen quantize SRC DST` and the int4 model in actors/ (see README).")
+RUN_EXAMPLE = ("Example: shardgen run --model ./Llama-3.2-1B-int4 --input prompts.parquet --output out/ --tp 2 --replicas 4\n\n"
+               "With no --model and --input, runs the embedded demo model on its prompt set.")
+
+
+@app.command(epilog=RUN_EXAMPLE)
+def run(
+    model: Optional[Path] = typer.Option(None, help="Plain int4 (or float) checkpoint directory. Default: the embedded demo."),
+    input: Optional[Path] = typer.Option(None, "--input", help="Prompts: a .parquet/.jsonl/.csv file or a directory of them."),
+    output: Optional[Path] = typer.Option(None, help="Output directory for Parquet files. Default: ./demo-output for the demo."),
+    tp: int = typer.Option(1, help="Tensor-parallel ranks per replica (one GPU each)."),
+    replicas: int = typer.Option(1, help="Replicas (each T ranks) serving batches in parallel."),
+    max_new_tokens: int = typer.Option(64, help="Default tokens to generate per row (a row's max_new_tokens column overrides)."),
+    temperature: float = typer.Option(0.0, help="0 is greedy."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass, in (0, 1]."),
+    top_k: int = typer.Option(0, help="Sample from the k most likely tokens; 0 turns it off."),
+    seed: Optional[int] = typer.Option(None, help="Makes sampling reproducible: each row's seed derives from it and the row id."),
+    ignore_eos: bool = typer.Option(False, help="Keep generating past EOS (fixed-length outputs, for benchmarks)."),
+    prompt_column: str = typer.Option("prompt", help="Column holding the prompt text."),
+    id_column: str = typer.Option("id", help="Column holding a unique row id; if absent, ids are <file>:<row>."),
+    chat: bool = typer.Option(False, help="Prompts are JSON lists of {role, content}; apply the tokenizer's chat template."),
+    device: str = typer.Option("auto", help="auto (cuda if the cluster has GPUs), cpu or cuda."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
+    batch_size: int = typer.Option(64, help="Rows per Ray Data batch."),
+    max_num_seqs: int = typer.Option(64, help="Most sequences a replica's engine runs at once."),
+    max_num_batched_tokens: int = typer.Option(2048, help="Most tokens in one engine step (prefill chunks plus decodes)."),
+    max_model_len: Optional[int] = typer.Option(None, help="Longest prompt + completion; default: the model's max_position_embeddings."),
+    kv_cache_gb: Optional[float] = typer.Option(None, help="KV cache per rank in GiB; default: sized from free memory."),
+    no_preshuffle: bool = typer.Option(False, "--no-preshuffle", help="Keep plain int4 on SM90+ (for comparisons)."),
+    address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to attach to; default: start a local one."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+) -> None:
+    """Generate a completion for every row of a table of prompts; writes Parquet and prints a summary."""
+    from actors.engine import EngineConfig
+    from actors.sequence import SamplingParams
+    from pipeline.options import RunOptions
+
+    if (model is None) != (input is None):
+        _fail("pass both --model and --input, or neither (to run the embedded demo)")
+    try:
+        if model is None:
+            from jobs.demo import demo_assets
+
+            cache = Path(os.environ.get("SHARDGEN_HOME") or Path.home() / ".cache" / "shardgen")
+            model, input = demo_assets(cache)
+            if output is None:
+                output, overwrite = Path("demo-output"), True
+            typer.echo(f"shardgen: running the embedded demo model ({model}) on {input}")
+        if output is None:
+            _fail("pass --output DIR for the Parquet files")
+        options = RunOptions(
+            model=model, input=input, output=output, tp=tp, replicas=replicas, device=device, dtype=dtype,
+            prompt_column=prompt_column, id_column=id_column, chat=chat, batch_size=batch_size, overwrite=overwrite,
+            address=address, preshuffle=not no_preshuffle,
+            sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    seed=seed, ignore_eos=ignore_eos),
+            engine=EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                max_model_len=max_model_len,
+                                kv_cache_memory=int(kv_cache_gb * 2**30) if kv_cache_gb else None),
+        )
+        from pipeline.run import run as run_pipeline
+
+        run_pipeline(options, echo=typer.echo)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@app.command(epilog="Example: shardgen inspect ./Llama-3.2-1B-int4")
+def inspect(model: Path = typer.Argument(..., help="Checkpoint directory.")) -> None:
+    """Describe a checkpoint: architecture, shape, quantization, size on disk, and which --tp values work."""
+    from actors.checkpoint import Checkpoint
+    from actors.config import ModelConfig
+
+    try:
+        cfg = ModelConfig.from_dir(model)
+        with Checkpoint(model) as ckpt:
+            entries = list(ckpt.entries.values())
+            files = ckpt.files
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    size = sum(f.stat().st_size for f in files)
+    int4_n = sum(e.is_int4 for e in entries)
+    groups = sorted({e.group_size for e in entries if e.is_int4})
+    typer.echo(f"{model}: {cfg.architecture}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, intermediate "
+               f"{cfg.intermediate_size}, {cfg.num_heads} heads / {cfg.num_kv_heads} KV heads, vocab {cfg.vocab_size}")
+    quant = f"plain int4, group size {cfg.quant.group_size}" if cfg.quant else "none (float)"
+    typer.echo(f"quantization: {quant}; {int4_n} int4 weights (group sizes {groups or '-'}), "
+               f"{len(entries) - int4_n} float tensors")
+    typer.echo(f"size on disk: {size / 2**30:.3f} GiB in {len(files)} safetensors file(s)")
+    typer.echo(f"valid --tp: {cfg.valid_tp_sizes()}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""One replica: T ``ShardWorker`` actors in one placement group, joined into one tensor-parallel group."""
+
+from __future__ import annotations
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.sequence import Completion, Request
+from actors.worker import ReplicaSpec, ShardWorker
+
+# Rank 0 serves several Ray Data batches at once (each blocks in generate while the engine runs).
+RANK0_CONCURRENCY = 64
+
+
+class Replica:
+    def __init__(self, spec: ReplicaSpec, strategy: str = "STRICT_PACK", ready_timeout_s: float = 600.0) -> None:
+        gpu = spec.device == "cuda"
+        bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
+        self.pg = placement_group([dict(bundle) for _ in range(spec.tp)], strategy=strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            have = ray.cluster_resources()
+            raise RuntimeError(
+                f"could not place a replica of --tp {spec.tp} ({spec.tp} x {bundle}) within {ready_timeout_s:.0f} s; "
+                f"the cluster has {have.get('GPU', 0):g} GPUs and {have.get('CPU', 0):g} CPUs in all"
+            ) from None
+        actor = ray.remote(ShardWorker)
+        self.workers = [
+            actor.options(
+                num_cpus=1, num_gpus=1 if gpu else 0,
+                max_concurrency=RANK0_CONCURRENCY if rank == 0 else 2,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            ).remote(rank, spec)
+            for rank in range(spec.tp)
+        ]
+        address = ray.get(self.workers[0].rendezvous_address.remote())
+        self.info = ray.get([w.setup.remote(address) for w in self.workers])
+
+    @property
+    def layout(self) -> str:
+        return self.info[0]["layout"]
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        return ray.get(self.workers[0].generate.remote(requests))
+
+    def stats(self) -> dict:
+        return ray.get(self.workers[0].stats.remote())
+
+    def shutdown(self) -> None:
+        # Rank 0 first: stopping its engine releases the followers from their collective.
+        ray.get(self.workers[0].shutdown.remote(), timeout=60)
+        ray.get([w.shutdown.remote() for w in self.workers[1:]], timeout=60)
+        for w in self.workers:
+            ray.kill(w)
+        remove_placement_group(self.pg)

@@ -1,0 +1,104 @@
+"""``ShardWorker``: one tensor-parallel rank of a replica, as a Ray actor.
+
+Each worker joins its replica's torch.distributed group, loads only its slice
+of the checkpoint, converts it for its hardware, and allocates its KV cache.
+Rank 0 then runs the engine in a background thread and takes requests through
+``generate``; the other ranks follow rank 0's steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.distributed import destroy_tp_group, free_port, init_tp_group
+from actors.engine import Engine, EngineConfig
+from actors.loader import load_model
+from actors.runner import ModelRunner
+from actors.sequence import Completion, Request
+from actors.tokenizer import eos_token_ids, load_tokenizer
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What every rank of a replica needs to build its part (built at the edge, pickled to the actors)."""
+
+    model_dir: str
+    tp: int = 1
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "auto"
+    preshuffle: bool = True
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cpu_threads: int = 1
+    gpu_memory_utilization: float = 0.9
+
+
+def auto_kv_cache_memory(device: torch.device, utilization: float) -> int:
+    """Bytes for the KV cache when none were asked for: what is free on the GPU, or a slice of host memory."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        reserve = total * (1 - utilization) + 2 * 2**30  # activations and allocator slack
+        return max(int(free - reserve), 0)
+    import psutil
+
+    return int(min(2 * 2**30, psutil.virtual_memory().available // 8))
+
+
+class ShardWorker:
+    def __init__(self, rank: int, spec: ReplicaSpec) -> None:
+        self.rank, self.spec = rank, spec
+        self.engine: Engine | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def rendezvous_address(self) -> str:
+        """Rank 0: where the other ranks find it (this node's IP and a free port)."""
+        import ray
+
+        return f"{ray.util.get_node_ip_address()}:{free_port()}"
+
+    def setup(self, address: str) -> dict:
+        spec = self.spec
+        if spec.device == "cuda":
+            device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        else:
+            device = torch.device("cpu")
+            torch.set_num_threads(spec.cpu_threads)
+        tp = init_tp_group(self.rank, spec.tp, address, device)
+        loaded = load_model(spec.model_dir, tp, device, spec.dtype, spec.preshuffle)
+        cfg = loaded.config
+        max_model_len = min(spec.engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        kv_memory = spec.engine.kv_cache_memory or auto_kv_cache_memory(device, spec.gpu_memory_utilization)
+        runner = ModelRunner(loaded, tp, device, spec.engine.block_size, kv_memory)
+        if self.rank == 0:
+            tokenizer = load_tokenizer(spec.model_dir)
+            self.engine = Engine(runner, spec.engine, max_model_len, eos_token_ids(spec.model_dir, cfg.eos_token_ids, tokenizer),
+                                 detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+            self._thread = threading.Thread(target=self.engine.run_forever, args=(self._stop,), daemon=True, name="engine")
+        else:
+            self._thread = threading.Thread(target=runner.follow, daemon=True, name="follower")
+        self._thread.start()
+        return {
+            "rank": self.rank, "layout": loaded.layout, "int4_weights": loaded.int4_weights, "load_s": loaded.load_s,
+            "convert_s": loaded.convert_s, "kv_blocks": runner.num_blocks, "block_size": spec.engine.block_size,
+            "max_model_len": max_model_len, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        }
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Rank 0: run requests through the engine (alongside any others in flight) and return them in order."""
+        assert self.engine is not None, "generate is served by rank 0"
+        return [f.result() for f in self.engine.add(requests)]
+
+    def stats(self) -> dict:
+        assert self.engine is not None
+        s = self.engine.stats
+        return {"steps": s.steps, "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
+                "running_per_step": list(s.running_per_step), "preemptions": self.engine.scheduler.num_preemptions}
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self.rank == 0:
+            self._thread.join(timeout=30)
+        destroy_tp_group()

@@ -1,0 +1,63 @@
+"""Generate stage: a Ray Data actor pool of R replicas; each actor owns one replica (T ShardWorkers).
+
+Several batches are in flight per actor, so a replica's engine is refilled while
+the long tail of one batch finishes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from actors.sequence import FINISH_ERROR, Request, SamplingParams
+from actors.worker import ReplicaSpec
+
+READS = ("id", "prompt", "prompt_token_ids", "params", "error")
+WRITES = ("id", "prompt", "completion_token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "error",
+          "params", "layout")
+
+
+def params_from_json(text: str) -> SamplingParams:
+    d = json.loads(text)
+    d["stop"], d["stop_token_ids"] = tuple(d["stop"]), tuple(d["stop_token_ids"])
+    return SamplingParams(**d)
+
+
+class GenerateStage:
+    def __init__(self, spec: ReplicaSpec) -> None:
+        from actors.replica import Replica
+
+        self.replica = Replica(spec)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = batch.column("id").to_pylist()
+        tokens = batch.column("prompt_token_ids").to_pylist()
+        params = batch.column("params").to_pylist()
+        errors = batch.column("error").to_pylist()
+        todo = [i for i, e in enumerate(errors) if e is None]
+        requests = [Request(ids[i], tokens[i], params_from_json(params[i])) for i in todo]
+        results = dict(zip(todo, self.replica.generate(requests))) if requests else {}
+        out_ids, finish, prompt_n, completion_n, err = [], [], [], [], []
+        for i in range(len(ids)):
+            r = results.get(i)
+            out_ids.append(r.token_ids if r else [])
+            finish.append(r.finish_reason if r else FINISH_ERROR)
+            prompt_n.append(r.prompt_tokens if r else len(tokens[i] or []))
+            completion_n.append(len(r.token_ids) if r else 0)
+            err.append(r.error if r else errors[i])
+        return pa.table({
+            "id": batch.column("id"), "prompt": batch.column("prompt"),
+            "completion_token_ids": pa.array(out_ids, pa.list_(pa.int32())),
+            "prompt_tokens": pa.array(prompt_n, pa.int32()), "completion_tokens": pa.array(completion_n, pa.int32()),
+            "finish_reason": pa.array(finish, pa.string()), "error": pa.array(err, pa.string()),
+            "params": batch.column("params"), "layout": pa.array([self.replica.layout] * len(ids), pa.string()),
+        })
+
+    def __del__(self) -> None:
+        replica = getattr(self, "replica", None)
+        if replica is not None:
+            try:
+                replica.shutdown()
+            except Exception:  # the cluster may already be going down
+                pass

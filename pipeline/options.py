@@ -1,0 +1,52 @@
+"""The options of one ``shardgen run``, validated once at the edge (CLI or job entry point)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.engine import EngineConfig
+from actors.sequence import SamplingParams
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    model: Path
+    input: Path
+    output: Path
+    tp: int = 1
+    replicas: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    prompt_column: str = "prompt"
+    id_column: str = "id"
+    chat: bool = False
+    batch_size: int = 64
+    overwrite: bool = False
+    address: str | None = None
+    preshuffle: bool = True
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.tp < 1:
+            problems.append(f"--tp must be >= 1, got {self.tp}")
+        if self.replicas < 1:
+            problems.append(f"--replicas must be >= 1, got {self.replicas}")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.device not in DEVICES:
+            problems.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not self.prompt_column or not self.id_column:
+            problems.append("--prompt-column and --id-column must not be empty")
+        for problem in self.sampling.problems():  # "top_p must be ..." -> "--top-p must be ..."
+            name, rest = problem.split(" ", 1)
+            problems.append(f"--{name.replace('_', '-')} {rest}")
+        if problems:
+            raise ValueError("; ".join(problems))

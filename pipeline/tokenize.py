@@ -1,0 +1,107 @@
+"""Tokenize stage (CPU actors): prompt text (or chat messages with --chat) -> token ids, and each row's
+sampling parameters resolved from the run's defaults and the row's own overrides.
+
+A row that cannot be generated keeps its place: it gets an ``error`` naming the
+column and the problem, and the later stages pass it through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import pyarrow as pa
+
+from actors.sequence import SamplingParams
+
+READS = ("id", "prompt", "row")
+WRITES = ("id", "prompt", "prompt_token_ids", "params", "error")
+
+
+def row_seed(run_seed: int, row_id: str) -> int:
+    """A row's own seed from the run's --seed and its id: the same wherever and with whatever the row runs."""
+    digest = hashlib.blake2b(f"{run_seed}:{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class TokenizeStage:
+    def __init__(self, model_dir: str, chat: bool, defaults: SamplingParams) -> None:
+        from actors.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_dir)
+        self.chat = chat
+        self.defaults = defaults
+        if chat and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"--chat was given but the tokenizer in {model_dir} has no chat template")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids, prompts = batch.column("id").to_pylist(), batch.column("prompt").to_pylist()
+        token_ids, params, errors = [], [], []
+        for row_id, prompt, row in zip(ids, prompts, batch.column("row").to_pylist()):
+            toks, p, err = self._one(row_id, prompt, json.loads(row))
+            token_ids.append(toks)
+            params.append(json.dumps(dataclasses.asdict(p)) if p else None)
+            errors.append(err)
+        return pa.table({
+            "id": pa.array(ids, pa.string()), "prompt": pa.array(prompts, pa.string()),
+            "prompt_token_ids": pa.array(token_ids, pa.list_(pa.int32())),
+            "params": pa.array(params, pa.string()), "error": pa.array(errors, pa.string()),
+        })
+
+    def _one(self, row_id: str | None, prompt: str | None, row: dict) -> tuple[list[int], SamplingParams | None, str | None]:
+        if row_id is None:
+            return [], None, "id: the id column is null"
+        try:
+            params = self._params(row_id, row)
+        except ValueError as e:
+            return [], None, str(e)
+        text = prompt if prompt is not None else row.get("prompt_json")
+        if self.chat:
+            try:
+                messages = json.loads(text) if isinstance(text, str) else None
+            except json.JSONDecodeError:
+                messages = None
+            if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+                return [], params, "prompt: with --chat a prompt must be a JSON list of {role, content} messages"
+            toks = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            if isinstance(toks, dict):  # newer transformers return a BatchEncoding
+                toks = toks["input_ids"]
+            return list(toks), params, None
+        if "prompt_type" in row:
+            return [], params, f"prompt: expected text, got {row['prompt_type']}"
+        if text is None or text == "":
+            return [], params, "prompt: empty or null"
+        toks = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return list(toks), params, None
+
+    def _params(self, row_id: str, row: dict) -> SamplingParams:
+        values = {k: row[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed") if k in row}
+        for k in ("max_new_tokens", "top_k", "seed"):
+            if k in values and not (isinstance(values[k], int) or (isinstance(values[k], float) and values[k].is_integer())):
+                raise ValueError(f"{k}: expected an integer, got {values[k]!r}")
+            if k in values:
+                values[k] = int(values[k])
+        for k in ("temperature", "top_p"):
+            if k in values and not isinstance(values[k], (int, float)):
+                raise ValueError(f"{k}: expected a number, got {values[k]!r}")
+        if "stop" in row:
+            values["stop"] = _stop_list(row["stop"])
+        p = dataclasses.replace(self.defaults, **values)
+        if p.seed is None and self.defaults.seed is not None:
+            p = dataclasses.replace(p, seed=row_seed(self.defaults.seed, row_id))
+        problems = p.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return p
+
+
+def _stop_list(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):  # CSV cannot hold lists: accept a JSON list written as text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f'stop: expected a list of strings (in CSV, a JSON list like ["\\n\\n"]), got {value!r}') from None
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        raise ValueError(f"stop: expected a list of non-empty strings, got {value!r}")
+    return tuple(value)

@@ -1,0 +1,89 @@
+"""Write stage: the output schema, and a Ray Data sink that writes Parquet files atomically with run metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.datasource import Datasink
+
+READS = ("id", "prompt", "completion", "completion_token_ids", "prompt_tokens", "completion_tokens",
+         "finish_reason", "error", "layout")
+OUTPUT_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("prompt", pa.string()),
+    ("completion", pa.string()),
+    ("completion_token_ids", pa.list_(pa.int32())),
+    ("prompt_tokens", pa.int32()),
+    ("completion_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
+    ("error", pa.string()),
+])
+PART_PREFIX = "part-"
+
+
+@dataclass
+class WriteStats:
+    rows: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    files: int = 0
+
+    def add(self, other: "WriteStats") -> None:
+        for k in vars(self):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+def existing_output(output: Path) -> list[Path]:
+    return sorted(output.glob(f"{PART_PREFIX}*.parquet")) if output.is_dir() else []
+
+
+class ParquetSink(Datasink[WriteStats]):
+    """Each write task writes its blocks to ``part-<uuid>.parquet`` through a temporary name and a rename,
+    so a file in the output directory is always complete."""
+
+    def __init__(self, output: Path, metadata: dict[str, str]) -> None:
+        self.output = Path(output)
+        self.metadata = metadata
+        self.totals = WriteStats()
+
+    def on_write_start(self, schema: object = None) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+
+    def write(self, blocks: Iterable[pa.Table], ctx: object) -> WriteStats:
+        stats = WriteStats()
+        for block in blocks:
+            if block.num_rows == 0:
+                continue
+            layouts = sorted(set(block.column("layout").to_pylist()))
+            table = block.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+            meta = {**self.metadata, "shardgen.hardware_layout": ",".join(layouts)}
+            table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
+            name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
+            tmp = self.output / f".{name}.tmp"
+            pq.write_table(table, tmp)
+            os.replace(tmp, self.output / name)
+            stats.add(WriteStats(
+                rows=table.num_rows,
+                errors=sum(r == "error" for r in table.column("finish_reason").to_pylist()),
+                prompt_tokens=sum(table.column("prompt_tokens").to_pylist()),
+                completion_tokens=sum(table.column("completion_tokens").to_pylist()),
+                files=1,
+            ))
+        return stats
+
+    def on_write_complete(self, write_result) -> None:
+        for s in write_result.write_returns:
+            self.totals.add(s)
+
+
+def run_metadata(**fields: object) -> dict[str, str]:
+    """Parquet key-value metadata: every value as text (JSON for structures)."""
+    return {f"shardgen.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
