@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -13,11 +15,16 @@ from actors.worker import ReplicaSpec, ShardWorker
 RANK0_CONCURRENCY = 64
 
 
+def placement_group_name(run_id: str, replica: str) -> str:
+    return f"shardgen-{run_id}-{replica}"
+
+
 class Replica:
     def __init__(self, spec: ReplicaSpec, strategy: str = "STRICT_PACK", ready_timeout_s: float = 600.0) -> None:
         gpu = spec.device == "cuda"
         bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
-        self.pg = placement_group([dict(bundle) for _ in range(spec.tp)], strategy=strategy)
+        self.pg = placement_group([dict(bundle) for _ in range(spec.tp)], strategy=strategy,
+                                  name=placement_group_name(spec.run_id, uuid.uuid4().hex[:8]))
         try:
             ray.get(self.pg.ready(), timeout=ready_timeout_s)
         except ray.exceptions.GetTimeoutError:

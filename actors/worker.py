@@ -33,6 +33,7 @@ class ReplicaSpec:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cpu_threads: int = 1
     gpu_memory_utilization: float = 0.9
+    run_id: str = "adhoc"  # names this run's placement groups, so the run can release them
 
 
 def auto_kv_cache_memory(device: torch.device, utilization: float) -> int:

@@ -55,7 +55,8 @@ def _byte_vocab() -> dict[str, int]:
     return {chars[b]: b for b in range(256)}
 
 
-def _build_tokenizer(directory: Path) -> None:
+def build_byte_tokenizer(directory: Path) -> None:
+    """A byte-level BPE tokenizer (256 byte tokens, 4 specials, a chat template) saved in transformers format."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -99,7 +100,7 @@ def _build_model(directory: Path) -> None:
     config = dict(c, quantization_config=QuantConfig(group).to_hf_dict())
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": c["eos_token_id"]}) + "\n")
-    _build_tokenizer(directory)
+    build_byte_tokenizer(directory)
 
 
 def _write_prompts(path: Path, count: int = 200) -> None:

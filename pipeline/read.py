@@ -61,15 +61,21 @@ def peek_columns(file: Path) -> list[str]:
         raise ValueError(f"cannot read {file} as {fmt} ({e}); check the file") from e
 
 
+def check_columns(files: list[Path], prompt_column: str) -> list[str]:
+    """The first file's columns, after checking the prompt column is among them (before any cluster starts)."""
+    columns = peek_columns(files[0])
+    if prompt_column not in columns:
+        raise ValueError(f"{files[0]} has no column {prompt_column!r} (columns found: {columns}); "
+                         f"pass --prompt-column with one of them")
+    return columns
+
+
 def read_prompts(path: Path, prompt_column: str, id_column: str):
     """A Ray Dataset of (id, prompt, row) for every row of every input file, and whether ids came from the input."""
     import ray.data
 
     files = input_files(path)
-    columns = peek_columns(files[0])
-    if prompt_column not in columns:
-        raise ValueError(f"{files[0]} has no column {prompt_column!r} (columns found: {columns}); "
-                         f"pass --prompt-column with one of them")
+    columns = check_columns(files, prompt_column)
     root = path if path.is_dir() else path.parent
     has_ids = id_column in columns
     if has_ids:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -55,14 +56,16 @@ def build_stages(options: RunOptions, spec) -> list[Stage]:
     return [
         Stage("tokenize", tokenize.READS, tokenize.WRITES, lambda ds: ds.map_batches(
             tokenize.TokenizeStage, fn_constructor_args=(model, options.chat, options.sampling),
-            batch_format="pyarrow", batch_size=options.batch_size, concurrency=(1, 4), num_cpus=1)),
+            batch_format="pyarrow", batch_size=options.batch_size, compute=ActorPoolStrategy(min_size=1, max_size=4),
+            num_cpus=1)),
         Stage("generate", generate.READS, generate.WRITES, lambda ds: ds.map_batches(
             generate.GenerateStage, fn_constructor_args=(spec,), batch_format="pyarrow", batch_size=options.batch_size,
-            compute=ActorPoolStrategy(size=options.replicas, max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT_PER_REPLICA),
-            num_cpus=0, max_concurrency=BATCHES_IN_FLIGHT_PER_REPLICA)),
+            compute=ActorPoolStrategy(size=options.replicas, max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT_PER_REPLICA,
+                                      max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT_PER_REPLICA),
+            num_cpus=0)),
         Stage("detokenize", detokenize.READS, detokenize.WRITES, lambda ds: ds.map_batches(
             detokenize.DetokenizeStage, fn_constructor_args=(model,), batch_format="pyarrow",
-            batch_size=options.batch_size, concurrency=(1, 4), num_cpus=1)),
+            batch_size=options.batch_size, compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=1)),
     ]
 
 
@@ -102,6 +105,7 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     config = ModelConfig.from_dir(options.model)
     config.check_tp(options.tp)
     files = read.input_files(options.input)
+    read.check_columns(files, options.prompt_column)
     existing = write.existing_output(options.output)
     if existing and not options.overwrite:
         raise ValueError(f"--output {options.output} holds another run's output ({len(existing)} part files); "
@@ -115,9 +119,10 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
         raise ValueError(f"--tp {options.tp} x --replicas {options.replicas} needs {options.tp * options.replicas} GPUs; "
                          f"the cluster has {gpus:g}")
     cpus = os.cpu_count() or 1
+    run_id = uuid.uuid4().hex[:12]
     spec = ReplicaSpec(model_dir=str(options.model.resolve()), tp=options.tp, device=device, dtype=options.dtype,
                        preshuffle=options.preshuffle, engine=options.engine,
-                       cpu_threads=max(1, cpus // (options.tp * options.replicas)))
+                       cpu_threads=max(1, cpus // (options.tp * options.replicas)), run_id=run_id)
     options = replace(options, model=Path(spec.model_dir))
     if existing:
         shutil.rmtree(options.output)
@@ -133,13 +138,29 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     sink = write.ParquetSink(options.output, write.run_metadata(
         version=_version(), model=str(options.model), quantization=quant, tp=options.tp, replicas=options.replicas,
         device=device, dtype=options.dtype, sampling_defaults=_sampling_dict(options)))
-    ds.write_datasink(sink)
+    try:
+        ds.write_datasink(sink)
+    finally:
+        release_replicas(run_id)
     t = sink.totals
     summary = RunSummary(options.output, t.rows, t.errors, t.prompt_tokens, t.completion_tokens,
                          time.perf_counter() - start, t.files, device, _layout_of(options.output))
     for line in summary.lines():
         echo(line)
     return summary
+
+
+def release_replicas(run_id: str) -> None:
+    """Remove this run's placement groups (and so its ShardWorkers): a placement group made by an actor
+    otherwise lives as long as the whole Ray job, holding its GPUs."""
+    from ray.util import get_placement_group, placement_group_table, remove_placement_group
+
+    from actors.replica import placement_group_name
+
+    prefix = placement_group_name(run_id, "")
+    for info in placement_group_table().values():
+        if info.get("name", "").startswith(prefix) and info.get("state") != "REMOVED":
+            remove_placement_group(get_placement_group(info["name"]))
 
 
 def _sampling_dict(options: RunOptions) -> dict:

@@ -65,7 +65,7 @@ class TokenizeStage:
             if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
                 return [], params, "prompt: with --chat a prompt must be a JSON list of {role, content} messages"
             toks = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-            if isinstance(toks, dict):  # newer transformers return a BatchEncoding
+            if hasattr(toks, "keys"):  # transformers 5 returns a BatchEncoding
                 toks = toks["input_ids"]
             return list(toks), params, None
         if "prompt_type" in row:
@@ -87,9 +87,9 @@ class TokenizeStage:
                 raise ValueError(f"{k}: expected a number, got {values[k]!r}")
         if "stop" in row:
             values["stop"] = _stop_list(row["stop"])
+        if "seed" not in values and self.defaults.seed is not None:
+            values["seed"] = row_seed(self.defaults.seed, row_id)
         p = dataclasses.replace(self.defaults, **values)
-        if p.seed is None and self.defaults.seed is not None:
-            p = dataclasses.replace(p, seed=row_seed(self.defaults.seed, row_id))
         problems = p.problems()
         if problems:
             raise ValueError("; ".join(problems))

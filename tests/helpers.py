@@ -178,3 +178,12 @@ def synthetic_int4_checkpoint(directory: Path, hidden: int, intermediate: int, l
     plan.append(PlannedTensor("lm_head.weight", (vocab, hidden), torch.bfloat16, None, dense(vocab, hidden)))
     save_checkpoint(directory, plan, max_shard_bytes=2**28)
     return sum(t.nbytes() for t in plan)
+
+
+def model_with_tokenizer(family: str, tmp: Path, **overrides: object):
+    """(dequantized transformers reference, int4 checkpoint dir with the byte-level demo tokenizer)."""
+    from jobs.demo import build_byte_tokenizer
+
+    reference, path = int4_checkpoint(family, tmp, vocab_size=264, eos_token_id=256, bos_token_id=257, **overrides)
+    build_byte_tokenizer(path)
+    return reference, path

@@ -1,6 +1,7 @@
 """The shardgen command line, run as a user runs it (the installed console script, in a subprocess)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,51 @@ def test_quantize_overwrite_replaces_the_output(tmp_path):
         assert ckpt.entry("model.layers.0.self_attn.q_proj.weight").is_int4
 
 
-def test_run_exists_and_exits_cleanly_until_the_pipeline_lands():
-    r = shardgen("run")
-    assert r.returncode == 0 and "not yet" in r.stdout
+@pytest.mark.slow
+def test_run_with_no_arguments_runs_the_embedded_demo_and_prints_a_summary(tmp_path):
+    exe = Path(sys.executable).parent / "shardgen"
+    env = {**os.environ, "SHARDGEN_HOME": str(tmp_path / "home")}
+    env.pop("RAY_ADDRESS", None)
+    start = time.perf_counter()
+    r = subprocess.run([str(exe), "run", "--max-new-tokens", "8"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    print(f"shardgen run (demo, from scratch) took {time.perf_counter() - start:.1f} s")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "shardgen run: 200 rows (0 errors) written to demo-output" in r.stdout
+    assert "generated tokens/s" in r.stdout and "wall time" in r.stdout
+    assert (tmp_path / "demo-output").is_dir()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--model", "x"], "pass both --model and --input, or neither"),
+        (["run", "--model", "{demo}", "--input", "{tmp}/missing.jsonl", "--output", "{tmp}/o"], "--input {tmp}/missing.jsonl does not exist"),
+        (["run", "--model", "{demo}", "--input", "{prompts}", "--output", "{tmp}/o", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["run", "--model", "{demo}", "--input", "{prompts}", "--output", "{tmp}/o", "--tp", "3"], "--tp 3 does not divide"),
+        (["run", "--model", "{demo}", "--input", "{prompts}", "--output", "{tmp}/o", "--device", "tpu"], "--device must be one of"),
+        (["run", "--model", "{demo}", "--input", "{prompts}", "--output", "{tmp}/o", "--prompt-column", "text"],
+         "has no column 'text' (columns found: ['id', 'prompt', 'max_new_tokens'])"),
+        (["run", "--model", "{demo}", "--input", "{prompts}"], "pass --output DIR"),
+        (["inspect", "{tmp}"], "config.json is missing"),
+    ],
+)
+def test_run_and_inspect_errors_name_what_to_fix(tmp_path, args, message):
+    from jobs.demo import demo_assets
+
+    model, prompts = demo_assets(tmp_path / "cache")
+    fmt = {"tmp": tmp_path, "demo": model, "prompts": prompts}
+    r = shardgen(*[a.format(**fmt) for a in args])
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message.format(**fmt) in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_inspect_describes_the_checkpoint(tmp_path):
+    from jobs.demo import demo_assets
+
+    model, _ = demo_assets(tmp_path / "cache")
+    r = shardgen("inspect", str(model))
+    assert r.returncode == 0, r.stderr
+    assert "LlamaForCausalLM, 4 layers, hidden 256" in r.stdout
+    assert "plain int4, group size 64; 28 int4 weights" in r.stdout
+    assert "valid --tp: [1, 2]" in r.stdout

@@ -1,0 +1,122 @@
+"""The engine without Ray: continuous batching, stop conditions, sampling, preemption."""
+
+import pytest
+import torch
+
+from actors.distributed import SINGLE
+from actors.engine import Engine, EngineConfig
+from actors.loader import load_model
+from actors.runner import ModelRunner
+from actors.sampler import sample
+from actors.sequence import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Request, SamplingParams
+from tests.helpers import hf_greedy, int4_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    reference, path = int4_checkpoint("llama", tmp_path_factory.mktemp("engine"), max_position_embeddings=512)
+    return reference, load_model(path)
+
+
+def make_engine(loaded, kv_tokens: int = 4096, block_size: int = 4, eos: set[int] = frozenset(), detokenize=None,
+                **config) -> Engine:
+    cfg = EngineConfig(block_size=block_size, **config)
+    bytes_per_block = 2 * 2 * block_size * 2 * 32 * 4  # k+v, 2 layers, block, 2 kv heads, head_dim 32, float32
+    runner = ModelRunner(loaded, SINGLE, torch.device("cpu"), block_size, kv_tokens // block_size * bytes_per_block)
+    return Engine(runner, cfg, cfg.max_model_len or 512, set(eos), detokenize)
+
+
+def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 301, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_continuous_batching_keeps_the_engine_full_and_matches_running_alone(model):
+    reference, loaded = model
+    lengths = [3, 90, 7, 41, 2, 66, 12, 5, 30, 8, 55, 4, 19, 77, 6, 11]
+    new = [40, 3, 25, 9, 31, 2, 17, 38, 5, 22, 7, 33, 12, 4, 28, 15]
+    cap = 4
+    engine = make_engine(loaded, max_num_seqs=cap, max_num_batched_tokens=64)
+    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=n)) for i, (p, n) in enumerate(zip(prompts(lengths), new))]
+    together = engine.generate(reqs)
+    running = engine.stats.running_per_step
+    # Until the last requests are admitted, the engine runs at its cap (minus steps where sequences just finished).
+    last_admission = max(i for i, r in enumerate(running) if r == cap)
+    busy = running[: last_admission + 1]
+    print(f"steps {len(running)}, running per step before the tail: mean {sum(busy) / len(busy):.2f} of cap {cap}; "
+          f"tail {len(running) - len(busy)} steps")
+    assert sum(busy) / len(busy) >= 0.9 * cap
+    assert max(running) == cap
+    for req, got in zip(reqs, together):
+        alone = make_engine(loaded, max_num_seqs=1).generate([req])[0]
+        assert got.token_ids == alone.token_ids and got.finish_reason == FINISH_LENGTH
+        assert got.token_ids == hf_greedy(reference, req.prompt_token_ids, req.params.max_new_tokens)
+
+
+def test_requests_added_while_running_join_the_batch(model):
+    _, loaded = model
+    engine = make_engine(loaded, max_num_seqs=8)
+    first = engine.add([Request("a", prompts([5])[0], SamplingParams(max_new_tokens=20))])
+    engine.step()
+    engine.step()
+    second = engine.add([Request("b", prompts([6], 1)[0], SamplingParams(max_new_tokens=5))])
+    engine.step()
+    assert engine.stats.running_per_step[-1] == 2  # b joined while a was decoding
+    while not (first[0].done() and second[0].done()):
+        engine.step()
+    assert len(first[0].result().token_ids) == 20 and len(second[0].result().token_ids) == 5
+
+
+def test_eos_and_stop_token_ids_finish_with_stop_and_are_not_in_the_output(model):
+    _, loaded = model
+    p = prompts([9])[0]
+    free = make_engine(loaded).generate([Request("x", p, SamplingParams(max_new_tokens=10))])[0].token_ids
+    stop_at = free[4]
+    first = free.index(stop_at)
+    got = make_engine(loaded, eos={stop_at}).generate([Request("x", p, SamplingParams(max_new_tokens=10))])[0]
+    assert got.finish_reason == FINISH_STOP and got.token_ids == free[:first]
+    got = make_engine(loaded).generate([Request("x", p, SamplingParams(max_new_tokens=10, stop_token_ids=(stop_at,)))])[0]
+    assert got.finish_reason == FINISH_STOP and got.token_ids == free[:first]
+    got = make_engine(loaded, eos={stop_at}).generate([Request("x", p, SamplingParams(max_new_tokens=10, ignore_eos=True))])[0]
+    assert got.finish_reason == FINISH_LENGTH and got.token_ids == free
+
+
+def test_stop_strings_finish_on_the_text(model):
+    _, loaded = model
+    p = prompts([9])[0]
+    free = make_engine(loaded).generate([Request("x", p, SamplingParams(max_new_tokens=12))])[0].token_ids
+    detok = lambda ids: " ".join(f"t{t}" for t in ids)  # noqa: E731
+    stop = f"t{free[5]}"
+    got = make_engine(loaded, detokenize=detok).generate([Request("x", p, SamplingParams(max_new_tokens=12, stop=(stop,)))])[0]
+    assert got.finish_reason == FINISH_STOP and got.token_ids == free[: free.index(free[5]) + 1]
+
+
+def test_max_model_len_ends_with_length_and_too_long_prompts_are_errors(model):
+    _, loaded = model
+    engine = make_engine(loaded, max_model_len=20)
+    ok, too_long = engine.generate([Request("ok", prompts([15])[0], SamplingParams(max_new_tokens=50)),
+                                    Request("long", prompts([25])[0], SamplingParams(max_new_tokens=5))])
+    assert ok.finish_reason == FINISH_LENGTH and len(ok.token_ids) == 5
+    assert too_long.finish_reason == FINISH_ERROR and "25 tokens" in too_long.error and "--max-model-len 20" in too_long.error
+
+
+def test_a_small_cache_preempts_and_still_gives_the_same_tokens(model):
+    _, loaded = model
+    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=30)) for i, p in enumerate(prompts([20, 25, 18, 22]))]
+    roomy = make_engine(loaded, max_num_seqs=4).generate(reqs)
+    tight = make_engine(loaded, kv_tokens=128, max_num_seqs=4, max_model_len=128)
+    got = tight.generate(reqs)
+    assert tight.scheduler.num_preemptions > 0
+    assert [g.token_ids for g in got] == [r.token_ids for r in roomy]
+
+
+def test_seeded_sampling_depends_only_on_seed_and_position():
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=0.9, top_p=0.8, seed=11), SamplingParams(temperature=1.2, top_k=5, seed=3),
+              SamplingParams()]
+    a = sample(logits, params, [0, 7, 0])
+    b = sample(logits[[1, 0, 2]], [params[1], params[0], params[2]], [7, 0, 0])
+    assert a == [b[1], b[0], b[2]]
+    assert a[2] == int(logits[2].argmax())
+    top_k = {sample(logits[1:2], [SamplingParams(temperature=5.0, top_k=5, seed=s)], [0])[0] for s in range(200)}
+    assert top_k <= set(torch.topk(logits[1], 5).indices.tolist()) and len(top_k) > 1

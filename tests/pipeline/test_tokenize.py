@@ -1,0 +1,69 @@
+import json
+
+import pyarrow as pa
+import pytest
+
+from actors.sequence import SamplingParams
+from jobs.demo import build_byte_tokenizer
+from pipeline.tokenize import TokenizeStage, row_seed
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    build_byte_tokenizer(d)
+    return str(d)
+
+
+def run_stage(stage: TokenizeStage, rows: list[tuple[str, str | None, dict]]) -> list[dict]:
+    batch = pa.table({"id": [r[0] for r in rows], "prompt": pa.array([r[1] for r in rows], pa.string()),
+                      "row": [json.dumps(r[2]) for r in rows]})
+    return stage(batch).to_pylist()
+
+
+def test_prompts_become_byte_tokens_and_defaults_fill_params(tokenizer_dir):
+    out = run_stage(TokenizeStage(tokenizer_dir, False, SamplingParams(max_new_tokens=9)), [("a", "hi!", {})])[0]
+    assert out["prompt_token_ids"] == [ord("h"), ord("i"), ord("!")] and out["error"] is None
+    assert json.loads(out["params"])["max_new_tokens"] == 9
+
+
+@pytest.mark.parametrize(
+    "prompt,row,error",
+    [
+        (None, {}, "prompt: empty or null"),
+        ("", {}, "prompt: empty or null"),
+        (None, {"prompt_type": "int", "prompt_json": "5"}, "prompt: expected text, got int"),
+        ("x", {"max_new_tokens": -3}, "max_new_tokens must be an integer >= 1"),
+        ("x", {"max_new_tokens": "ten"}, "max_new_tokens: expected an integer"),
+        ("x", {"temperature": -0.5}, "temperature must be >= 0"),
+        ("x", {"top_p": 1.5}, "top_p must be in (0, 1]"),
+        ("x", {"top_p": 0}, "top_p must be in (0, 1]"),
+        ("x", {"stop": "not json ["}, "stop: expected a list of strings"),
+        ("x", {"stop": [1, 2]}, "stop: expected a list of non-empty strings"),
+    ],
+)
+def test_bad_rows_become_error_rows_naming_the_column(tokenizer_dir, prompt, row, error):
+    out = run_stage(TokenizeStage(tokenizer_dir, False, SamplingParams()), [("r", prompt, row)])[0]
+    assert error in out["error"] and out["prompt_token_ids"] == []
+
+
+def test_row_overrides_win_and_a_csv_stop_list_is_read_as_json(tokenizer_dir):
+    row = {"max_new_tokens": 5.0, "temperature": 0.7, "top_k": 3, "seed": 42, "stop": '["\\n\\n", "END"]'}
+    out = run_stage(TokenizeStage(tokenizer_dir, False, SamplingParams()), [("r", "x", row)])[0]
+    p = json.loads(out["params"])
+    assert (p["max_new_tokens"], p["temperature"], p["top_k"], p["seed"], p["stop"]) == (5, 0.7, 3, 42, ["\n\n", "END"])
+
+
+def test_run_seed_gives_each_row_its_own_stable_seed(tokenizer_dir):
+    stage = TokenizeStage(tokenizer_dir, False, SamplingParams(temperature=1.0, seed=7))
+    a, b = run_stage(stage, [("a", "x", {}), ("b", "x", {})])
+    assert json.loads(a["params"])["seed"] == row_seed(7, "a") != json.loads(b["params"])["seed"]
+
+
+def test_chat_applies_the_template_and_refuses_non_messages(tokenizer_dir):
+    stage = TokenizeStage(tokenizer_dir, True, SamplingParams())
+    messages = json.dumps([{"role": "user", "content": "hi"}])
+    good, bad = run_stage(stage, [("a", messages, {}), ("b", "just text", {})])
+    assert good["error"] is None
+    assert bytes(t for t in good["prompt_token_ids"] if t < 256).decode() == "hi\n"  # specials around it
+    assert "JSON list of {role, content} messages" in bad["error"]
