@@ -13,7 +13,6 @@ from typing import Callable
 from pipeline import detokenize, generate, read, tokenize, write
 from pipeline.options import RunOptions
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BATCHES_IN_FLIGHT_PER_REPLICA = 4
 
 
@@ -89,9 +88,9 @@ def connect(options: RunOptions) -> None:
         ray.init(address=options.address, **quiet)
         return
     ranks = options.tp * options.replicas
-    # A local cluster: enough logical CPUs for every rank plus the CPU stages, and the project importable.
-    ray.init(num_cpus=max(os.cpu_count() or 1, ranks + 3), include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}}, **quiet)
+    # A local cluster (its workers inherit this process's environment): enough logical CPUs for every
+    # rank plus the CPU stages.
+    ray.init(num_cpus=max(os.cpu_count() or 1, ranks + 3), include_dashboard=False, **quiet)
 
 
 def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
