@@ -168,5 +168,6 @@ def test_a_rank_loading_its_slice_peaks_near_the_slice_not_the_checkpoint(tmp_pa
         assert abs(r["local"] - total / tp) < 0.05 * total  # the rank holds its 1/T share
         # The slice itself plus at most one tensor's file pages in flight, plus allocator slack.
         assert r["peak"] < r["local"] + r["largest"] + 48 * 2**20
+        # Well under the whole checkpoint: its 1/T share plus at most a fifth of it in flight.
         if tp > 1:
-            assert r["peak"] < 0.6 * total
+            assert r["peak"] < (1 / tp + 0.2) * total
