@@ -17,7 +17,15 @@ from typing import Callable
 from actors.runner import ModelRunner
 from actors.sampler import sample
 from actors.scheduler import Scheduler, SchedulerConfig
-from actors.sequence import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Completion, Request, Sequence, Status
+from actors.sequence import (
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Completion,
+    Request,
+    Sequence,
+    Status,
+)
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,9 @@ def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype) -
     # A row-parallel slice converted while non-contiguous is silently wrong.
     weight = contiguous(weight)
     if layout == LAYOUT_PRESHUFFLED:
-        from torchao.prototype.tensor_conversion.api import convert_to_packed_tensor_based_on_current_hardware
+        from torchao.prototype.tensor_conversion.api import (
+            convert_to_packed_tensor_based_on_current_hardware,
+        )
 
         new = convert_to_packed_tensor_based_on_current_hardware(weight)
         assert not is_int4(new), "preshuffled layout asked for on hardware that does not support it"

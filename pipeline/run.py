@@ -152,7 +152,11 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
 def release_replicas(run_id: str) -> None:
     """Remove this run's placement groups (and so its ShardWorkers): a placement group made by an actor
     otherwise lives as long as the whole Ray job, holding its GPUs."""
-    from ray.util import get_placement_group, placement_group_table, remove_placement_group
+    from ray.util import (
+        get_placement_group,
+        placement_group_table,
+        remove_placement_group,
+    )
 
     from actors.replica import placement_group_name
 

@@ -8,7 +8,13 @@ from actors.engine import Engine, EngineConfig
 from actors.loader import load_model
 from actors.runner import ModelRunner
 from actors.sampler import sample
-from actors.sequence import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Request, SamplingParams
+from actors.sequence import (
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Request,
+    SamplingParams,
+)
 from tests.helpers import hf_greedy, int4_checkpoint
 
 

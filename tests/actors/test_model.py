@@ -11,7 +11,14 @@ import torch
 
 from actors import int4
 from actors.loader import load_model
-from tests.helpers import greedy_paged, hf_greedy, hf_model, int4_checkpoint, save_hf, shardgen_logits
+from tests.helpers import (
+    greedy_paged,
+    hf_greedy,
+    hf_model,
+    int4_checkpoint,
+    save_hf,
+    shardgen_logits,
+)
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 RTOL = 1e-4
