@@ -176,5 +176,3 @@ class Engine:
             if not f.done():
                 f.set_exception(RuntimeError(message))
 
-
-FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_ERROR)

@@ -107,10 +107,11 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             seq = self.waiting[0]
             needed_total = -(-len(seq.tokens) // cfg.block_size)
-            if len(seq.tokens) > cfg.max_model_len or needed_total > self.blocks.num_blocks:
+            if len(seq.tokens) >= cfg.max_model_len or needed_total > self.blocks.num_blocks:
                 self.waiting.popleft()
                 seq.status, seq.finish_reason = Status.FINISHED, FINISH_ERROR
-                seq.error = f"prompt has {len(seq.tokens)} tokens, more than --max-model-len {cfg.max_model_len}"
+                seq.error = (f"prompt: {len(seq.tokens)} tokens leave no room to generate within "
+                             f"--max-model-len {cfg.max_model_len}; shorten it or raise --max-model-len")
                 refused.append(seq)
                 continue
             n = min(len(seq.tokens) - seq.num_computed, budget)

@@ -71,7 +71,7 @@ def check_columns(files: list[Path], prompt_column: str) -> list[str]:
 
 
 def read_prompts(path: Path, prompt_column: str, id_column: str):
-    """A Ray Dataset of (id, prompt, row) for every row of every input file, and whether ids came from the input."""
+    """A Ray Dataset of (id, prompt, row) for every row of every input file."""
     import ray.data
 
     files = input_files(path)
@@ -92,7 +92,7 @@ def read_prompts(path: Path, prompt_column: str, id_column: str):
         ds = ray.data.from_items(items).map_batches(
             _read_files_in_order, batch_format="pyarrow", batch_size=1,
             fn_kwargs={"prompt_column": prompt_column})
-    return ds, has_ids
+    return ds
 
 
 def _read_files_in_order(batch: pa.Table, prompt_column: str) -> Iterator[pa.Table]:

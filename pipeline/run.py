@@ -128,7 +128,7 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     echo(f"shardgen: {len(files)} input file(s), model {config.architecture} ({'int4 G=%d' % config.quant.group_size if config.quant else 'float'}), "
          f"{options.replicas} replica(s) x tp {options.tp} on {device}")
 
-    ds, _ = read.read_prompts(options.input, options.prompt_column, options.id_column)
+    ds = read.read_prompts(options.input, options.prompt_column, options.id_column)
     stages = build_stages(options, spec)
     check_stages(stages, read.WRITES, write.READS)
     for stage in stages:

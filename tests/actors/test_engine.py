@@ -104,6 +104,10 @@ def test_max_model_len_ends_with_length_and_too_long_prompts_are_errors(model):
                                     Request("long", prompts([25])[0], SamplingParams(max_new_tokens=5))])
     assert ok.finish_reason == FINISH_LENGTH and len(ok.token_ids) == 5
     assert too_long.finish_reason == FINISH_ERROR and "25 tokens" in too_long.error and "--max-model-len 20" in too_long.error
+    exact = engine.generate([Request("exact", prompts([20])[0], SamplingParams(max_new_tokens=5))])[0]
+    assert exact.finish_reason == FINISH_ERROR  # no room left for even one token
+    edge = engine.generate([Request("edge", prompts([19])[0], SamplingParams(max_new_tokens=5))])[0]
+    assert edge.finish_reason == FINISH_LENGTH and len(edge.token_ids) == 1
 
 
 def test_a_small_cache_preempts_and_still_gives_the_same_tokens(model):
