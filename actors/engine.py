@@ -18,7 +18,6 @@ from actors.runner import ModelRunner
 from actors.sampler import sample
 from actors.scheduler import Scheduler, SchedulerConfig
 from actors.sequence import (
-    FINISH_ERROR,
     FINISH_LENGTH,
     FINISH_STOP,
     Completion,
