@@ -1,0 +1,146 @@
+"""Where does an engine step's time go on the GPU? A Llama-3.1-8B-shaped model with random weights made on the
+GPU (int4 G=128 preshuffled, plain, or bf16), one replica, no Ray: engine throughput and a per-step breakdown
+(prepare on the host, forward, sampling).
+
+    python benchmarks/engine_profile.py --layouts int4-preshuffled,bf16 --prompts 128 --input-len 32 --output-len 256
+
+Prints a table and writes benchmarks/results/engine_profile-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from actors import int4  # noqa: E402
+from actors.config import ModelConfig, QuantConfig  # noqa: E402
+from actors.distributed import SINGLE  # noqa: E402
+from actors.engine import Engine, EngineConfig  # noqa: E402
+from actors.loader import LoadedModel  # noqa: E402
+from actors.model import CausalLM  # noqa: E402
+from actors.runner import ModelRunner  # noqa: E402
+from actors.sequence import Request, SamplingParams  # noqa: E402
+from actors.worker import auto_kv_cache_memory  # noqa: E402
+
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+           "mlp.down_proj")
+
+
+def random_model(raw: dict, layout: str, group_size: int = 128) -> LoadedModel:
+    """The model with random weights made on the GPU: int4 layers quantized there, then converted (or bf16)."""
+    quantized = layout != "bf16"
+    cfg = ModelConfig.from_dict({**raw, **({"quantization_config": QuantConfig(group_size).to_hf_dict()} if quantized else {})})
+    groups = {f"model.layers.{i}.{m}": group_size for i in range(cfg.num_layers) for m in LINEARS} if quantized else {}
+    start = time.perf_counter()
+    model = CausalLM(cfg, SINGLE, torch.bfloat16, "cuda", groups)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, p in model.named_parameters():
+        if int4.is_int4(p.data):
+            w = torch.randn(p.shape, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+            int4.copy_rows(p.data, int4.quantize(w, group_size), 0)
+        elif name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0, 0.02, generator=gen)
+    loaded = time.perf_counter()
+    count = int4.convert_module_weights(model, layout, torch.bfloat16) if quantized else 0
+    torch.cuda.synchronize()
+    return LoadedModel(model.eval(), cfg, layout if quantized else "dense", count, loaded - start, time.perf_counter() - loaded)
+
+
+class TimedRunner(ModelRunner):
+    """ModelRunner that records host-side prepare time and device forward time per step."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reset_timers()
+
+    def reset_timers(self) -> None:
+        self.prepare_s, self.forward_s, self.steps = 0.0, 0.0, 0
+
+    def prepare(self, batch):
+        t = time.perf_counter()
+        out = super().prepare(batch)
+        self.prepare_s += time.perf_counter() - t
+        return out
+
+    def execute(self, step):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = super().execute(step)
+        torch.cuda.synchronize()
+        self.forward_s += time.perf_counter() - t
+        self.steps += 1
+        return out
+
+
+def run(layout: str, args: argparse.Namespace) -> dict:
+    loaded = random_model(LLAMA_8B, layout)
+    weights_gb = torch.cuda.memory_allocated() / 1e9
+    runner = TimedRunner(loaded, SINGLE, torch.device("cuda"), 16, auto_kv_cache_memory(torch.device("cuda"), 0.9))
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = Engine(runner, config, 8192, set())
+    gen = torch.Generator().manual_seed(1)
+    params = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True)
+    requests = [Request(str(i), torch.randint(0, 128000, (args.input_len,), generator=gen).tolist(), params)
+                for i in range(args.prompts)]
+    engine.generate(requests[:4])  # warm-up
+    runner.reset_timers()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    done = engine.generate(requests)
+    wall = time.perf_counter() - start
+    generated = sum(len(c.token_ids) for c in done)
+    prompt = args.prompts * args.input_len
+    row = {
+        "layout": layout, "weights_gb": round(weights_gb, 2), "load_s": round(loaded.load_s, 1),
+        "convert_s": round(loaded.convert_s, 2), "kv_blocks": runner.num_blocks, "wall_s": round(wall, 2),
+        "total_tok_s": round((prompt + generated) / wall), "generated_tok_s": round(generated / wall),
+        "steps": runner.steps, "ms_per_step": round(1000 * wall / max(runner.steps, 1), 2),
+        "forward_ms_per_step": round(1000 * runner.forward_s / max(runner.steps, 1), 2),
+        "prepare_ms_per_step": round(1000 * runner.prepare_s / max(runner.steps, 1), 2),
+        "other_ms_per_step": round(1000 * (wall - runner.forward_s - runner.prepare_s) / max(runner.steps, 1), 2),
+    }
+    del engine, runner, loaded
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layouts", default="int4-preshuffled,int4-plain,bf16")
+    p.add_argument("--prompts", type=int, default=128)
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    args = p.parse_args()
+    device = torch.cuda.get_device_name()
+    rows = []
+    for layout in args.layouts.split(","):
+        row = run(layout, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\nengine, one replica, {device}: {args.prompts} prompts x {args.input_len} in / {args.output_len} out")
+    print(f"{'layout':>18} {'total tok/s':>12} {'gen tok/s':>10} {'wall s':>8} {'steps':>6} {'ms/step':>8} "
+          f"{'forward':>8} {'prepare':>8} {'other':>8}")
+    for r in rows:
+        print(f"{r['layout']:>18} {r['total_tok_s']:>12} {r['generated_tok_s']:>10} {r['wall_s']:>8} {r['steps']:>6} "
+              f"{r['ms_per_step']:>8} {r['forward_ms_per_step']:>8} {r['prepare_ms_per_step']:>8} {r['other_ms_per_step']:>8}")
+    out = Path(__file__).parent / "results" / f"engine_profile-{device.replace(' ', '_')}.json"
+    out.write_text(json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
