@@ -22,7 +22,8 @@ class AttentionMetadata:
     cu_seqlens_q: (B+1,) int, offsets of each sequence's new tokens.
     context_lens: (B,) int, tokens each sequence attends to (cached + new).
     slot_mapping: (tokens,) int, cache slot (block * block_size + offset) of each new token.
-    block_tables: (B, max_blocks) int, cache blocks of each sequence, in order.
+    block_tables: (B, width) int, cache blocks of each sequence in order; entries past a sequence's
+        context are ignored (masked), so the width may be padded.
     max_q_len / max_context_len: host-side maxima (avoid a device sync to size the padding).
     """
 
@@ -67,13 +68,13 @@ def attention(
         keys, values, max_k = k[q_index], v[q_index], max_q
     else:
         k_cache, v_cache = kv_cache
-        block_size = k_cache.shape[1]
         k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k
         v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v
-        max_k = meta.max_context_len
-        blocks = meta.block_tables[:, : (max_k + block_size - 1) // block_size]
-        keys = k_cache[blocks].flatten(1, 2)[:, :max_k]  # (B, max_k, Hkv, D)
-        values = v_cache[blocks].flatten(1, 2)[:, :max_k]
+        # Every block of the table (the runner pads its width), so the key length, and with it the
+        # attention kernel's plan, changes once per table bucket rather than on every decode step.
+        keys = k_cache[meta.block_tables].flatten(1, 2)  # (B, blocks * block_size, Hkv, D)
+        values = v_cache[meta.block_tables].flatten(1, 2)
+        max_k = keys.shape[1]
 
     # Absolute position of each query and key within its sequence.
     q_pos = (meta.context_lens - q_lens)[:, None] + steps[None, :]

@@ -16,6 +16,7 @@ from actors.distributed import TPGroup
 from actors.loader import LoadedModel
 from actors.scheduler import ScheduledBatch
 
+TABLE_WIDTH_BUCKET = 16  # blocks
 _STOP = "stop"
 _NOOP = "noop"
 
@@ -74,6 +75,7 @@ class ModelRunner:
             if batch.samples(i):
                 logits_idx.append(len(ids) - 1)
         width = max(len(s.block_table) for s in batch.seqs)
+        width = -(-width // TABLE_WIDTH_BUCKET) * TABLE_WIDTH_BUCKET  # stable shapes for attention kernels
         tables = torch.zeros(len(batch.seqs), width, dtype=torch.int64)
         for i, seq in enumerate(batch.seqs):
             tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table)
