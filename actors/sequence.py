@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import json
 from dataclasses import dataclass, field
 
 FINISH_STOP = "stop"  # EOS, a stop token or a stop string
@@ -22,6 +24,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SamplingParams":
+        d = json.loads(text)
+        return cls(**{**d, "stop": tuple(d["stop"]), "stop_token_ids": tuple(d["stop_token_ids"])})
 
     def problems(self) -> list[str]:
         """What is wrong with these values, as text naming each field (empty if all is well)."""

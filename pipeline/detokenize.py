@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
+
+from actors.sequence import SamplingParams
 
 READS = ("completion_token_ids", "params", "finish_reason")
 WRITES = ("completion",)
 
 
-def cut_at_stop(text: str, stops: list[str]) -> str:
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
     cuts = [text.find(s) for s in stops if s in text]
     return text[: min(cuts)] if cuts else text
 
@@ -29,6 +29,6 @@ class DetokenizeStage:
                 completions.append(None)
                 continue
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            stops = json.loads(params)["stop"] if params else []
+            stops = SamplingParams.from_json(params).stop if params else ()
             completions.append(cut_at_stop(text, stops) if stops else text)
         return batch.append_column("completion", pa.array(completions, pa.string()))

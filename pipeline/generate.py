@@ -6,8 +6,6 @@ the long tail of one batch finishes.
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
 
 from actors.sequence import FINISH_ERROR, Request, SamplingParams
@@ -16,12 +14,6 @@ from actors.worker import ReplicaSpec
 READS = ("id", "prompt", "prompt_token_ids", "params", "error")
 WRITES = ("id", "prompt", "completion_token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "error",
           "params", "layout")
-
-
-def params_from_json(text: str) -> SamplingParams:
-    d = json.loads(text)
-    d["stop"], d["stop_token_ids"] = tuple(d["stop"]), tuple(d["stop_token_ids"])
-    return SamplingParams(**d)
 
 
 class GenerateStage:
@@ -36,7 +28,7 @@ class GenerateStage:
         params = batch.column("params").to_pylist()
         errors = batch.column("error").to_pylist()
         todo = [i for i, e in enumerate(errors) if e is None]
-        requests = [Request(ids[i], tokens[i], params_from_json(params[i])) for i in todo]
+        requests = [Request(ids[i], tokens[i], SamplingParams.from_json(params[i])) for i in todo]
         results = dict(zip(todo, self.replica.generate(requests))) if requests else {}
         out_ids, finish, prompt_n, completion_n, err = [], [], [], [], []
         for i in range(len(ids)):

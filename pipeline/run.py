@@ -6,7 +6,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -136,7 +136,7 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     quant = f"torchao int4 plain, group size {config.quant.group_size}" if config.quant else "none"
     sink = write.ParquetSink(options.output, write.run_metadata(
         version=_version(), model=str(options.model), quantization=quant, tp=options.tp, replicas=options.replicas,
-        device=device, dtype=options.dtype, sampling_defaults=_sampling_dict(options)))
+        device=device, dtype=options.dtype, sampling_defaults=asdict(options.sampling)))
     try:
         ds.write_datasink(sink)
     finally:
@@ -164,12 +164,6 @@ def release_replicas(run_id: str) -> None:
     for info in placement_group_table().values():
         if info.get("name", "").startswith(prefix) and info.get("state") != "REMOVED":
             remove_placement_group(get_placement_group(info["name"]))
-
-
-def _sampling_dict(options: RunOptions) -> dict:
-    from dataclasses import asdict
-
-    return asdict(options.sampling)
 
 
 def _layout_of(output: Path) -> str:

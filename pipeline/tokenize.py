@@ -41,7 +41,7 @@ class TokenizeStage:
         for row_id, prompt, row in zip(ids, prompts, batch.column("row").to_pylist()):
             toks, p, err = self._one(row_id, prompt, json.loads(row))
             token_ids.append(toks)
-            params.append(json.dumps(dataclasses.asdict(p)) if p else None)
+            params.append(p.to_json() if p else None)
             errors.append(err)
         return pa.table({
             "id": pa.array(ids, pa.string()), "prompt": pa.array(prompts, pa.string()),
