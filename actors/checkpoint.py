@@ -14,6 +14,7 @@ length)`` and only those bytes are copied out of the file.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +221,7 @@ class PlannedTensor:
                 (int4_key(self.name, "zero_point"), sz, self.dtype)]
 
     def nbytes(self) -> int:
-        return sum(_numel(s) * d.itemsize for _, s, d in self.parts())
+        return sum(math.prod(s) * d.itemsize for _, s, d in self.parts())
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor) -> "PlannedTensor":
@@ -266,7 +267,7 @@ def _write_safetensors(path: Path, tensors: list[PlannedTensor]) -> None:
     for t in tensors:
         meta[t.name] = int4_metadata(t.shape, t.group_size) if t.group_size else json.dumps({"_type": "Tensor"})
         for key, shape, dtype in t.parts():
-            nbytes = _numel(shape) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize
             header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
     header["__metadata__"] = meta
@@ -285,9 +286,3 @@ def _write_safetensors(path: Path, tensors: list[PlannedTensor]) -> None:
                 f.write(piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     tmp.replace(path)
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -60,8 +60,7 @@ class Engine:
         self.runner = runner
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=runner.num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=max(config.max_num_batched_tokens, 1), max_model_len=max_model_len))
-        self.max_model_len = max_model_len
+            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len))
         self.eos_token_ids = set(eos_token_ids)
         self.detokenize = detokenize
         self.stats = EngineStats()
@@ -127,7 +126,7 @@ class Engine:
         self.stats.generated_tokens += 1
         if p.stop and self.detokenize is not None and self._hit_stop_string(seq):
             return self._finish(seq, FINISH_STOP)
-        if len(seq.output_ids) >= p.max_new_tokens or len(seq.tokens) >= self.max_model_len:
+        if len(seq.output_ids) >= p.max_new_tokens or len(seq.tokens) >= self.scheduler.config.max_model_len:
             return self._finish(seq, FINISH_LENGTH)
 
     def _hit_stop_string(self, seq: Sequence) -> bool:

@@ -137,38 +137,12 @@ class RowParallelLinear(LinearBase):
         return y
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Rank r holds vocab rows [r*V', (r+1)*V') with V' = ceil(V/T); rows past V stay zero."""
+class VocabParallelBase(nn.Module):
+    """A (vocab, hidden) weight split by vocab rows: rank r holds rows [r*V', (r+1)*V') with V' = ceil(V/T);
+    rows past V stay zero, so every rank's shard has the same shape."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup = SINGLE,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        super().__init__()
-        self.tp, self.vocab_size, self.hidden_size = tp, vocab_size, hidden_size
-        self.rows_per_rank = math.ceil(vocab_size / tp.size)
-        self.vocab_start = tp.rank * self.rows_per_rank
-        self.vocab_end = min(self.vocab_start + self.rows_per_rank, vocab_size)
-        w = torch.zeros(self.rows_per_rank, hidden_size, dtype=dtype, device=device)
-        self.weight = _param(w, self.weight_loader, output_dim=0)
-
-    def weight_loader(self, param: nn.Parameter, ckpt: Checkpoint, name: str, shard_id: object = None) -> None:
-        length = max(self.vocab_end - self.vocab_start, 0)
-        src = read_checked(ckpt, name, (self.vocab_size, self.hidden_size), 0, self.vocab_start, length, False)
-        int4.copy_rows(param.data, src, 0)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.tp.size == 1:
-            return F.embedding(ids, self.weight)
-        mine = (ids >= self.vocab_start) & (ids < self.vocab_end)
-        y = F.embedding((ids - self.vocab_start) * mine, self.weight) * mine.unsqueeze(-1)
-        dist.all_reduce(y)
-        return y
-
-
-class ParallelLMHead(nn.Module):
-    """Vocab-parallel output projection (int4 or dense); the logit shards are gathered on every rank."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, group_size: int | None = None, tp: TPGroup = SINGLE,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, group_size: int | None, tp: TPGroup,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
         self.tp, self.vocab_size, self.hidden_size, self.group_size = tp, vocab_size, hidden_size, group_size
         self.rows_per_rank = math.ceil(vocab_size / tp.size)
@@ -180,14 +154,39 @@ class ParallelLMHead(nn.Module):
             w = torch.zeros(self.rows_per_rank, hidden_size, dtype=dtype, device=device)
         self.weight = _param(w, self.weight_loader, input_dim=1, output_dim=0)
 
+    def weight_loader(self, param: nn.Parameter, ckpt: Checkpoint, name: str, shard_id: object = None) -> None:
+        length = max(self.vocab_end - self.vocab_start, 0)
+        src = read_checked(ckpt, name, (self.vocab_size, self.hidden_size), 0, self.vocab_start, length,
+                           self.group_size is not None)
+        int4.copy_rows(param.data, src, 0)
+
+
+class VocabParallelEmbedding(VocabParallelBase):
+    """Vocab-parallel embedding (always dense); each rank looks up its own rows, then all-reduce."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup = SINGLE,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        super().__init__(vocab_size, hidden_size, None, tp, dtype, device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        mine = (ids >= self.vocab_start) & (ids < self.vocab_end)
+        y = F.embedding((ids - self.vocab_start) * mine, self.weight) * mine.unsqueeze(-1)
+        dist.all_reduce(y)
+        return y
+
+
+class ParallelLMHead(VocabParallelBase):
+    """Vocab-parallel output projection (int4 or dense); the logit shards are gathered on every rank."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, group_size: int | None = None, tp: TPGroup = SINGLE,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        super().__init__(vocab_size, hidden_size, group_size, tp, dtype, device)
+
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         assert self.group_size is None and embedding.rows_per_rank == self.rows_per_rank
         self.weight = embedding.weight
-
-    def weight_loader(self, param: nn.Parameter, ckpt: Checkpoint, name: str, shard_id: object = None) -> None:
-        length = max(self.vocab_end - self.vocab_start, 0)
-        src = read_checked(ckpt, name, (self.vocab_size, self.hidden_size), 0, self.vocab_start, length, self.group_size is not None)
-        int4.copy_rows(param.data, src, 0)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = F.linear(h.contiguous(), self.weight)

@@ -8,6 +8,7 @@ int4; embeddings and norms stay as they are; lm_head only when asked.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -60,7 +61,7 @@ def quantize_checkpoint(
             entry = ckpt.entry(name)
             if entry.is_int4:
                 raise ValueError(f"{src}: {name} is int4 already; pass the float model")
-            report.bytes_in += _nbytes(entry.shape, entry.dtype.itemsize)
+            report.bytes_in += math.prod(entry.shape) * entry.dtype.itemsize
             if cfg.tie_word_embeddings and name == "lm_head.weight":
                 continue
             wanted = bool(_LAYER_LINEAR.match(name)) and len(entry.shape) == 2
@@ -106,9 +107,3 @@ def _reader(ckpt: Checkpoint, name: str):
 def _quantizer(ckpt: Checkpoint, name: str, group_size: int):
     return lambda: int4.quantize(ckpt.read(name), group_size)
 
-
-def _nbytes(shape: tuple[int, ...], itemsize: int) -> int:
-    n = itemsize
-    for s in shape:
-        n *= s
-    return n
