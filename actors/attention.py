@@ -5,6 +5,9 @@ Prefill, decode and chunked prefill share this one path: each sequence brings
 included). With a paged KV cache, the new keys and values are written to
 ``slot_mapping`` and the context is gathered through ``block_tables``; without
 one, the context is the new tokens themselves.
+
+On a GPU the paged case runs the Triton kernel of ``actors.paged_attention``, which reads the cache in place;
+the PyTorch code below (gather the context, masked SDPA) serves CPUs and is the kernel's reference in tests.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from actors import paged_attention
 
 
 @dataclass
@@ -57,6 +62,13 @@ def attention(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """q: (tokens, Hq, D); k, v: (tokens, Hkv, D); cache: two (blocks, block_size, Hkv, D). Returns (tokens, Hq, D)."""
+    if kv_cache is not None:
+        k_cache, v_cache = kv_cache
+        k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k
+        v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v
+        if q.is_cuda and paged_attention.available():
+            return paged_attention.paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
+                                                   meta.block_tables, meta.max_q_len, scale, sliding_window)
     tokens, _, head_dim = q.shape
     max_q = meta.max_q_len
     q_lens = meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]
@@ -67,9 +79,6 @@ def attention(
     if kv_cache is None:
         keys, values, max_k = k[q_index], v[q_index], max_q
     else:
-        k_cache, v_cache = kv_cache
-        k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k
-        v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v
         # Every block of the table (the runner pads its width), so the key length, and with it the
         # attention kernel's plan, changes once per table bucket rather than on every decode step.
         keys = k_cache[meta.block_tables].flatten(1, 2)  # (B, blocks * block_size, Hkv, D)

@@ -217,3 +217,26 @@ def _parse_quant(qc: dict[str, Any] | None, source: str) -> QuantConfig | None:
             f"and converts each rank's slice itself"
         )
     return QuantConfig(group_size=int(data.get("group_size", 128)))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of one replica's engine. ``kv_cache_memory`` None: sized from what the device has left (runner)."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cuda_graphs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        if self.max_num_batched_tokens < 1 or self.block_size < 1:
+            raise ValueError("the token budget per step and the block size must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")

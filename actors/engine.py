@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
+from actors.config import EngineConfig
 from actors.runner import ModelRunner
 from actors.sampler import sample
 from actors.scheduler import Scheduler, SchedulerConfig
@@ -25,25 +26,6 @@ from actors.sequence import (
     Sequence,
     Status,
 )
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Limits of one replica's engine. ``kv_cache_memory`` None: sized from the device (see worker)."""
-
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    block_size: int = 16
-    kv_cache_memory: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"--max-model-len must be >= 2, got {self.max_model_len}")
-        if self.max_num_batched_tokens < 1 or self.block_size < 1:
-            raise ValueError("the token budget per step and the block size must be >= 1")
 
 
 @dataclass
@@ -120,6 +102,8 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int) -> None:
         p = seq.params
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return self._finish(seq, FINISH_STOP)  # the stop token itself is not part of the completion
         seq.tokens.append(token)

@@ -1,22 +1,32 @@
-"""Runs the model for one engine step on one rank: owns the paged KV cache and the step's input tensors.
+"""Runs the model for one engine step on one rank: owns the paged KV cache, its size, and the step's inputs.
 
 Under tensor parallelism rank 0 schedules; ``execute`` broadcasts the step to
 the other ranks (which sit in ``follow``) so every rank runs the same forward.
+On a GPU the cache is sized from what is left after the weights and a measured
+activation peak, and decode steps replay CUDA graphs.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from actors import paged_attention
 from actors.attention import AttentionMetadata
+from actors.config import EngineConfig
+from actors.cuda_graphs import DecodeGraphs
 from actors.distributed import TPGroup
 from actors.loader import LoadedModel
 from actors.scheduler import ScheduledBatch
 
+log = logging.getLogger(__name__)
+
 TABLE_WIDTH_BUCKET = 16  # blocks
+GiB = 2**30
 _STOP = "stop"
 _NOOP = "noop"
 
@@ -25,15 +35,32 @@ _NOOP = "noop"
 class StepInput:
     """Everything a rank needs to run one forward pass (CPU tensors; small enough to broadcast)."""
 
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    context_lens: torch.Tensor
-    slot_mapping: torch.Tensor
-    block_tables: torch.Tensor
+    input_ids: torch.Tensor  # int64 (tokens,)
+    positions: torch.Tensor  # int64 (tokens,)
+    cu_seqlens_q: torch.Tensor  # int32 (seqs + 1,)
+    context_lens: torch.Tensor  # int32 (seqs,)
+    slot_mapping: torch.Tensor  # int64 (tokens,)
+    block_tables: torch.Tensor  # int32 (seqs, width)
     max_q_len: int
     max_context_len: int
     logits_indices: torch.Tensor  # rows of the flattened tokens whose next token is sampled
+
+    @classmethod
+    def prefill(cls, lengths: list[int], block_size: int) -> "StepInput":
+        """Whole prompts of the given lengths in consecutive cache blocks (memory profiling, warm-up)."""
+        pos, slots, tables, first = [], [], [], 0
+        for n in lengths:
+            blocks = -(-n // block_size)
+            tables.append(list(range(first, first + blocks)))
+            pos.extend(range(n))
+            slots.extend(range(first * block_size, first * block_size + n))
+            first += blocks
+        width = max(len(t) for t in tables)
+        cu = np.concatenate([[0], np.cumsum(lengths)])
+        return cls(torch.zeros(len(pos), dtype=torch.int64), torch.tensor(pos), torch.tensor(cu, dtype=torch.int32),
+                   torch.tensor(lengths, dtype=torch.int32), torch.tensor(slots),
+                   torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+                   max(lengths), max(lengths), torch.tensor(cu[1:] - 1))
 
 
 def kv_block_bytes(loaded: LoadedModel, tp: TPGroup, block_size: int, dtype: torch.dtype) -> int:
@@ -41,47 +68,117 @@ def kv_block_bytes(loaded: LoadedModel, tp: TPGroup, block_size: int, dtype: tor
     return 2 * cfg.num_layers * block_size * (cfg.num_kv_heads // tp.size) * cfg.head_dim * dtype.itemsize
 
 
+def cpu_kv_cache_memory() -> int:
+    """A slice of host memory for a CPU rank's cache: an eighth of what is available, at most 2 GiB."""
+    import psutil
+
+    return int(min(2 * GiB, psutil.virtual_memory().available // 8))
+
+
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, tp: TPGroup, device: torch.device, block_size: int,
-                 kv_cache_memory: int) -> None:
-        self.model, self.tp, self.device, self.block_size = loaded.model, tp, device, block_size
-        attn = self.model.model.layers[0].self_attn
-        dtype = self.model.model.embed_tokens.weight.dtype
-        num_blocks = kv_cache_memory // kv_block_bytes(loaded, tp, block_size, dtype)
+    def __init__(self, loaded: LoadedModel, tp: TPGroup, device: torch.device, config: EngineConfig,
+                 max_model_len: int) -> None:
+        self.model, self.tp, self.device, self.config = loaded.model, tp, device, config
+        self.block_size = config.block_size
+        self.dtype = self.model.model.embed_tokens.weight.dtype
+        self.use_triton = device.type == "cuda" and paged_attention.available()
+        block_bytes = kv_block_bytes(loaded, tp, self.block_size, self.dtype)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graphs: DecodeGraphs | None = None
+        self.activation_peak = 0
+        if config.kv_cache_memory:
+            memory = config.kv_cache_memory
+        elif device.type == "cuda":
+            memory = self._plan_gpu_kv_memory(block_bytes)
+        else:
+            memory = cpu_kv_cache_memory()
+        num_blocks = memory // block_bytes
         if tp.size > 1:
             # Every rank must agree on the cache size; the smallest budget wins.
             n = torch.tensor([num_blocks], device=device)
             dist.all_reduce(n, op=dist.ReduceOp.MIN)
             num_blocks = int(n.item())
         if num_blocks < 1:
-            raise ValueError(f"no memory left for the KV cache ({kv_cache_memory} bytes budgeted); use a smaller model or larger machine")
+            raise ValueError(f"no memory left for the KV cache ({memory / GiB:.2f} GiB budgeted, one block needs "
+                             f"{block_bytes / 2**20:.1f} MiB); pass a larger --kv-cache-gb or use a larger --tp")
         self.num_blocks = num_blocks
-        shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in self.model.model.layers]
+        self.kv_caches = self._allocate_cache(num_blocks + 1)  # + a block for CUDA graphs' padding rows
+        if device.type == "cuda" and config.cuda_graphs:
+            width = -(-max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self._decode_forward, config.max_num_seqs, width, num_blocks, self.block_size, device)
+
+    def _allocate_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        attn = self.model.model.layers[0].self_attn
+        shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.model.model.layers]
+
+    def _plan_gpu_kv_memory(self, block_bytes: int) -> int:
+        """KV bytes = total x utilization - what is in use now (weights, CUDA context, other processes) - the
+        activation peak of the largest step, measured by running one on a temporary cache."""
+        cfg, d = self.config, self.device
+        tokens = cfg.max_num_batched_tokens
+        lengths = [tokens // cfg.max_num_seqs + (i < tokens % cfg.max_num_seqs) for i in range(min(cfg.max_num_seqs, tokens))]
+        step = StepInput.prefill(lengths, self.block_size)
+        # Sample every sequence's row, as a full decode batch would: the float32 logits are part of the peak.
+        torch.cuda.empty_cache()
+        self.kv_caches = self._allocate_cache(int(step.block_tables.max()) + 1)
+        torch.cuda.synchronize(d)
+        torch.cuda.reset_peak_memory_stats(d)
+        before = torch.cuda.memory_allocated(d)
+        with torch.inference_mode():
+            self._forward(step)
+        torch.cuda.synchronize(d)
+        self.activation_peak = torch.cuda.max_memory_allocated(d) - before
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(d)
+        limit = total * cfg.gpu_memory_utilization
+        in_use = total - free
+        memory = int(limit - in_use - self.activation_peak)
+        log.info("GPU memory: limit %.2f GiB, in use %.2f GiB, activation peak %.2f GiB -> KV cache %.2f GiB",
+                 limit / GiB, in_use / GiB, self.activation_peak / GiB, memory / GiB)
+        if memory < block_bytes:
+            raise ValueError(
+                f"the GPU has no room for a KV cache: {total / GiB:.1f} GiB x --gpu-memory-utilization "
+                f"{cfg.gpu_memory_utilization} = {limit / GiB:.1f} GiB, of which {in_use / GiB:.1f} GiB are in use "
+                f"(this rank's weights and the CUDA context, and any other process) and a step of "
+                f"--max-num-batched-tokens {tokens} needs {self.activation_peak / GiB:.2f} GiB of activations; "
+                f"lower --max-num-batched-tokens, raise --gpu-memory-utilization, or split the model with a larger --tp")
+        return memory
 
     def prepare(self, batch: ScheduledBatch) -> StepInput:
         """Flatten a scheduled batch into the model's inputs (rank 0)."""
-        ids, pos, slots, q_lens, ctx, logits_idx = [], [], [], [], [], []
         bs = self.block_size
+        ids: list[int] = []
+        slots: list[np.ndarray | int] = []
+        pos: list[np.ndarray | int] = []
+        q_lens, ctx, logits_idx = [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed
             ids.extend(seq.tokens[start:start + n])
-            for p in range(start, start + n):
+            if n == 1:  # decode: plain ints are cheaper than arrays
+                pos.append(start)
+                slots.append(seq.block_table[start // bs] * bs + start % bs)
+            else:
+                p = np.arange(start, start + n)
                 pos.append(p)
-                slots.append(seq.block_table[p // bs] * bs + p % bs)
+                slots.append(np.asarray(seq.block_table)[p // bs] * bs + p % bs)
             q_lens.append(n)
             ctx.append(start + n)
             if batch.samples(i):
                 logits_idx.append(len(ids) - 1)
         width = max(len(s.block_table) for s in batch.seqs)
-        width = -(-width // TABLE_WIDTH_BUCKET) * TABLE_WIDTH_BUCKET  # stable shapes for attention kernels
-        tables = torch.zeros(len(batch.seqs), width, dtype=torch.int64)
+        if not self.use_triton:
+            width = -(-width // TABLE_WIDTH_BUCKET) * TABLE_WIDTH_BUCKET  # stable shapes for the SDPA path's plans
+        tables = np.zeros((len(batch.seqs), width), dtype=np.int32)
         for i, seq in enumerate(batch.seqs):
-            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table)
-        cu = torch.zeros(len(q_lens) + 1, dtype=torch.int64)
-        cu[1:] = torch.tensor(q_lens).cumsum(0)
-        return StepInput(torch.tensor(ids), torch.tensor(pos), cu, torch.tensor(ctx), torch.tensor(slots), tables,
+            tables[i, : len(seq.block_table)] = seq.block_table
+        cu = np.zeros(len(q_lens) + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=cu[1:])
+        flat = lambda parts: np.concatenate([np.atleast_1d(x) for x in parts]).astype(np.int64)  # noqa: E731
+        return StepInput(torch.tensor(ids, dtype=torch.int64), torch.from_numpy(flat(pos)), torch.from_numpy(cu),
+                         torch.tensor(ctx, dtype=torch.int32), torch.from_numpy(flat(slots)), torch.from_numpy(tables),
                          max(q_lens), max(ctx), torch.tensor(logits_idx, dtype=torch.int64))
 
     @torch.inference_mode()
@@ -92,11 +189,19 @@ class ModelRunner:
         return self._forward(step)
 
     def _forward(self, step: StepInput) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.fits(step.context_lens.numel(), step.max_q_len):
+            logits = self.graphs.replay(step.input_ids, step.positions, step.slot_mapping, step.context_lens,
+                                        step.block_tables)
+            return logits[step.logits_indices.to(self.device)]
         d = self.device
         meta = AttentionMetadata(step.cu_seqlens_q.to(d), step.context_lens.to(d), step.max_q_len, step.max_context_len,
                                  step.slot_mapping.to(d), step.block_tables.to(d))
         hidden = self.model(step.input_ids.to(d), step.positions.to(d), meta, self.kv_caches)
         return self.model.compute_logits(hidden[step.logits_indices.to(d)]).float()
+
+    def _decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.compute_logits(self.model(input_ids, positions, meta, self.kv_caches)).float()
 
     def heartbeat(self) -> None:
         """Keep idle followers' collective from timing out."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import time
 from dataclasses import dataclass, field
 
 FINISH_STOP = "stop"  # EOS, a stop token or a stop string
@@ -63,6 +64,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     error: str | None = None
+    time_to_first_token_s: float | None = None  # from reaching the engine to its first generated token
 
 
 class Status(enum.Enum):
@@ -82,6 +84,8 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     error: str | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -101,4 +105,5 @@ class Sequence:
 
     def completion(self) -> Completion:
         assert self.finish_reason is not None
-        return Completion(self.request.request_id, self.output_ids, self.finish_reason, self.num_prompt, self.error)
+        ttft = None if self.first_token_at is None else self.first_token_at - self.arrival
+        return Completion(self.request.request_id, self.output_ids, self.finish_reason, self.num_prompt, self.error, ttft)

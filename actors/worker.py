@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from actors.config import EngineConfig
 from actors.distributed import destroy_tp_group, free_port, init_tp_group
-from actors.engine import Engine, EngineConfig
+from actors.engine import Engine
 from actors.loader import load_model
 from actors.runner import ModelRunner
 from actors.sequence import Completion, Request
@@ -32,19 +33,7 @@ class ReplicaSpec:
     preshuffle: bool = True
     engine: EngineConfig = field(default_factory=EngineConfig)
     cpu_threads: int = 1
-    gpu_memory_utilization: float = 0.9
     run_id: str = "adhoc"  # names this run's placement groups, so the run can release them
-
-
-def auto_kv_cache_memory(device: torch.device, utilization: float) -> int:
-    """Bytes for the KV cache when none were asked for: what is free on the GPU, or a slice of host memory."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        reserve = total * (1 - utilization) + 2 * 2**30  # activations and allocator slack
-        return max(int(free - reserve), 0)
-    import psutil
-
-    return int(min(2 * 2**30, psutil.virtual_memory().available // 8))
 
 
 class ShardWorker:
@@ -71,8 +60,7 @@ class ShardWorker:
         loaded = load_model(spec.model_dir, tp, device, spec.dtype, spec.preshuffle)
         cfg = loaded.config
         max_model_len = min(spec.engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        kv_memory = spec.engine.kv_cache_memory or auto_kv_cache_memory(device, spec.gpu_memory_utilization)
-        runner = ModelRunner(loaded, tp, device, spec.engine.block_size, kv_memory)
+        runner = ModelRunner(loaded, tp, device, spec.engine, max_model_len)
         if self.rank == 0:
             tokenizer = load_tokenizer(spec.model_dir)
             self.engine = Engine(runner, spec.engine, max_model_len, eos_token_ids(spec.model_dir, cfg.eos_token_ids, tokenizer),
@@ -84,7 +72,8 @@ class ShardWorker:
         return {
             "rank": self.rank, "layout": loaded.layout, "int4_weights": loaded.int4_weights, "load_s": loaded.load_s,
             "convert_s": loaded.convert_s, "kv_blocks": runner.num_blocks, "block_size": spec.engine.block_size,
-            "max_model_len": max_model_len, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "max_model_len": max_model_len, "cuda_graphs": runner.graphs is not None,
+            "activation_peak_gib": runner.activation_peak / 2**30, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         }
 
     def generate(self, requests: list[Request]) -> list[Completion]:

@@ -19,14 +19,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from actors import int4  # noqa: E402
-from actors.config import ModelConfig, QuantConfig  # noqa: E402
+from actors.config import (  # noqa: E402
+    EngineConfig,  # noqa: E402
+    ModelConfig,
+    QuantConfig,
+)
 from actors.distributed import SINGLE  # noqa: E402
-from actors.engine import Engine, EngineConfig  # noqa: E402
+from actors.engine import Engine  # noqa: E402
 from actors.loader import LoadedModel  # noqa: E402
 from actors.model import CausalLM  # noqa: E402
 from actors.runner import ModelRunner  # noqa: E402
 from actors.sequence import Request, SamplingParams  # noqa: E402
-from actors.worker import auto_kv_cache_memory  # noqa: E402
 
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
@@ -87,8 +90,9 @@ class TimedRunner(ModelRunner):
 def run(layout: str, args: argparse.Namespace) -> dict:
     loaded = random_model(LLAMA_8B, layout)
     weights_gb = torch.cuda.memory_allocated() / 1e9
-    runner = TimedRunner(loaded, SINGLE, torch.device("cuda"), 16, auto_kv_cache_memory(torch.device("cuda"), 0.9))
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          cuda_graphs=not args.enforce_eager)
+    runner = TimedRunner(loaded, SINGLE, torch.device("cuda"), config, 8192)
     engine = Engine(runner, config, 8192, set())
     gen = torch.Generator().manual_seed(1)
     params = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True)
@@ -124,6 +128,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--enforce-eager", action="store_true")
     args = p.parse_args()
     device = torch.cuda.get_device_name()
     rows = []

@@ -84,12 +84,14 @@ def run(
     max_num_batched_tokens: int = typer.Option(2048, help="Most tokens in one engine step (prefill chunks plus decodes)."),
     max_model_len: Optional[int] = typer.Option(None, help="Longest prompt + completion; default: the model's max_position_embeddings."),
     kv_cache_gb: Optional[float] = typer.Option(None, help="KV cache per rank in GiB; default: sized from free memory."),
+    gpu_memory_utilization: float = typer.Option(0.9, help="Share of each GPU's memory for weights, activations and KV cache."),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Run decode steps eagerly, without CUDA graphs."),
     no_preshuffle: bool = typer.Option(False, "--no-preshuffle", help="Keep plain int4 on SM90+ (for comparisons)."),
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to attach to; default: start a local one."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
 ) -> None:
     """Generate a completion for every row of a table of prompts; writes Parquet and prints a summary."""
-    from actors.engine import EngineConfig
+    from actors.config import EngineConfig
     from actors.sequence import SamplingParams
     from pipeline.options import RunOptions
 
@@ -114,13 +116,48 @@ def run(
                                     seed=seed, ignore_eos=ignore_eos),
             engine=EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len,
-                                kv_cache_memory=int(kv_cache_gb * 2**30) if kv_cache_gb else None),
+                                kv_cache_memory=int(kv_cache_gb * 2**30) if kv_cache_gb else None,
+                                gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=not enforce_eager),
         )
         from pipeline.run import run as run_pipeline
 
         run_pipeline(options, echo=typer.echo)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
+
+
+BENCH_EXAMPLE = ("Example: shardgen bench --workloads decode-heavy --systems shardgen-int4-preshuffled,hf-int4-preshuffled\n\n"
+                 "Workloads: decode-heavy (128 x 32 in / 2048 out), prefill-heavy (32 x 4096 / 32), mixed (1000 x 1024 / 128).")
+
+
+@app.command(epilog=BENCH_EXAMPLE)
+def bench(
+    workloads: str = typer.Option("decode-heavy,prefill-heavy,mixed", help="Comma-separated workloads."),
+    systems: str = typer.Option("shardgen-int4-preshuffled,shardgen-int4-plain,shardgen-bf16,hf-bf16,hf-int4-preshuffled",
+                                help="Comma-separated systems."),
+    scale: float = typer.Option(1.0, help="Fraction of each workload's prompts to run (a quick check: 0.05)."),
+    max_num_seqs: int = typer.Option(256, help="shardgen engine: most sequences per step."),
+    max_num_batched_tokens: int = typer.Option(8192, help="shardgen engine: most tokens per step."),
+    gpu_memory_utilization: float = typer.Option(0.9, help="shardgen engine: share of GPU memory to use."),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="shardgen engine: no CUDA graphs."),
+    results_dir: Path = typer.Option(Path("benchmarks/results"), help="Where the JSON and PNG go."),
+    checkpoint_dir: Path = typer.Option(Path("/tmp/shardgen-bench-llama8b-int4"), help="Where the 8B int4 checkpoint is written (reused if present)."),
+) -> None:
+    """Benchmark a Llama-3.1-8B-shaped model on one GPU: shardgen (int4 preshuffled, plain, bf16) vs Hugging Face generate."""
+    import torch
+
+    from jobs.bench import BenchConfig, run_bench
+
+    if not torch.cuda.is_available():
+        _fail("shardgen bench needs a CUDA GPU (and fbgemm-gpu-genai for int4); none is visible here")
+    try:
+        config = BenchConfig(workloads=tuple(workloads.split(",")), systems=tuple(systems.split(",")), scale=scale,
+                             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                             gpu_memory_utilization=gpu_memory_utilization, results_dir=results_dir,
+                             checkpoint_dir=checkpoint_dir, cuda_graphs=not enforce_eager)
+    except ValueError as e:
+        _fail(str(e))
+    run_bench(config)
 
 
 @app.command(epilog="Example: shardgen inspect ./Llama-3.2-1B-int4")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from actors.engine import EngineConfig
+from actors.config import EngineConfig
 from actors.sequence import SamplingParams
 
 DEVICES = ("auto", "cpu", "cuda")

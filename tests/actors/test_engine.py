@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from actors.config import EngineConfig
 from actors.distributed import SINGLE
-from actors.engine import Engine, EngineConfig
+from actors.engine import Engine
 from actors.loader import load_model
 from actors.runner import ModelRunner
 from actors.sampler import sample
@@ -26,9 +27,9 @@ def model(tmp_path_factory):
 
 def make_engine(loaded, kv_tokens: int = 4096, block_size: int = 4, eos: set[int] = frozenset(), detokenize=None,
                 **config) -> Engine:
-    cfg = EngineConfig(block_size=block_size, **config)
     bytes_per_block = 2 * 2 * block_size * 2 * 32 * 4  # k+v, 2 layers, block, 2 kv heads, head_dim 32, float32
-    runner = ModelRunner(loaded, SINGLE, torch.device("cpu"), block_size, kv_tokens // block_size * bytes_per_block)
+    cfg = EngineConfig(block_size=block_size, kv_cache_memory=kv_tokens // block_size * bytes_per_block, **config)
+    runner = ModelRunner(loaded, SINGLE, torch.device("cpu"), cfg, cfg.max_model_len or 512)
     return Engine(runner, cfg, cfg.max_model_len or 512, set(eos), detokenize)
 
 

@@ -1,0 +1,148 @@
+"""Paged attention as one Triton kernel: prefill, chunked prefill and decode read keys and values straight from
+the block-paged KV cache, with no gathered copy of the context.
+
+One program handles ``BLOCK_Q`` new tokens of one sequence for one KV head and all the query heads that share
+it (GQA): its ``BLOCK_Q * GROUP_PAD`` query rows are one matrix, so each key tile is loaded once per group and
+multiplied on tensor cores. Keys are walked in tiles of ``BLOCK_N`` with an online softmax (flash attention);
+the loop stops at the last key the tile's queries may see, so a decode step reads each sequence's cache once.
+Every bound is read on the device, which is what lets a decode step be captured in a CUDA graph.
+
+The kernel needs Triton; on a machine without it ``available()`` is false and attention falls back to the
+PyTorch path in ``actors.attention`` (which is also the reference the tests hold this kernel to).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs; attention uses the PyTorch path
+    triton = None
+
+DECODE_ROWS = 16  # tl.dot needs >= 16 rows: a decode program stacks its group's heads (and idle padding)
+PREFILL_ROWS = 128
+KEY_TILE = 64
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
+        scale_log2,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        window,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        q_tile = tl.program_id(1)
+        kv_head = tl.program_id(2)
+        q_start = tl.load(cu_seqlens_q_ptr + seq)
+        q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+        if q_tile * BLOCK_Q >= q_len:
+            return
+        ctx = tl.load(context_lens_ptr + seq)
+        first_pos = ctx - q_len  # position of this sequence's first new token
+
+        BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+        rows = tl.arange(0, BLOCK_M)
+        tok = q_tile * BLOCK_Q + rows // GROUP_PAD
+        head = kv_head * GROUP + rows % GROUP_PAD
+        row_valid = (tok < q_len) & (rows % GROUP_PAD < GROUP)
+        d = tl.arange(0, HEAD_DIM_PAD)
+        d_valid = d < HEAD_DIM
+        q_offsets = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+        q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        q_pos = first_pos + tok
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+        # Causal: no query of this tile sees past its last token's position.
+        kv_end = tl.minimum(ctx, first_pos + tl.minimum((q_tile + 1) * BLOCK_Q, q_len))
+        kv_start = 0
+        if SLIDING:
+            kv_start = tl.maximum(first_pos + q_tile * BLOCK_Q - window + 1, 0) // BLOCK_N * BLOCK_N
+        n0 = kv_start
+        while n0 < kv_end:  # (a while loop: Triton's CPU interpreter cannot range() over a loaded bound)
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_valid = n < kv_end
+            page = tl.load(block_tables_ptr + seq * stride_bt + n // PAGE, mask=n_valid, other=0).to(tl.int64)
+            k_offsets = page * stride_kb + (n % PAGE) * stride_ks + kv_head * stride_kh
+            k = tl.load(k_cache_ptr + k_offsets[None, :] + d[:, None], mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, k, input_precision="ieee")
+            else:
+                s = tl.dot(q, k)
+            s = s * scale_log2
+            allowed = (n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+            if SLIDING:
+                allowed = allowed & (q_pos[:, None] - n[None, :] < window)
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v_offsets = page * stride_vb + (n % PAGE) * stride_vs + kv_head * stride_vh
+            v = tl.load(v_cache_ptr + v_offsets[:, None] + d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+            n0 += BLOCK_N
+        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_offsets = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptr + o_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_q_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """q: (tokens, Hq, D), new keys already written to the caches (blocks, block_size, Hkv, D). Returns (tokens, Hq, D).
+
+    ``max_q_len`` (a host-side bound) only sizes the grid; programs past a sequence's new tokens exit at once,
+    so a CUDA graph captured with ``max_q_len=1`` serves every decode batch of its size.
+    """
+    assert triton is not None, "paged_attention needs Triton"
+    tokens, num_heads, head_dim = q.shape
+    num_seqs = context_lens.numel()
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    rows = DECODE_ROWS if max_q_len == 1 else PREFILL_ROWS
+    block_q = max(rows // group_pad, 1)
+    out = torch.empty_like(q)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    grid = (num_seqs, triton.cdiv(max_q_len, block_q), num_kv_heads)
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
+        scale * 1.4426950408889634,  # softmax in base 2
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        sliding_window or 0,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=KEY_TILE,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=k_cache.shape[1],
+        SLIDING=sliding_window is not None, IEEE=q.dtype == torch.float32,
+        num_warps=4 if max_q_len == 1 else 8, num_stages=2,
+    )
+    return out

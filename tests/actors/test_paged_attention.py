@@ -1,0 +1,116 @@
+"""The Triton paged-attention kernel against the PyTorch attention path, run on CPU by Triton's interpreter.
+
+The same cases run compiled on the GPU in tests/gpu/test_paged_attention_cuda.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from actors.attention import AttentionMetadata, attention
+
+pytest.importorskip("triton")
+
+# (new tokens per sequence, context per sequence, query heads, kv heads, head_dim, sliding window)
+CASES = {
+    "decode, GQA 4": ([1, 1, 1, 1], [5, 40, 17, 129], 8, 2, 32, None),
+    "prefill, MHA": ([7, 30], [7, 30], 4, 4, 16, None),
+    "chunked prefill continuing a cached context": ([20], [80], 6, 2, 24, None),
+    "mixed decode and prefill chunks, GQA 3": ([33, 1, 5, 1], [50, 70, 5, 2], 6, 2, 32, None),
+    "MQA with a sliding window": ([33, 1], [50, 70], 8, 1, 32, 10),
+    "long prefill, several query tiles": ([150], [150], 2, 1, 16, None),
+}
+
+
+def make_case(q_lens: list[int], ctx_lens: list[int], hq: int, hkv: int, d: int, dtype: torch.dtype,
+              device: str = "cpu", block_size: int = 16, seed: int = 0):
+    """Random q/k/v, a cache whose blocks are shuffled, and the metadata of that batch."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-c // block_size) for c in ctx_lens) + 3
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables = []
+    for c in ctx_lens:
+        tables.append([order.pop() for _ in range(-(-c // block_size))])
+    width = max(len(t) for t in tables) + 2  # padded, as the runner's tables are
+    block_tables = torch.zeros(len(q_lens), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        block_tables[i, : len(t)] = torch.tensor(t)
+    slots = [t[p // block_size] * block_size + p % block_size
+             for q, c, t in zip(q_lens, ctx_lens, tables) for p in range(c - q, c)]
+    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(q_lens).cumsum(0)
+    t = sum(q_lens)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    q, k, v = r(t, hq, d), r(t, hkv, d), r(t, hkv, d)
+    k_cache, v_cache = r(num_blocks, block_size, hkv, d), r(num_blocks, block_size, hkv, d)
+    meta = AttentionMetadata(cu, torch.tensor(ctx_lens, dtype=torch.int32), max(q_lens), max(ctx_lens),
+                             torch.tensor(slots), block_tables)
+    move = lambda x: x.to(device)  # noqa: E731
+    meta = AttentionMetadata(move(meta.cu_seqlens_q), move(meta.context_lens), meta.max_q_len, meta.max_context_len,
+                             move(meta.slot_mapping), move(meta.block_tables))
+    return move(q), move(k), move(v), (move(k_cache), move(v_cache)), meta
+
+
+def kernel_vs_reference(name: str, dtype: torch.dtype, device: str = "cpu") -> float:
+    """Largest |kernel - reference| over the case's outputs, relative to the largest reference value."""
+    from actors.paged_attention import paged_attention
+
+    q_lens, ctx_lens, hq, hkv, d, window = CASES[name]
+    q, k, v, (k_cache, v_cache), meta = make_case(q_lens, ctx_lens, hq, hkv, d, dtype, device)
+    scale = d ** -0.5
+    ref = _torch_path_on_cpu(q, k, v, k_cache, v_cache, meta, scale, window)
+    # The kernel reads the new keys from the cache: write them as the engine does.
+    k_cache.view(-1, hkv, d)[meta.slot_mapping] = k
+    v_cache.view(-1, hkv, d)[meta.slot_mapping] = v
+    out = paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
+                          meta.max_q_len, scale, window)
+    return float((out.float().cpu() - ref.cpu()).abs().max() / ref.abs().max())
+
+
+def _torch_path_on_cpu(q, k, v, k_cache, v_cache, meta, scale, window) -> torch.Tensor:
+    cpu = lambda x: x.float().cpu().clone()  # noqa: E731
+    m = AttentionMetadata(meta.cu_seqlens_q.cpu(), meta.context_lens.cpu(), meta.max_q_len, meta.max_context_len,
+                          meta.slot_mapping.cpu(), meta.block_tables.cpu())
+    return attention(cpu(q), cpu(k), cpu(v), m, scale, (cpu(k_cache), cpu(v_cache)), window)
+
+
+def _interpret(dtype: str) -> dict[str, float]:
+    """Run every case in a child process with TRITON_INTERPRET=1 (read when Triton's kernels are defined)."""
+    code = ("import json, torch; from tests.actors.test_paged_attention import CASES, kernel_vs_reference; "
+            f"print(json.dumps({{n: kernel_vs_reference(n, torch.{dtype}) for n in CASES}}))")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def float32_errors() -> dict[str, float]:
+    return _interpret("float32")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_the_pytorch_path_in_float32(float32_errors, name):
+    assert float32_errors[name] < 1e-5, float32_errors
+
+
+def test_kernel_matches_the_pytorch_path_in_float16():
+    errors = _interpret("float16")
+    # float16 inputs, float32 accumulation; the reference computes in float32 from the same inputs.
+    assert max(errors.values()) < 2e-3, errors
+
+
+def test_reference_notices_a_wrong_block_table():
+    """The comparison is sensitive: a table entry pointing at another sequence's block changes the output."""
+    q, k, v, (k_cache, v_cache), meta = make_case([1, 1], [40, 40], 4, 2, 16, torch.float32)
+    right = attention(q, k, v, meta, 0.25, (k_cache.clone(), v_cache.clone()))
+    swapped = meta.block_tables.clone()
+    swapped[0, 0] = swapped[1, 0]
+    wrong_meta = AttentionMetadata(meta.cu_seqlens_q, meta.context_lens, 1, 40, meta.slot_mapping, swapped)
+    wrong = attention(q, k, v, wrong_meta, 0.25, (k_cache.clone(), v_cache.clone()))
+    assert (right - wrong).abs().max() > 1e-2
