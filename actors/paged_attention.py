@@ -21,9 +21,10 @@ try:
 except ImportError:  # CPU-only installs; attention uses the PyTorch path
     triton = None
 
-DECODE_ROWS = 16  # tl.dot needs >= 16 rows: a decode program stacks its group's heads (and idle padding)
-PREFILL_ROWS = 128
-KEY_TILE = 64
+# Launch shapes (benchmarks/attention_configs.py measures alternatives). rows: query rows per program (tl.dot
+# needs >= 16, so a decode program stacks its group's heads and idle padding); key_tile: keys per iteration.
+DECODE = {"rows": 16, "key_tile": 64, "num_warps": 4, "num_stages": 2}
+PREFILL = {"rows": 128, "key_tile": 64, "num_warps": 8, "num_stages": 2}
 
 
 def available() -> bool:
@@ -32,7 +33,8 @@ def available() -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    # Integers that change from step to step are not specialised on, so no step waits for a recompilation.
+    @triton.jit(do_not_specialize=["stride_bt", "window"])
     def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
         scale_log2,
@@ -128,8 +130,8 @@ def paged_attention(
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    rows = DECODE_ROWS if max_q_len == 1 else PREFILL_ROWS
-    block_q = max(rows // group_pad, 1)
+    launch = DECODE if max_q_len == 1 else PREFILL
+    block_q = max(launch["rows"] // group_pad, 1)
     out = torch.empty_like(q)
     q = q if q.stride(-1) == 1 else q.contiguous()
     grid = (num_seqs, triton.cdiv(max_q_len, block_q), num_kv_heads)
@@ -140,9 +142,9 @@ def paged_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         sliding_window or 0,
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=KEY_TILE,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=launch["key_tile"],
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=k_cache.shape[1],
         SLIDING=sliding_window is not None, IEEE=q.dtype == torch.float32,
-        num_warps=4 if max_q_len == 1 else 8, num_stages=2,
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     return out

@@ -156,8 +156,9 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     notes = {"layout": loaded.layout, "read_s": round(loaded.load_s, 2), "convert_s": round(loaded.convert_s, 2),
              "kv_cache_gib": round(runner.num_blocks * runner.kv_caches[0][0][0].nbytes * 2 * len(runner.kv_caches) / GiB, 2),
              "activation_peak_gib": round(runner.activation_peak / GiB, 2), "cuda_graphs": runner.graphs is not None}
+    # Warm-up: every kernel variant compiles here (decode, prefill, a chunked prefill), not inside a timed run.
     warm = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    engine.generate([Request(f"w{i}", [1] * 64, warm) for i in range(4)])
+    engine.generate([Request(f"w{i}", [1] * n, warm) for i, n in enumerate((64, 64, 1000, config.max_num_batched_tokens + 100))])
     results = []
     for workload in config.workloads:
         prompts, output_len = workload_prompts(workload, config.scale)
