@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from actors import int4
+from actors import fused_ops, int4
 from actors.checkpoint import Checkpoint
 from actors.config import RopeConfig
 from actors.distributed import SINGLE, TPGroup
@@ -206,11 +206,9 @@ class RMSNorm(nn.Module):
     def weight_loader(self, param: nn.Parameter, ckpt: Checkpoint, name: str, shard_id: object = None) -> None:
         param.data.copy_(read_checked(ckpt, name, tuple(param.shape), 0, 0, param.shape[0], False))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm(x); with ``residual``: (RMSNorm(x + residual), x + residual), in one kernel on the GPU."""
+        return fused_ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -239,13 +237,5 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, rope).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos()[:, None, :].to(q.dtype), emb.sin()[:, None, :].to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        """q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim); rotated in place on the GPU."""
+        return fused_ops.apply_rotary(q, k, positions, self.inv_freq)

@@ -317,17 +317,9 @@ def plot(results: list[Result], device: str, path: Path) -> Path | None:
     return path
 
 
-def run_bench(config: BenchConfig) -> list[Result]:
-    """Run every chosen system on every chosen workload; write JSON (merged with earlier runs on this device) and a plot."""
-    device = torch.cuda.get_device_name()
-    if any(s.startswith("shardgen-int4") for s in config.systems):
-        t = time.perf_counter()
-        write_checkpoint(config.checkpoint_dir)
-        print(f"checkpoint {config.checkpoint_dir} ready in {time.perf_counter() - t:.1f} s", flush=True)
-    results: list[Result] = []
-    for system in config.systems:
-        results += (run_shardgen if system.startswith("shardgen") else run_hf)(system, config)
-    print_table(results, device)
+def save_results(results: list[Result], config: BenchConfig, device: str) -> None:
+    """Merge into results_dir/bench-<device>.json (a later run of a system and workload replaces the earlier one)
+    and redraw the plot."""
     config.results_dir.mkdir(parents=True, exist_ok=True)
     slug = device.replace(" ", "_")
     out = config.results_dir / f"bench-{slug}.json"
@@ -337,5 +329,22 @@ def run_bench(config: BenchConfig) -> list[Result]:
     out.write_text(json.dumps({"device": device, "torch": torch.__version__, "config": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}, "results": merged}, indent=2))
     png = plot([Result(**r) for r in merged], device, config.results_dir / f"bench-{slug}.png")
-    print(f"wrote {out}" + (f" and {png}" if png else " (no matplotlib: no plot)"))
+    print(f"wrote {out}" + (f" and {png}" if png else " (no matplotlib: no plot)"), flush=True)
+
+
+def run_bench(config: BenchConfig) -> list[Result]:
+    """Run every chosen system on every chosen workload; write JSON (merged with earlier runs on this device) and a plot."""
+    device = torch.cuda.get_device_name()
+    if any(s.startswith("shardgen-int4") for s in config.systems):
+        t = time.perf_counter()
+        write_checkpoint(config.checkpoint_dir)
+        print(f"checkpoint {config.checkpoint_dir} ready in {time.perf_counter() - t:.1f} s", flush=True)
+    results: list[Result] = []
+    run = time.strftime("%Y-%m-%dT%H:%M:%S")  # results of one invocation share it: their ratios are side by side
+    for system in config.systems:
+        for r in (run_shardgen if system.startswith("shardgen") else run_hf)(system, config):
+            r.notes["run"] = run
+            results.append(r)
+        save_results(results, config, device)  # after every system: a run cut short keeps what it measured
+    print_table(results, device)
     return results

@@ -29,10 +29,9 @@ def test_compiled_kernel_matches_the_pytorch_path_in_float32(name):
 
 
 def test_llama8b_shaped_decode_batch():
-    from tests.actors.test_paged_attention import make_case
-
     from actors.attention import AttentionMetadata, attention
     from actors.paged_attention import paged_attention
+    from tests.actors.test_paged_attention import make_case
 
     ctx = torch.randint(1, 2100, (128,), generator=torch.Generator().manual_seed(3)).tolist()
     q, k, v, (kc, vc), meta = make_case([1] * 128, ctx, 32, 8, 128, torch.bfloat16, "cuda")

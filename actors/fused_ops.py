@@ -1,0 +1,155 @@
+"""The small per-token operations of a decoder layer as single Triton kernels: residual add + RMSNorm, rotary
+embedding of q and k in place, and SiLU(gate) * up.
+
+In PyTorch each is 5-20 kernel launches; in a decode step of 128 tokens those launches, not arithmetic, are
+their cost (some 35 a layer). Every kernel rounds where transformers' PyTorch code rounds (the residual sum and
+the normalised value to the model dtype before the weight, cos/sin to the model dtype), so fused and unfused
+paths agree to the last bit or within one rounding. Without Triton, or on a CPU tensor, the PyTorch code runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+
+INTERPRETED = False  # tests set this (under TRITON_INTERPRET=1) to run the kernels on CPU tensors
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return triton is not None and (x.is_cuda or INTERPRETED)
+
+
+# -- residual add + RMSNorm
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``x`` (rows over the last dim); with ``residual``, of ``x + residual``, returning (normed, sum)."""
+    if not _use_triton(x) or x.stride(-1) != 1:
+        return _rms_norm_torch(x, weight, eps, residual)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    out = torch.empty_like(x2)
+    total = torch.empty_like(x2) if residual is not None else out
+    r2 = residual.reshape(-1, shape[-1]) if residual is not None else x2
+    block = triton.next_power_of_2(shape[-1])
+    _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, total, x2.stride(0), r2.stride(0), shape[-1], eps,
+                                     HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 16))
+    if residual is None:
+        return out.view(shape)
+    return out.view(shape), total.view(shape)
+
+
+def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                    residual: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(x.dtype)
+    return out if residual is None else (out, x)
+
+
+# -- rotary embedding, in place
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half rotary embedding of q (tokens, Hq, D) and k (tokens, Hkv, D); in place on the GPU."""
+    if not (_use_triton(q) and q.stride(-1) == 1 and k.stride(-1) == 1):
+        return _rotary_torch(q, k, positions, inv_freq)
+    tokens, hq, d = q.shape
+    hkv = k.shape[1]
+    _rotary_kernel[(tokens,)](q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                              HQ=hq, HKV=hkv, HALF=d // 2, HEADS_PAD=triton.next_power_of_2(max(hq, hkv)),
+                              HALF_PAD=triton.next_power_of_2(d // 2), num_warps=4)
+    return q, k
+
+
+def _rotary_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                  inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[:, None, :].to(q.dtype), emb.sin()[:, None, :].to(q.dtype)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# -- SiLU(gate) * up
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: (tokens, 2I) holding [gate | up]; returns silu(gate) * up, (tokens, I)."""
+    if not _use_triton(x) or x.stride(-1) != 1:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    tokens, two_i = x.shape
+    out = torch.empty(tokens, two_i // 2, dtype=x.dtype, device=x.device)
+    block = 1024
+    _silu_and_mul_kernel[(tokens, triton.cdiv(two_i // 2, block))](x, out, x.stride(0), out.stride(0), two_i // 2,
+                                                                  BLOCK=block, num_warps=4)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, total_ptr, stride_x, stride_r, n, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            x = (x.to(tl.float32) + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(out_ptr.dtype.element_ty)  # the residual stream is kept in the model dtype
+            tl.store(total_ptr + row * n + cols, x, mask=mask)
+        h = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n + eps)
+        normed = (h * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * n + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(q_ptr, k_ptr, pos_ptr, inv_freq_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                       HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, HEADS_PAD: tl.constexpr,
+                       HALF_PAD: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, HALF_PAD)
+        h = tl.arange(0, HEADS_PAD)
+        i_ok = i < HALF
+        pos = tl.load(pos_ptr + t).to(tl.float32)
+        freq = pos * tl.load(inv_freq_ptr + i, mask=i_ok, other=0.0)
+        cos = tl.cos(freq).to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
+        sin = tl.sin(freq).to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
+        # q: first half x1, second half x2 -> (x1 cos - x2 sin, x2 cos + x1 sin)
+        q_off = t * stride_qt + h[:, None] * stride_qh + i[None, :]
+        q_ok = (h[:, None] < HQ) & i_ok[None, :]
+        x1 = tl.load(q_ptr + q_off, mask=q_ok, other=0.0).to(tl.float32)
+        x2 = tl.load(q_ptr + q_off + HALF, mask=q_ok, other=0.0).to(tl.float32)
+        tl.store(q_ptr + q_off, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=q_ok)
+        tl.store(q_ptr + q_off + HALF, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=q_ok)
+        k_off = t * stride_kt + h[:, None] * stride_kh + i[None, :]
+        k_ok = (h[:, None] < HKV) & i_ok[None, :]
+        y1 = tl.load(k_ptr + k_off, mask=k_ok, other=0.0).to(tl.float32)
+        y2 = tl.load(k_ptr + k_off + HALF, mask=k_ok, other=0.0).to(tl.float32)
+        tl.store(k_ptr + k_off, (y1 * cos - y2 * sin).to(k_ptr.dtype.element_ty), mask=k_ok)
+        tl.store(k_ptr + k_off + HALF, (y2 * cos + y1 * sin).to(k_ptr.dtype.element_ty), mask=k_ok)
+
+    @triton.jit
+    def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)  # F.silu rounds here
+        tl.store(out_ptr + row * stride_o + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)

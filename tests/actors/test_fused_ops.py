@@ -1,0 +1,66 @@
+"""The fused Triton kernels (residual + RMSNorm, rotary, SiLU * up) against their PyTorch code, run on CPU by
+Triton's interpreter; tests/gpu/test_fused_ops_cuda.py runs the same checks compiled, in bf16."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+
+def fused_vs_torch(dtype: torch.dtype, device: str = "cpu") -> dict[str, float]:
+    """Largest |fused - PyTorch| of each op relative to the largest output, on random inputs."""
+    from actors import fused_ops
+    from actors.config import RopeConfig
+    from actors.layers import rope_inv_freq
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)  # noqa: E731
+    rel = lambda a, b: float((a.float() - b.float()).abs().max() / b.float().abs().max())  # noqa: E731
+    errors = {}
+    x, res, w = r(7, 96), r(7, 96), r(96)
+    errors["rms_norm"] = rel(fused_ops.rms_norm(x, w, 1e-5), fused_ops._rms_norm_torch(x, w, 1e-5, None))
+    (a, s), (b, t) = fused_ops.rms_norm(x, w, 1e-5, res), fused_ops._rms_norm_torch(x, w, 1e-5, res)
+    errors["add_rms_norm"] = max(rel(a, b), rel(s, t))
+    qkv = r(5, (6 + 2 + 2) * 32)  # q, k, v of one token per row: rotary works on strided views of it
+    q, k = qkv[:, : 6 * 32].view(5, 6, 32), qkv[:, 6 * 32: 8 * 32].view(5, 2, 32)
+    positions = torch.tensor([0, 3, 17, 250, 4095], device=device)
+    inv_freq = rope_inv_freq(32, RopeConfig()).to(device)
+    want_q, want_k = fused_ops._rotary_torch(q, k, positions, inv_freq)
+    got_q, got_k = fused_ops.apply_rotary(q.clone(), k.clone(), positions, inv_freq)
+    errors["rotary"] = max(rel(got_q, want_q), rel(got_k, want_k))
+    fused_ops.apply_rotary(q, k, positions, inv_freq)  # in place on the views
+    errors["rotary_in_place"] = max(rel(qkv[:, : 6 * 32].view(5, 6, 32), want_q), rel(qkv[:, 6 * 32: 8 * 32].view(5, 2, 32), want_k))
+    gu = r(6, 2 * 1500)
+    gate, up = gu.chunk(2, dim=-1)
+    errors["silu_and_mul"] = rel(fused_ops.silu_and_mul(gu), torch.nn.functional.silu(gate) * up)
+    return errors
+
+
+def _interpret(dtype: str) -> dict[str, float]:
+    code = ("import json, torch; from actors import fused_ops; fused_ops.INTERPRETED = True; "
+            "from tests.actors.test_fused_ops import fused_vs_torch; "
+            f"print(json.dumps(fused_vs_torch(torch.{dtype})))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_fused_kernels_match_pytorch_in_float32():
+    errors = _interpret("float32")
+    print(errors)
+    assert len(errors) == 5 and max(errors.values()) < 1e-5, errors
+
+
+def test_fused_kernels_match_pytorch_in_float16():
+    """One rounding apart at most (rotary rounds once where PyTorch rounds after each product)."""
+    errors = _interpret("float16")
+    print(errors)
+    assert max(errors.values()) < 2e-3, errors
