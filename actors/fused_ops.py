@@ -20,10 +20,11 @@ except ImportError:  # CPU-only installs
 
 
 INTERPRETED = False  # tests set this (under TRITON_INTERPRET=1) to run the kernels on CPU tensors
+ENABLED = True  # tests turn the kernels off to compare with transformers' arithmetic bit for bit
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or INTERPRETED)
+    return triton is not None and ENABLED and (x.is_cuda or INTERPRETED)
 
 
 # -- residual add + RMSNorm
@@ -130,19 +131,21 @@ if triton is not None:
         freq = pos * tl.load(inv_freq_ptr + i, mask=i_ok, other=0.0)
         cos = tl.cos(freq).to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
         sin = tl.sin(freq).to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
-        # q: first half x1, second half x2 -> (x1 cos - x2 sin, x2 cos + x1 sin)
+        # First half x1, second half x2 -> (x1 cos - x2 sin, x2 cos + x1 sin), each product rounded to the
+        # model dtype before the sum, as PyTorch's q * cos + rotate_half(q) * sin does.
+        dt = q_ptr.dtype.element_ty
         q_off = t * stride_qt + h[:, None] * stride_qh + i[None, :]
         q_ok = (h[:, None] < HQ) & i_ok[None, :]
         x1 = tl.load(q_ptr + q_off, mask=q_ok, other=0.0).to(tl.float32)
         x2 = tl.load(q_ptr + q_off + HALF, mask=q_ok, other=0.0).to(tl.float32)
-        tl.store(q_ptr + q_off, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=q_ok)
-        tl.store(q_ptr + q_off + HALF, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=q_ok)
+        tl.store(q_ptr + q_off, ((x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)).to(dt), mask=q_ok)
+        tl.store(q_ptr + q_off + HALF, ((x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)).to(dt), mask=q_ok)
         k_off = t * stride_kt + h[:, None] * stride_kh + i[None, :]
         k_ok = (h[:, None] < HKV) & i_ok[None, :]
         y1 = tl.load(k_ptr + k_off, mask=k_ok, other=0.0).to(tl.float32)
         y2 = tl.load(k_ptr + k_off + HALF, mask=k_ok, other=0.0).to(tl.float32)
-        tl.store(k_ptr + k_off, (y1 * cos - y2 * sin).to(k_ptr.dtype.element_ty), mask=k_ok)
-        tl.store(k_ptr + k_off + HALF, (y2 * cos + y1 * sin).to(k_ptr.dtype.element_ty), mask=k_ok)
+        tl.store(k_ptr + k_off, ((y1 * cos).to(dt).to(tl.float32) - (y2 * sin).to(dt).to(tl.float32)).to(dt), mask=k_ok)
+        tl.store(k_ptr + k_off + HALF, ((y2 * cos).to(dt).to(tl.float32) + (y1 * sin).to(dt).to(tl.float32)).to(dt), mask=k_ok)
 
     @triton.jit
     def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):

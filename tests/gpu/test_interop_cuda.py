@@ -7,7 +7,7 @@ noise (transformers and shardgen run different attention and norm kernels).
 import pytest
 import torch
 
-from actors import int4
+from actors import fused_ops, int4
 from actors.checkpoint import Checkpoint
 from actors.loader import load_model
 from tests.gpu import require_gpu_kernels
@@ -54,6 +54,17 @@ def test_a_checkpoint_saved_by_transformers_torchao_loads_in_shardgen(float_mode
         top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
         print(f"transformers-saved int4 -> shardgen ({loaded.layout}): logits rel diff {err:.2e}, top-1 agreement {top1:.3f}")
         assert err < 2e-2 and top1 > 0.95
+
+    # With transformers' own arithmetic (fused kernels off) and the same int4 kernel, the logits are identical:
+    # what differs above is rounding order, not the weights read.
+    loaded = load_model(tmp_path / "hf-int4", device="cuda", preshuffle=False)
+    fused_ops.ENABLED = False
+    try:
+        got = shardgen_logits(loaded.model, IDS.cuda())
+    finally:
+        fused_ops.ENABLED = True
+    print(f"transformers-saved int4 -> shardgen (int4-plain, unfused): logits rel diff {_rel(got, want):.2e}")
+    assert torch.equal(got, want.to(got.dtype))
 
 
 def test_a_checkpoint_written_by_shardgen_quantize_loads_in_transformers(float_model_dir, tmp_path):
