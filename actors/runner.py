@@ -105,7 +105,13 @@ class ModelRunner:
         self.kv_caches = self._allocate_cache(num_blocks + 1)  # + a block for CUDA graphs' padding rows
         if device.type == "cuda" and config.cuda_graphs:
             width = -(-max_model_len // self.block_size)
-            self.graphs = DecodeGraphs(self._decode_forward, config.max_num_seqs, width, num_blocks, self.block_size, device)
+            try:
+                self.graphs = DecodeGraphs(self._decode_forward, config.max_num_seqs, width, num_blocks, self.block_size,
+                                           device)
+            except RuntimeError as e:  # a kernel or collective that cannot be captured: slower, still correct
+                log.warning("CUDA graph capture failed (%s); decode steps run eagerly", e)
+                self.graphs = None
+                torch.cuda.synchronize(device)
 
     def _allocate_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         attn = self.model.model.layers[0].self_attn
