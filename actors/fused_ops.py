@@ -131,21 +131,21 @@ if triton is not None:
         freq = pos * tl.load(inv_freq_ptr + i, mask=i_ok, other=0.0)
         cos = tl.cos(freq).to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
         sin = tl.sin(freq).to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
+        _rotate_heads(q_ptr, t * stride_qt + h[:, None] * stride_qh + i[None, :], (h[:, None] < HQ) & i_ok[None, :],
+                      cos, sin, HALF)
+        _rotate_heads(k_ptr, t * stride_kt + h[:, None] * stride_kh + i[None, :], (h[:, None] < HKV) & i_ok[None, :],
+                      cos, sin, HALF)
+
+    @triton.jit
+    def _rotate_heads(ptr, offsets, mask, cos, sin, HALF: tl.constexpr):
         # First half x1, second half x2 -> (x1 cos - x2 sin, x2 cos + x1 sin), each product rounded to the
         # model dtype before the sum, as PyTorch's q * cos + rotate_half(q) * sin does.
-        dt = q_ptr.dtype.element_ty
-        q_off = t * stride_qt + h[:, None] * stride_qh + i[None, :]
-        q_ok = (h[:, None] < HQ) & i_ok[None, :]
-        x1 = tl.load(q_ptr + q_off, mask=q_ok, other=0.0).to(tl.float32)
-        x2 = tl.load(q_ptr + q_off + HALF, mask=q_ok, other=0.0).to(tl.float32)
-        tl.store(q_ptr + q_off, ((x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)).to(dt), mask=q_ok)
-        tl.store(q_ptr + q_off + HALF, ((x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)).to(dt), mask=q_ok)
-        k_off = t * stride_kt + h[:, None] * stride_kh + i[None, :]
-        k_ok = (h[:, None] < HKV) & i_ok[None, :]
-        y1 = tl.load(k_ptr + k_off, mask=k_ok, other=0.0).to(tl.float32)
-        y2 = tl.load(k_ptr + k_off + HALF, mask=k_ok, other=0.0).to(tl.float32)
-        tl.store(k_ptr + k_off, ((y1 * cos).to(dt).to(tl.float32) - (y2 * sin).to(dt).to(tl.float32)).to(dt), mask=k_ok)
-        tl.store(k_ptr + k_off + HALF, ((y2 * cos).to(dt).to(tl.float32) + (y1 * sin).to(dt).to(tl.float32)).to(dt), mask=k_ok)
+        dt = ptr.dtype.element_ty
+        x1 = tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(ptr + offsets + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptr + offsets, ((x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)).to(dt), mask=mask)
+        tl.store(ptr + offsets + HALF, ((x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)).to(dt),
+                 mask=mask)
 
     @triton.jit
     def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):

@@ -30,11 +30,8 @@ from actors.loader import LoadedModel  # noqa: E402
 from actors.model import CausalLM  # noqa: E402
 from actors.runner import ModelRunner  # noqa: E402
 from actors.sequence import Request, SamplingParams  # noqa: E402
+from jobs.bench import LLAMA_8B  # noqa: E402
 
-LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
-            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
-            "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
            "mlp.down_proj")
 

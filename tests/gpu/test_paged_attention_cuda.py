@@ -8,7 +8,12 @@ block, mask or head mapping gives errors of order 1.
 import pytest
 import torch
 
-from tests.actors.test_paged_attention import CASES, kernel_vs_reference
+from tests.actors.test_paged_attention import (
+    CASES,
+    _torch_path_on_cpu,
+    kernel_vs_reference,
+    make_case,
+)
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -29,18 +34,14 @@ def test_compiled_kernel_matches_the_pytorch_path_in_float32(name):
 
 
 def test_llama8b_shaped_decode_batch():
-    from actors.attention import AttentionMetadata, attention
     from actors.paged_attention import paged_attention
-    from tests.actors.test_paged_attention import make_case
 
     ctx = torch.randint(1, 2100, (128,), generator=torch.Generator().manual_seed(3)).tolist()
     q, k, v, (kc, vc), meta = make_case([1] * 128, ctx, 32, 8, 128, torch.bfloat16, "cuda")
     kc.view(-1, 8, 128)[meta.slot_mapping] = k
     vc.view(-1, 8, 128)[meta.slot_mapping] = v
     out = paged_attention(q, kc, vc, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, 1, 128 ** -0.5)
-    m = AttentionMetadata(meta.cu_seqlens_q, meta.context_lens, 1, max(ctx), meta.slot_mapping, meta.block_tables)
-    ref = attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), _cpu(m), 128 ** -0.5,
-                    (kc.float().cpu(), vc.float().cpu()))
+    ref = _torch_path_on_cpu(q, k, v, kc, vc, meta, 128 ** -0.5, None)
     err = ((out.float().cpu() - ref).abs().max() / ref.abs().max()).item()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -54,9 +55,3 @@ def test_llama8b_shaped_decode_batch():
           f"{kv_bytes / us / 1e3:.0f} GB/s of KV read")
     assert err < 2e-2
 
-
-def _cpu(m):
-    from actors.attention import AttentionMetadata
-
-    return AttentionMetadata(m.cu_seqlens_q.cpu(), m.context_lens.cpu(), m.max_q_len, m.max_context_len,
-                             m.slot_mapping.cpu(), m.block_tables.cpu())
