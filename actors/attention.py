@@ -38,9 +38,6 @@ class AttentionMetadata:
     max_context_len: int
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
-    # Host-side lengths when every sequence is a whole prompt with nothing cached before it: its keys are
-    # then exactly its new tokens, and the GPU path can use PyTorch's flash attention on them.
-    fresh_prompt_lens: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -69,8 +66,6 @@ def attention(
         k_cache, v_cache = kv_cache
         k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k
         v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v
-        if q.is_cuda and meta.fresh_prompt_lens is not None and sliding_window is None:
-            return _fresh_prompts_flash(q, k, v, meta.fresh_prompt_lens, scale)
         if q.is_cuda and paged_attention.available():
             return paged_attention.paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                                    meta.block_tables, meta.max_q_len, scale, sliding_window)
@@ -108,18 +103,3 @@ def attention(
         enable_gqa=True,
     )
     return out.transpose(1, 2)[q_valid].reshape(tokens, -1, head_dim)
-
-
-def _fresh_prompts_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int], scale: float) -> torch.Tensor:
-    """Causal attention of whole prompts over their own tokens, one SDPA call (flash) per prompt."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:  # flash attention wants as many key heads as query heads
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    out = torch.empty_like(q)
-    start = 0
-    for n in lens:
-        rows = slice(start, start + n)
-        out[rows] = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k[rows].transpose(0, 1),
-                                                   v[rows].transpose(0, 1), is_causal=True, scale=scale).transpose(0, 1)
-        start += n
-    return out

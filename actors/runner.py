@@ -200,10 +200,8 @@ class ModelRunner:
                                         step.block_tables)
             return logits[step.logits_indices.to(self.device)]
         d = self.device
-        q_lens = step.cu_seqlens_q[1:] - step.cu_seqlens_q[:-1]
-        fresh = q_lens.tolist() if step.max_q_len > 1 and torch.equal(q_lens, step.context_lens) else None
         meta = AttentionMetadata(step.cu_seqlens_q.to(d), step.context_lens.to(d), step.max_q_len, step.max_context_len,
-                                 step.slot_mapping.to(d), step.block_tables.to(d), fresh)
+                                 step.slot_mapping.to(d), step.block_tables.to(d))
         hidden = self.model(step.input_ids.to(d), step.positions.to(d), meta, self.kv_caches)
         return self.model.compute_logits(hidden[step.logits_indices.to(d)]).float()
 

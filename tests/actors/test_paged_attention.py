@@ -114,13 +114,3 @@ def test_reference_notices_a_wrong_block_table():
     wrong_meta = AttentionMetadata(meta.cu_seqlens_q, meta.context_lens, 1, 40, meta.slot_mapping, swapped)
     wrong = attention(q, k, v, wrong_meta, 0.25, (k_cache.clone(), v_cache.clone()))
     assert (right - wrong).abs().max() > 1e-2
-
-
-def test_whole_prompt_flash_path_matches_the_paged_path():
-    """Steps of whole prompts with nothing cached attend with PyTorch's SDPA per prompt on the GPU; same result."""
-    from actors.attention import _fresh_prompts_flash
-
-    q, k, v, cache, meta = make_case([7, 30, 1], [7, 30, 1], 8, 2, 32, torch.float32)
-    want = attention(q, k, v, meta, 32 ** -0.5, cache)
-    got = _fresh_prompts_flash(q, k, v, [7, 30, 1], 32 ** -0.5)
-    assert (got - want).abs().max() < 1e-5
