@@ -36,8 +36,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         return _rms_norm_torch(x, weight, eps, residual)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    out = torch.empty_like(x2)
-    total = torch.empty_like(x2) if residual is not None else out
+    # The kernel writes rows n apart: outputs are contiguous whatever the input's row stride.
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    total = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     r2 = residual.reshape(-1, shape[-1]) if residual is not None else x2
     block = triton.next_power_of_2(shape[-1])
     _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, total, x2.stride(0), r2.stride(0), shape[-1], eps,

@@ -255,7 +255,8 @@ def run_hf(system: str, config: BenchConfig) -> list[Result]:
 def _hf_batch_candidates(generate, prompts: list[list[int]], output_len: int, sizes: tuple[int, ...]) -> list[int]:
     """Batch sizes to try, largest first, from the first whose prompt pass fits with room left for its whole
     KV cache (measured peak of a 2-token generate + the cache's growth to the full output)."""
-    per_token = 2 * LLAMA_8B["num_hidden_layers"] * LLAMA_8B["num_key_value_heads"] * 128 * 2
+    head_dim = LLAMA_8B["hidden_size"] // LLAMA_8B["num_attention_heads"]
+    per_token = 2 * LLAMA_8B["num_hidden_layers"] * LLAMA_8B["num_key_value_heads"] * head_dim * 2  # K and V, bf16
     total = torch.cuda.get_device_properties(0).total_memory
     for i, size in enumerate(sizes):
         size = min(size, len(prompts))
