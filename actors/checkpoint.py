@@ -9,6 +9,10 @@ logical names in each file, as torchao's ``flatten_tensor_state_dict`` writes.
 
 Reading is by slice: a tensor-parallel rank asks for ``read(name, dim, start,
 length)`` and only those bytes are copied out of the file.
+
+Only safetensors are read unless the caller allows pickle files (``.bin``,
+``.pt``): unpickling can run code, so those are opened with
+``torch.load(weights_only=True, mmap=True)`` and only when asked for.
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ from actors import int4
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
 _DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "BOOL": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_UNSAFE_SUFFIXES = (*_PICKLE_SUFFIXES, ".ckpt", ".pkl")
 
 
 def int4_key(name: str, data_name: str) -> str:
@@ -66,14 +72,22 @@ class TensorEntry:
 
 
 class Checkpoint:
-    """A checkpoint directory opened for slice reads. Use as a context manager, or call ``close``."""
+    """A checkpoint directory opened for slice reads. Use as a context manager, or call ``close``.
 
-    def __init__(self, model_dir: str | Path) -> None:
+    ``allow_pickle`` also reads ``.bin``/``.pt`` weights (with ``weights_only=True``) when the
+    directory has no safetensors; without it such a directory is refused.
+    """
+
+    def __init__(self, model_dir: str | Path, allow_pickle: bool = False) -> None:
         self.dir = Path(model_dir)
-        self.files = _find_safetensors(self.dir)
+        self.files = _find_weight_files(self.dir, allow_pickle)
         self.entries: dict[str, TensorEntry] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         for file in self.files:
-            self._index_file(file)
+            if file.suffix == ".safetensors":
+                self._index_safetensors(file)
+            else:
+                self._index_pickle(file)
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -82,7 +96,8 @@ class Checkpoint:
         self.close()
 
     def close(self) -> None:
-        """Nothing stays open between reads; kept so a Checkpoint reads naturally as a context manager."""
+        """Drops the mappings of pickle files (safetensors files are opened per read)."""
+        self._pickled.clear()
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -101,6 +116,8 @@ class Checkpoint:
         if dim is None:
             dim, start, length = 0, 0, e.shape[0]
         assert length is not None and 0 <= start and start + length <= e.shape[dim], (name, dim, start, length, e.shape)
+        if e.file.suffix != ".safetensors":
+            return self._read_pickled(e, dim, start, length)
         # One mapping per tensor: safetensors reads through mmap, and the pages it touched count
         # towards this process's memory until the file is closed.
         with safe_open(str(e.file), framework="pt", device="cpu") as handle:
@@ -112,15 +129,48 @@ class Checkpoint:
             index = tuple(slice(start, start + length) if d == dim else slice(None) for d in range(len(e.shape)))
             return handle.get_slice(name)[index]
 
-    def _index_file(self, file: Path) -> None:
+    def _read_pickled(self, e: TensorEntry, dim: int, start: int, length: int) -> torch.Tensor:
+        tensors = self._pickled[e.file]
+        if e.is_int4:
+            value = tensors.get(e.name)
+            parts = ({d: getattr(value, d) for d in int4.INT4_DATA_NAMES} if value is not None and int4.is_int4(value)
+                     else {d: tensors[int4_key(e.name, d)] for d in int4.INT4_DATA_NAMES})
+            return int4.read_shard(lambda d, index: parts[d][index], e.shape, e.group_size, dim, start, length)
+        index = tuple(slice(start, start + length) if d == dim else slice(None) for d in range(len(e.shape)))
+        return tensors[e.name][index]
+
+    def _index_safetensors(self, file: Path) -> None:
         try:
             f = safe_open(str(file), framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise ValueError(f"{file} is not a readable safetensors file ({e}); the file is truncated or corrupt, re-copy it") from e
-        meta = f.metadata() or {}
         keys = set(f.keys())
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-        dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
+        dtypes = {k: _DTYPES[f.get_slice(k).get_dtype()] for k in keys}
+        self._index_keys(file, f.metadata() or {}, shapes, dtypes)
+
+    def _index_pickle(self, file: Path) -> None:
+        try:
+            # weights_only: tensors (and torchao's registered tensor subclasses) only, never arbitrary objects.
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise ValueError(f"{file} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}); "
+                             f"convert the checkpoint to safetensors") from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{file} is not a flat state dict of tensors; convert the checkpoint to safetensors")
+        self._pickled[file] = state
+        plain = {}
+        for key, value in state.items():
+            if int4.is_int4(value):
+                self.entries[key] = TensorEntry(key, file, tuple(value.shape), value.scale.dtype, int4.group_size_of(value))
+            else:
+                plain[key] = value
+        self._index_keys(file, {}, {k: tuple(v.shape) for k, v in plain.items()}, {k: v.dtype for k, v in plain.items()})
+
+    def _index_keys(self, file: Path, meta: dict[str, str], shapes: dict[str, tuple[int, ...]],
+                    dtypes: dict[str, torch.dtype]) -> None:
+        """Entries of one file from its keys: torchao's flattened int4 parts become one int4 entry each."""
+        keys = set(shapes)
         claimed: set[str] = set()
         for name, info in _int4_names(meta, keys):
             parts = {d: int4_key(name, d) for d in int4.INT4_DATA_NAMES}
@@ -137,10 +187,10 @@ class Checkpoint:
                     f"scale {shapes[parts['scale']]}, zero_point {shapes[parts['zero_point']]}) for shape {shape} "
                     f"and group size {group}; the checkpoint is corrupt"
                 )
-            self.entries[name] = TensorEntry(name, file, shape, _DTYPES[dtypes[parts["scale"]]], group)
+            self.entries[name] = TensorEntry(name, file, shape, dtypes[parts["scale"]], group)
             claimed.update(parts.values())
         for key in sorted(keys - claimed):
-            self.entries[key] = TensorEntry(key, file, shapes[key], _DTYPES[dtypes[key]], None)
+            self.entries[key] = TensorEntry(key, file, shapes[key], dtypes[key], None)
 
 
 def _int4_names(meta: dict[str, str], keys: set[str]) -> Iterator[tuple[str, dict]]:
@@ -165,36 +215,46 @@ def _int4_names(meta: dict[str, str], keys: set[str]) -> Iterator[tuple[str, dic
                 yield name, {}
 
 
-def _find_safetensors(model_dir: Path) -> list[Path]:
+def _find_weight_files(model_dir: Path, allow_pickle: bool) -> list[Path]:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    index = model_dir / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index ({e}); re-export the checkpoint") from e
-        files = []
-        for rel in dict.fromkeys(weight_map.values()):
-            path = (model_dir / rel).resolve()
-            if model_dir.resolve() not in path.parents:
-                raise ValueError(f"{index} points outside the model directory ({rel}); refusing to follow it")
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} is listed in {index} but missing; copy the whole checkpoint")
-            files.append(path)
-        return files
+    if (model_dir / INDEX_FILE).is_file():
+        return _files_from_index(model_dir, model_dir / INDEX_FILE)
     if (model_dir / SINGLE_FILE).is_file():
         return [model_dir / SINGLE_FILE]
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
         return files
+    if allow_pickle:
+        if (model_dir / PICKLE_INDEX_FILE).is_file():
+            return _files_from_index(model_dir, model_dir / PICKLE_INDEX_FILE)
+        files = sorted(p for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
+        if files:
+            return files
     unsafe = sorted(p.name for p in model_dir.iterdir() if p.suffix in _UNSAFE_SUFFIXES)
     if unsafe:
         raise ValueError(
-            f"{model_dir} holds only pickle weights ({', '.join(unsafe)}); shardgen reads safetensors only. "
-            f"Convert them with transformers' save_pretrained(safe_serialization=True)"
+            f"{model_dir} holds only pickle weights ({', '.join(unsafe)}); shardgen reads safetensors only, since "
+            f"unpickling can run code. Convert them with transformers' save_pretrained(safe_serialization=True), "
+            f"or pass --allow-pickle to read .bin/.pt files with torch.load(weights_only=True)"
         )
     raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+
+
+def _files_from_index(model_dir: Path, index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is not a valid weights index ({e}); re-export the checkpoint") from e
+    files = []
+    for rel in dict.fromkeys(weight_map.values()):
+        path = (model_dir / rel).resolve()
+        if model_dir.resolve() not in path.parents:
+            raise ValueError(f"{index} points outside the model directory ({rel}); refusing to follow it")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is listed in {index} but missing; copy the whole checkpoint")
+        files.append(path)
+    return files
 
 
 # --------------------------------------------------------------------------- writing

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from actors import int4
-from actors.checkpoint import Checkpoint
+from actors.checkpoint import Checkpoint, TensorEntry
 from actors.config import ModelConfig
 from actors.distributed import SINGLE, TPGroup
 from actors.model import CausalLM
@@ -43,6 +43,7 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: str | torch.dtype = "auto",
     preshuffle: bool = True,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Build this rank's model, read only its slice of every weight, and convert int4 weights for ``device``.
 
@@ -53,13 +54,47 @@ def load_model(
     config = ModelConfig.from_dir(model_dir)
     config.check_tp(tp.size)
     start = time.perf_counter()
-    with Checkpoint(model_dir) as ckpt:
-        groups = {e.name.rsplit(".", 1)[0]: e.group_size for e in ckpt.entries.values() if e.is_int4}
-        model = CausalLM(config, tp, dtype, device, groups)
+    with Checkpoint(model_dir, allow_pickle) as ckpt:
+        model = CausalLM(config, tp, dtype, device, int4_groups(ckpt))
         model.load_weights(ckpt)
     loaded = time.perf_counter()
-    layout = int4.hardware_layout(device, preshuffle) if groups else "dense"
-    count = int4.convert_module_weights(model, layout, dtype) if groups else 0
+    quantized = any(int4.is_int4(p) for p in model.parameters())
+    layout = int4.hardware_layout(device, preshuffle) if quantized else "dense"
+    count = int4.convert_module_weights(model, layout, dtype) if quantized else 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return LoadedModel(model.eval(), config, layout, count, loaded - start, time.perf_counter() - loaded)
+
+
+def int4_groups(ckpt: Checkpoint) -> dict[str, int]:
+    """Checkpoint module name -> int4 group size, for every int4 weight."""
+    return {e.name.rsplit(".", 1)[0]: e.group_size for e in ckpt.entries.values() if e.is_int4}
+
+
+def check_checkpoint(model_dir: str | Path, tp_size: int = 1, allow_pickle: bool = False) -> ModelConfig:
+    """Check, before any worker starts, that every rank of ``--tp tp_size`` finds each tensor it needs with the
+    shape config.json implies: the ranks' own weight loaders run on the meta device, so only headers are read."""
+    config = ModelConfig.from_dir(model_dir)
+    config.check_tp(tp_size)
+    with Checkpoint(model_dir, allow_pickle) as ckpt:
+        groups = int4_groups(ckpt)
+        for rank in sorted({0, tp_size - 1}):  # the last rank's vocab shard may be shorter
+            CausalLM(config, TPGroup(rank, tp_size), torch.float32, "meta", groups).load_weights(_HeadersOnly(ckpt))
+    return config
+
+
+class _HeadersOnly:
+    """A checkpoint view whose reads return meta tensors of the requested slice (checks without reading data)."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.dir, self.entries = ckpt.dir, ckpt.entries
+        self.names, self.entry = ckpt.names, ckpt.entry
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, length: int | None = None) -> torch.Tensor:
+        e: TensorEntry = self.entry(name)
+        shape = list(e.shape)
+        if dim is not None:
+            shape[dim] = length
+        if e.is_int4:
+            return int4.empty(tuple(shape), e.group_size, e.dtype, "meta")
+        return torch.empty(shape, dtype=e.dtype, device="meta")

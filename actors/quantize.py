@@ -41,6 +41,7 @@ def quantize_checkpoint(
     quantize_lm_head: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
+    allow_pickle: bool = False,
 ) -> QuantizeReport:
     """Quantize the model in ``src`` into ``dst``. See the module docstring."""
     start = time.perf_counter()
@@ -55,7 +56,7 @@ def quantize_checkpoint(
             raise ValueError(f"{dst} is not empty; choose another output directory or pass --overwrite")
         shutil.rmtree(dst)
     report = QuantizeReport(dst)
-    with Checkpoint(src) as ckpt:
+    with Checkpoint(src, allow_pickle) as ckpt:
         plan: list[PlannedTensor] = []
         for name in ckpt.names():
             entry = ckpt.entry(name)

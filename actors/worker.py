@@ -34,6 +34,7 @@ class ReplicaSpec:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cpu_threads: int = 1
     run_id: str = "adhoc"  # names this run's placement groups, so the run can release them
+    allow_pickle: bool = False  # read .bin/.pt weights (torch.load(weights_only=True)) when there are no safetensors
 
 
 class ShardWorker:
@@ -57,7 +58,7 @@ class ShardWorker:
             device = torch.device("cpu")
             torch.set_num_threads(spec.cpu_threads)
         tp = init_tp_group(self.rank, spec.tp, address, device)
-        loaded = load_model(spec.model_dir, tp, device, spec.dtype, spec.preshuffle)
+        loaded = load_model(spec.model_dir, tp, device, spec.dtype, spec.preshuffle, spec.allow_pickle)
         cfg = loaded.config
         max_model_len = min(spec.engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         runner = ModelRunner(loaded, tp, device, spec.engine, max_model_len)

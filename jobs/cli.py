@@ -28,6 +28,10 @@ app = typer.Typer(
 )
 
 
+ALLOW_PICKLE_HELP = ("Also read .bin/.pt weights (with torch.load(weights_only=True)) if the model has no safetensors; "
+                     "off by default because unpickling untrusted files can run code.")
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -41,12 +45,13 @@ def quantize(
     quantize_lm_head: bool = typer.Option(False, help="Quantize lm_head too (kept in the float dtype by default)."),
     max_shard_size_gb: float = typer.Option(5.0, help="Largest safetensors shard to write, in GiB."),
     overwrite: bool = typer.Option(False, help="Replace DST if it is not empty."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Quantize a local float model to shardgen's plain int4 checkpoint, one tensor at a time."""
     from actors.quantize import quantize_checkpoint
 
     try:
-        r = quantize_checkpoint(src, dst, group_size, quantize_lm_head, int(max_shard_size_gb * 2**30), overwrite)
+        r = quantize_checkpoint(src, dst, group_size, quantize_lm_head, int(max_shard_size_gb * 2**30), overwrite, allow_pickle)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     for name in r.unquantizable:
@@ -89,6 +94,7 @@ def run(
     no_preshuffle: bool = typer.Option(False, "--no-preshuffle", help="Keep plain int4 on SM90+ (for comparisons)."),
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to attach to; default: start a local one."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Generate a completion for every row of a table of prompts; writes Parquet and prints a summary."""
     from actors.config import EngineConfig
@@ -111,7 +117,7 @@ def run(
         options = RunOptions(
             model=model, input=input, output=output, tp=tp, replicas=replicas, device=device, dtype=dtype,
             prompt_column=prompt_column, id_column=id_column, chat=chat, batch_size=batch_size, overwrite=overwrite,
-            address=address, preshuffle=not no_preshuffle,
+            address=address, preshuffle=not no_preshuffle, allow_pickle=allow_pickle,
             sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     seed=seed, ignore_eos=ignore_eos),
             engine=EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -161,14 +167,17 @@ def bench(
 
 
 @app.command(epilog="Example: shardgen inspect ./Llama-3.2-1B-int4")
-def inspect(model: Path = typer.Argument(..., help="Checkpoint directory.")) -> None:
+def inspect(
+    model: Path = typer.Argument(..., help="Checkpoint directory."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
+) -> None:
     """Describe a checkpoint: architecture, shape, quantization, size on disk, and which --tp values work."""
     from actors.checkpoint import Checkpoint
     from actors.config import ModelConfig
 
     try:
         cfg = ModelConfig.from_dir(model)
-        with Checkpoint(model) as ckpt:
+        with Checkpoint(model, allow_pickle) as ckpt:
             entries = list(ckpt.entries.values())
             files = ckpt.files
     except (ValueError, FileNotFoundError) as e:

@@ -28,6 +28,7 @@ class RunOptions:
     overwrite: bool = False
     address: str | None = None
     preshuffle: bool = True
+    allow_pickle: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
     engine: EngineConfig = field(default_factory=EngineConfig)
 

@@ -70,6 +70,14 @@ def check_columns(files: list[Path], prompt_column: str) -> list[str]:
     return columns
 
 
+def estimate_rows(files: list[Path]) -> int:
+    """Rows in the input: exact for Parquet (from the footers), an upper bound for text files."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows if FORMATS[f.suffix.lower()] == "parquet" else f.stat().st_size // 16
+               for f in files)
+
+
 def read_prompts(path: Path, prompt_column: str, id_column: str):
     """A Ray Dataset of (id, prompt, row) for every row of every input file."""
     import ray.data

@@ -1,0 +1,217 @@
+"""Resume and id checks: which ids an ``--output`` already holds, and whether the input's ids are unique.
+
+Ids are kept as 16-byte digests in ``IdShard`` actors, each owning the ids whose
+digest falls in its share, so no process (the driver least of all) holds every
+id: 1,000,000 finished rows cost 16 MB spread over the shards. A run's options
+are written to ``_shardgen_run.json`` in the output; rerunning the same command
+resumes, anything else is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "_shardgen_run.json"
+ROWS_PER_SHARD = 5_000_000
+MAX_SHARDS = 16
+READS = ("id",)
+WRITES = ("id", "prompt", "row")
+
+
+def digests(ids: Iterable[str]) -> np.ndarray:
+    """16-byte digests of ids (a collision among 10^12 ids has odds ~1e-15)."""
+    return np.array([hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids], dtype="S16")
+
+
+def shard_of(d: np.ndarray, shards: int) -> np.ndarray:
+    # The first two bytes of a blake2b digest are uniform: a fair split whatever the ids look like.
+    raw = np.frombuffer(d.tobytes(), dtype=np.uint8).reshape(-1, 16)
+    return (raw[:, 0].astype(np.int64) * 256 + raw[:, 1]) % shards
+
+
+def shard_count(rows: int) -> int:
+    """At least two shards, so even a small output is never held whole in one process."""
+    return max(2, min(MAX_SHARDS, math.ceil(rows / ROWS_PER_SHARD)))
+
+
+class IdShard:
+    """The ids (as digests) whose shard is ``index`` of ``shards``: a Ray actor."""
+
+    def __init__(self, index: int, shards: int) -> None:
+        self.index, self.shards = index, shards
+        self._chunks: list[np.ndarray] = []
+        self._sorted = np.empty(0, dtype="S16")
+
+    def load_output(self, files: list[str]) -> int:
+        """Add the ids of finished output files (reads only their id column); returns how many this shard holds."""
+        for file in files:
+            for batch in pq.ParquetFile(file).iter_batches(columns=["id"], batch_size=65536):
+                self.add(digests(i for i in batch.column(0).to_pylist() if i is not None))
+        return self.seal()
+
+    def add(self, d: np.ndarray) -> None:
+        mine = d[shard_of(d, self.shards) == self.index]
+        if len(mine):
+            self._chunks.append(mine)
+
+    def seal(self) -> int:
+        """Merge what was added into one sorted array; returns its length (with repeats)."""
+        if self._chunks:
+            self._sorted = np.sort(np.concatenate([self._sorted, *self._chunks]))
+            self._chunks = []
+        return len(self._sorted)
+
+    def repeated(self, limit: int = 5) -> list[bytes]:
+        """Up to ``limit`` digests that were added more than once."""
+        s = self._sorted
+        return [bytes(x) for x in np.unique(s[1:][s[1:] == s[:-1]])[:limit]]
+
+    def contains(self, d: np.ndarray) -> np.ndarray:
+        if not len(self._sorted) or not len(d):
+            return np.zeros(len(d), dtype=bool)
+        at = np.minimum(np.searchsorted(self._sorted, d), len(self._sorted) - 1)
+        return self._sorted[at] == d
+
+
+def start_shards(shards: int) -> list:
+    import ray
+
+    actor = ray.remote(num_cpus=0)(IdShard)
+    return [actor.remote(i, shards) for i in range(shards)]
+
+
+def stop_shards(handles: list) -> None:
+    import ray
+
+    for h in handles:
+        ray.kill(h)
+
+
+def route(handles: list, d: np.ndarray) -> list:
+    """Split digests by shard and send each part to its shard's ``add``; returns the calls' refs."""
+    where = shard_of(d, len(handles))
+    return [h.add.remote(d[where == s]) for s, h in enumerate(handles) if (where == s).any()]
+
+
+def ask(handles: list, d: np.ndarray) -> np.ndarray:
+    """Which digests the shards hold."""
+    import ray
+
+    found = np.zeros(len(d), dtype=bool)
+    where = shard_of(d, len(handles))
+    parts = [(s, h.contains.remote(d[where == s])) for s, h in enumerate(handles) if (where == s).any()]
+    for s, ref in parts:
+        found[where == s] = ray.get(ref)
+    return found
+
+
+# ------------------------------------------------------------------------- the checks a run makes
+
+
+def check_unique_ids(ds, id_column: str, rows_estimate: int) -> None:
+    """Refuse null or repeated ids in the input (read as ``(id, prompt, row)``), naming a few, before any generation."""
+    import ray
+
+    handles = start_shards(shard_count(rows_estimate))
+    try:
+        nulls = ds.map_batches(_add_ids, fn_kwargs={"handles": handles}, batch_format="pyarrow",
+                               batch_size=8192).sum("nulls") or 0
+        if nulls:
+            raise ValueError(f"the id column {id_column!r} is null in {nulls:,} row(s); give every row an id, "
+                             f"or pass --id-column with a column that has none missing")
+        ray.get([h.seal.remote() for h in handles])
+        repeated = {d for found in ray.get([h.repeated.remote() for h in handles]) for d in found}
+        if repeated:
+            names = ds.map_batches(_name_ids, fn_kwargs={"wanted": repeated}, batch_format="pyarrow",
+                                   batch_size=8192).take(len(repeated) * 2)
+            examples = sorted({r["id"] for r in names})[:5]
+            raise ValueError(f"the id column {id_column!r} repeats ids, e.g. {examples}; every row needs its own id "
+                             f"(fix the input, or pass --id-column with a unique column)")
+    finally:
+        stop_shards(handles)
+
+
+def _add_ids(batch: pa.Table, handles: list) -> pa.Table:
+    import ray
+
+    ids = batch.column("id").to_pylist()
+    present = [i for i in ids if i is not None]
+    ray.get(route(handles, digests(present)))
+    return pa.table({"nulls": [len(ids) - len(present)]})
+
+
+def _name_ids(batch: pa.Table, wanted: set[bytes]) -> pa.Table:
+    ids = [i for i in batch.column("id").to_pylist() if i is not None]
+    keep = [i for i, d in zip(ids, digests(ids)) if bytes(d) in wanted]
+    return pa.table({"id": pa.array(keep, pa.string())})
+
+
+class SkipFinished:
+    """Resume stage (Ray Data map_batches): drops input rows whose id the output already holds."""
+
+    def __init__(self, handles: list) -> None:
+        self.handles = handles
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        done = ask(self.handles, digests(batch.column("id").to_pylist()))
+        return batch.filter(pa.array(~done)) if done.any() else batch
+
+
+@dataclass
+class FinishedIds:
+    """The ids an output already holds, loaded into shards for a resumed run."""
+
+    rows: int
+    handles: list
+
+    @classmethod
+    def load(cls, files: list[Path]) -> "FinishedIds":
+        import ray
+
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        handles = start_shards(shard_count(rows))
+        ray.get([h.load_output.remote([str(f) for f in files]) for h in handles])
+        return cls(rows, handles)
+
+    def close(self) -> None:
+        stop_shards(self.handles)
+
+
+# ------------------------------------------------------------------------- the run manifest
+
+
+def manifest(**fields: object) -> dict:
+    """What makes two runs the same run (their completions are interchangeable)."""
+    return json.loads(json.dumps(fields, default=str))
+
+
+def read_manifest(output: Path) -> dict | None:
+    path = output / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_manifest(output: Path, fields: dict) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = output / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(fields, indent=2, sort_keys=True))
+    os.replace(tmp, output / MANIFEST)
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
