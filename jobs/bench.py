@@ -22,6 +22,9 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab
             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
             "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+# Llama-3.1-70B's shape (issue 8: tensor parallelism on several GPUs).
+LLAMA_70B = dict(LLAMA_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                 num_key_value_heads=8)
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
 WORKLOADS = {"decode-heavy": (128, 32, 2048), "prefill-heavy": (32, 4096, 32), "mixed": (1000, 1024, 128)}
@@ -78,15 +81,16 @@ def workload_prompts(name: str, scale: float, seed: int = 0) -> tuple[list[list[
     return torch.randint(0, 128000, (count, input_len), generator=g).tolist(), output_len
 
 
-def write_checkpoint(out: Path, group_size: int = 128) -> Path:
-    """The 8B-shaped plain int4 checkpoint, random weights made and quantized on the GPU one tensor at a time."""
+def write_checkpoint(out: Path, group_size: int = 128, shape: dict = LLAMA_8B) -> Path:
+    """A plain int4 checkpoint of ``shape`` (the 8B one by default), random weights made and quantized on the GPU
+    one tensor at a time; lm_head and embeddings stay bf16. Reused if ``out`` already holds one."""
     from actors import int4
     from actors.checkpoint import PlannedTensor, save_checkpoint
     from actors.config import QuantConfig
 
     if (out / "config.json").exists():
         return out
-    cfg = dict(LLAMA_8B, quantization_config=QuantConfig(group_size).to_hf_dict())
+    cfg = dict(shape, quantization_config=QuantConfig(group_size).to_hf_dict())
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
