@@ -13,6 +13,12 @@ from actors.worker import ReplicaSpec, ShardWorker
 
 # Rank 0 serves several Ray Data batches at once (each blocks in generate while the engine runs).
 RANK0_CONCURRENCY = 64
+HEALTH_CHECK_S = 10.0  # while a batch runs, every worker is pinged this often
+PING_TIMEOUT_S = 60.0
+
+
+class ReplicaFailed(RuntimeError):
+    """A worker of the replica died or stopped answering: the replica must be replaced."""
 
 
 def placement_group_name(run_id: str, replica: str) -> str:
@@ -51,10 +57,36 @@ class Replica:
         return self.info[0]["layout"]
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        return ray.get(self.workers[0].generate.remote(requests))
+        """Run requests on rank 0's engine. Raises ``ReplicaFailed`` if any worker dies meanwhile: every wait is
+        bounded by a health check, so a rank lost inside a collective cannot hang the batch."""
+        ref = self.workers[0].generate.remote(requests)
+        while True:
+            ready, _ = ray.wait([ref], timeout=HEALTH_CHECK_S)
+            if ready:
+                try:
+                    return ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    raise ReplicaFailed(f"rank 0 died: {e}") from e
+                except ray.exceptions.RayTaskError as e:  # the engine failed (a rank lost mid-step)
+                    raise ReplicaFailed(str(e).strip().splitlines()[-1]) from e
+            self.check_alive()
+
+    def check_alive(self) -> None:
+        try:
+            ray.get([w.ping.remote() for w in self.workers], timeout=PING_TIMEOUT_S)
+        except ray.exceptions.RayActorError as e:
+            raise ReplicaFailed(f"a ShardWorker died: {type(e).__name__}") from e
+        except ray.exceptions.GetTimeoutError as e:
+            raise ReplicaFailed(f"a ShardWorker did not answer within {PING_TIMEOUT_S:.0f} s") from e
 
     def stats(self) -> dict:
         return ray.get(self.workers[0].stats.remote())
+
+    def kill(self) -> None:
+        """Stop every worker at once (some may be dead or stuck) and free the placement group."""
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        remove_placement_group(self.pg)
 
     def shutdown(self) -> None:
         # Rank 0 first: stopping its engine releases the followers from their collective.

@@ -77,6 +77,10 @@ class ShardWorker:
             "activation_peak_gib": runner.activation_peak / 2**30, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         }
 
+    def ping(self) -> int:
+        """Liveness check of the replica (served while the engine runs)."""
+        return self.rank
+
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Rank 0: run requests through the engine (alongside any others in flight) and return them in order."""
         assert self.engine is not None, "generate is served by rank 0"

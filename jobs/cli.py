@@ -128,7 +128,7 @@ def run(
         from pipeline.run import run as run_pipeline
 
         run_pipeline(options, echo=typer.echo)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
 
 

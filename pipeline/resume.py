@@ -156,15 +156,10 @@ def _name_ids(batch: pa.Table, wanted: set[bytes]) -> pa.Table:
     return pa.table({"id": pa.array(keep, pa.string())})
 
 
-class SkipFinished:
+def skip_finished(batch: pa.Table, handles: list) -> pa.Table:
     """Resume stage (Ray Data map_batches): drops input rows whose id the output already holds."""
-
-    def __init__(self, handles: list) -> None:
-        self.handles = handles
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        done = ask(self.handles, digests(batch.column("id").to_pylist()))
-        return batch.filter(pa.array(~done)) if done.any() else batch
+    done = ask(handles, digests(batch.column("id").to_pylist()))
+    return batch.filter(pa.array(~done)) if done.any() else batch
 
 
 @dataclass
@@ -215,3 +210,34 @@ def write_manifest(output: Path, fields: dict) -> None:
 def differences(old: dict, new: dict) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
+
+
+def plan_output(output: Path, fields: dict, overwrite: bool, part_files: list[Path]) -> list[Path]:
+    """What to do with ``--output``: returns the finished part files to resume from (none for a fresh start).
+
+    An output written by the same run (same manifest) is resumed; one written by anything else is refused
+    unless ``overwrite``, which starts afresh (the caller clears the directory)."""
+    if overwrite or not output.exists():
+        return []
+    if not output.is_dir():
+        raise ValueError(f"--output {output} is a file; give a directory")
+    old = read_manifest(output)
+    if old is None:
+        if part_files or any(output.iterdir()):
+            raise ValueError(f"--output {output} is not empty and holds no shardgen run ({len(part_files)} part files, "
+                             f"no {MANIFEST}); choose another --output, or pass --overwrite to replace it")
+        return []
+    changed = differences(old, fields)
+    if changed:
+        raise ValueError(f"--output {output} holds another run's output ({len(part_files)} part files; "
+                         f"{'; '.join(changed)}); rerun that run's command to resume it, pass --overwrite to "
+                         f"replace it, or choose another --output")
+    return part_files
+
+
+def remove_partial_writes(output: Path) -> int:
+    """Delete temporary files of writes a killed run left behind; returns how many."""
+    partial = list(output.glob(".part-*.tmp")) if output.is_dir() else []
+    for f in partial:
+        f.unlink(missing_ok=True)
+    return len(partial)

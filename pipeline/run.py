@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from pipeline import detokenize, generate, read, tokenize, write
+from pipeline import detokenize, generate, read, resume, tokenize, write
 from pipeline.options import RunOptions
 
 BATCHES_IN_FLIGHT_PER_REPLICA = 4
@@ -37,11 +37,13 @@ class RunSummary:
     files: int
     device: str
     layout: str
+    resumed: int = 0  # rows a resumed run found already written
 
     def lines(self) -> list[str]:
         wall = max(self.wall_s, 1e-9)
+        before = f"; {self.resumed:,} rows were there already" if self.resumed else ""
         return [
-            f"shardgen run: {self.rows:,} rows ({self.errors:,} errors) written to {self.output} ({self.files} files)",
+            f"shardgen run: {self.rows:,} rows ({self.errors:,} errors) written to {self.output} ({self.files} files){before}",
             f"  tokens: {self.prompt_tokens:,} prompt, {self.generated_tokens:,} generated; "
             f"{self.generated_tokens / wall:,.1f} generated tokens/s, {(self.prompt_tokens + self.generated_tokens) / wall:,.1f} total tokens/s",
             f"  wall time {self.wall_s:.1f} s on {self.device} ({self.layout})",
@@ -94,21 +96,22 @@ def connect(options: RunOptions) -> None:
 
 
 def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
-    """Run the whole pipeline for ``options``; returns the summary that is also echoed."""
+    """Run the whole pipeline for ``options``; returns the summary that is also echoed.
+
+    Everything a user can get wrong (checkpoint, input, output, options) is checked before any worker starts.
+    Rerunning the same command on the same ``--output`` resumes: rows already written are skipped."""
     import ray
 
-    from actors.config import ModelConfig
+    from actors.loader import check_checkpoint
     from actors.worker import ReplicaSpec
 
     start = time.perf_counter()
-    config = ModelConfig.from_dir(options.model)
-    config.check_tp(options.tp)
+    config = check_checkpoint(options.model, options.tp, options.allow_pickle)
     files = read.input_files(options.input)
-    read.check_columns(files, options.prompt_column)
+    columns = read.check_columns(files, options.prompt_column)
     existing = write.existing_output(options.output)
-    if existing and not options.overwrite:
-        raise ValueError(f"--output {options.output} holds another run's output ({len(existing)} part files); "
-                         f"pass --overwrite to replace it, or choose another --output")
+    fields = run_manifest(options)
+    done_files = resume.plan_output(options.output, fields, options.overwrite, existing)
     connect(options)
     device = options.device
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -116,20 +119,30 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
         device = "cuda" if gpus > 0 else "cpu"
     if device == "cuda" and options.tp * options.replicas > gpus:
         raise ValueError(f"--tp {options.tp} x --replicas {options.replicas} needs {options.tp * options.replicas} GPUs; "
-                         f"the cluster has {gpus:g}")
+                         f"the cluster has {gpus:g}; lower --replicas or --tp")
     cpus = os.cpu_count() or 1
     run_id = uuid.uuid4().hex[:12]
     spec = ReplicaSpec(model_dir=str(options.model.resolve()), tp=options.tp, device=device, dtype=options.dtype,
                        preshuffle=options.preshuffle, engine=options.engine,
-                       cpu_threads=max(1, cpus // (options.tp * options.replicas)), run_id=run_id)
+                       cpu_threads=max(1, cpus // (options.tp * options.replicas)), run_id=run_id,
+                       allow_pickle=options.allow_pickle)
     options = replace(options, model=Path(spec.model_dir))
-    if existing:
-        shutil.rmtree(options.output)
-    echo(f"shardgen: {len(files)} input file(s), model {config.architecture} ({'int4 G=%d' % config.quant.group_size if config.quant else 'float'}), "
-         f"{options.replicas} replica(s) x tp {options.tp} on {device}")
-
     ds = read.read_prompts(options.input, options.prompt_column, options.id_column)
+    if options.id_column in columns:  # <file>:<row> ids are unique by construction
+        resume.check_unique_ids(ds, options.id_column, read.estimate_rows(files))
+    if options.overwrite and options.output.exists():
+        shutil.rmtree(options.output)
+    resume.remove_partial_writes(options.output)
+    resume.write_manifest(options.output, fields)
+    finished = resume.FinishedIds.load(done_files) if done_files else None
+    echo(f"shardgen: {len(files)} input file(s), model {config.architecture} ({'int4 G=%d' % config.quant.group_size if config.quant else 'float'}), "
+         f"{options.replicas} replica(s) x tp {options.tp} on {device}"
+         + (f"; resuming: {finished.rows:,} rows already in {options.output}" if finished else ""))
+
     stages = build_stages(options, spec)
+    if finished:
+        stages.insert(0, Stage("skip-finished", resume.READS, resume.WRITES, lambda ds: ds.map_batches(
+            resume.skip_finished, fn_kwargs={"handles": finished.handles}, batch_format="pyarrow", batch_size=8192)))
     check_stages(stages, read.WRITES, write.READS)
     for stage in stages:
         ds = stage.apply(ds)
@@ -139,14 +152,38 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
         device=device, dtype=options.dtype, sampling_defaults=asdict(options.sampling)))
     try:
         ds.write_datasink(sink)
+    except Exception as e:  # a stage gave up (a replica that keeps failing, say): say why, keep what was written
+        raise RuntimeError(f"the job stopped: {root_cause(e)}. Rows written so far stay in {options.output}; rerun "
+                           f"the same command to resume") from e
     finally:
         release_replicas(run_id)
+        if finished:
+            finished.close()
     t = sink.totals
     summary = RunSummary(options.output, t.rows, t.errors, t.prompt_tokens, t.completion_tokens,
-                         time.perf_counter() - start, t.files, device, _layout_of(options.output))
+                         time.perf_counter() - start, t.files, device, _layout_of(options.output),
+                         resumed=finished.rows if finished else 0)
     for line in summary.lines():
         echo(line)
     return summary
+
+
+def root_cause(e: BaseException) -> str:
+    """The last line of the innermost error under Ray's wrappers (``RuntimeError: ...``)."""
+    while True:
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException) or inner is e:
+            break
+        e = inner
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else type(e).__name__
+
+
+def run_manifest(options: RunOptions) -> dict:
+    """The options that decide what a row's completion is: a rerun with the same ones resumes the output."""
+    return resume.manifest(model=options.model.resolve(), input=options.input.resolve(),
+                           prompt_column=options.prompt_column, id_column=options.id_column, chat=options.chat,
+                           sampling=asdict(options.sampling), max_model_len=options.engine.max_model_len)
 
 
 def release_replicas(run_id: str) -> None:

@@ -109,9 +109,62 @@ def test_inputs_without_an_id_column_get_stable_file_and_row_ids(demo, tmp_path)
     assert set(read_output(tmp_path / "out")) == set(out)
 
 
-def test_an_existing_output_is_not_overwritten_without_asking(demo, tmp_path):
+def test_a_rerun_resumes_and_a_different_run_is_refused_without_overwrite(demo, tmp_path):
     model, prompts = demo
     options = RunOptions(model=model, input=prompts, output=tmp_path / "out", sampling=SamplingParams(max_new_tokens=2))
-    run(options)
-    with pytest.raises(ValueError, match="holds another run's output.*--overwrite"):
-        run(options)
+    assert run(options).rows == 200
+    again = run(options)
+    assert again.rows == 0 and again.resumed == 200
+    other = replace(options, sampling=SamplingParams(max_new_tokens=3))
+    with pytest.raises(ValueError, match=r"holds another run's output \(\d+ part files; sampling: .* rerun that run's "
+                                         r"command to resume it, pass --overwrite to replace it"):
+        run(other)
+    assert run(replace(other, overwrite=True)).rows == 200
+    assert len(read_output(tmp_path / "out")) == 200
+    assert json.loads((tmp_path / "out" / "_shardgen_run.json").read_text())["sampling"]["max_new_tokens"] == 3
+
+
+def test_duplicate_ids_are_refused_before_any_generation_naming_them(demo, tmp_path):
+    model, _ = demo
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "prompt": "x"}) + "\n" for i in ["a", "b", "a", "c", "b", "d"]))
+    with pytest.raises(ValueError, match=r"the id column 'id' repeats ids, e.g. \['a', 'b'\]"):
+        run(RunOptions(model=model, input=data, output=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_every_id_comes_out_once(demo, tmp_path):
+    """SIGKILL rank 1 of a T=2 replica while batches are in flight: the replica is rebuilt, its batches rerun,
+    and the output equals an uninterrupted run's."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    model, prompts = demo
+    options = RunOptions(model=model, input=prompts, output=tmp_path / "calm", tp=2, batch_size=8,
+                         sampling=SamplingParams(max_new_tokens=24))
+    calm = run(options)
+    hurt_dir = tmp_path / "hurt"
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=run(replace(options, output=hurt_dir))))
+    job.start()
+    deadline = time.monotonic() + 300
+    while not list(hurt_dir.glob("part-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "ShardWorker" in " ".join(p.info["cmdline"] or [])]
+    followers = [p for p in workers if "generate" not in " ".join(p.info["cmdline"] or [])]
+    victim = (followers or workers)[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    written_before = len(read_output(hurt_dir))
+    job.join(timeout=600)
+    assert not job.is_alive(), "the job hung after a worker died"
+    hurt = read_output(hurt_dir)
+    calm_rows = read_output(tmp_path / "calm")
+    print(f"killed {' '.join(victim.info['cmdline'])[:40]!r} (pid {victim.pid}) after {written_before} rows were "
+          f"written; finished with {len(hurt)} rows, {result['summary'].errors} errors")
+    assert written_before < 200
+    assert set(hurt) == set(calm_rows) == input_ids(prompts) and result["summary"].errors == calm.errors == 0
+    assert all(hurt[i]["completion_token_ids"] == calm_rows[i]["completion_token_ids"] for i in hurt)
