@@ -1,0 +1,196 @@
+"""Bad files, checkpoints, options and outputs: each is refused with a message naming what to fix, before any
+worker starts, and leaves no output behind that a later run would trust.
+
+One table: (case, how to break things, the message). Every case goes through ``pipeline.run.run`` (or the options
+object the CLI builds), the path ``shardgen run`` and ``python -m jobs.generate`` take.
+"""
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from actors.config import EngineConfig
+from actors.sequence import SamplingParams
+from jobs.demo import demo_assets
+from pipeline import resume
+from pipeline.options import RunOptions
+from pipeline.run import run, run_manifest
+from tests.helpers import int4_checkpoint
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> tuple[Path, Path]:
+    return demo_assets(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_after():
+    yield
+    import ray
+
+    if ray.is_initialized():  # only the GPU-count case starts a cluster
+        ray.shutdown()
+
+
+def copy_model(model: Path, tmp: Path) -> Path:
+    return Path(shutil.copytree(model, tmp / "model"))
+
+
+def edit_config(model: Path, **changes: object) -> None:
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(changes)
+    (model / "config.json").write_text(json.dumps(cfg))
+
+
+def rewrite_weights(model: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    path = model / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    edit(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+# Each setup gets (options, tmp) and returns the options to run; it may break files under tmp on the way.
+def _model(edit: Callable[[Path], None]) -> Callable[[RunOptions, Path], RunOptions]:
+    def setup(o: RunOptions, tmp: Path) -> RunOptions:
+        model = copy_model(o.model, tmp)
+        edit(model)
+        return replace(o, model=model)
+    return setup
+
+
+def _input(name: str, content: bytes | None) -> Callable[[RunOptions, Path], RunOptions]:
+    def setup(o: RunOptions, tmp: Path) -> RunOptions:
+        (tmp / "in").mkdir()
+        if content is not None:
+            (tmp / "in" / name).write_bytes(content)
+        return replace(o, input=tmp / "in" / name if content is not None else tmp / "in")
+    return setup
+
+
+def _option(**changes: object) -> Callable[[RunOptions, Path], RunOptions]:
+    return lambda o, tmp: replace(o, **changes)
+
+
+def _output_of_another_run(o: RunOptions, tmp: Path) -> RunOptions:
+    out = tmp / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"id": ["a"]}), out / "part-0.parquet")
+    resume.write_manifest(out, run_manifest(replace(o, sampling=SamplingParams(max_new_tokens=7))))
+    return replace(o, output=out)
+
+
+def _foreign_output(o: RunOptions, tmp: Path) -> RunOptions:
+    (tmp / "out").mkdir()
+    (tmp / "out" / "notes.txt").write_text("mine")
+    return replace(o, output=tmp / "out")
+
+
+def _output_is_a_file(o: RunOptions, tmp: Path) -> RunOptions:
+    (tmp / "out").write_text("")
+    return replace(o, output=tmp / "out")
+
+
+def _groups_split_by_tp(o: RunOptions, tmp: Path) -> RunOptions:
+    _, model = int4_checkpoint("llama", tmp, group_size=128)  # o_proj K = 128: at --tp 2 a rank holds 64 columns
+    return replace(o, model=model, tp=2)
+
+
+def _index_to(target: str) -> Callable[[Path], None]:
+    def edit(model: Path) -> None:
+        (model / "model.safetensors").rename(model / "shard-1.safetensors")
+        with safe_open(str(model / "shard-1.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: target for k in keys}}))
+    return edit
+
+
+def _pickle_only(model: Path) -> None:
+    (model / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, model / "pytorch_model.bin")
+
+
+def _truncate(model: Path) -> None:
+    path = model / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CASES = [
+    # input
+    ("input missing", _option(input=Path("/nonexistent/prompts.jsonl")), "--input /nonexistent/prompts.jsonl does not exist"),
+    ("input empty directory", _input("", None), "is an empty directory; put .parquet, .jsonl or .csv files in it"),
+    ("input unknown extension", _input("p.txt", b"hello\n"), "--input holds files of unknown type (p.txt)"),
+    ("input empty file", _input("p.jsonl", b""), "has no column 'prompt' (columns found: [])"),
+    ("input corrupt parquet", _input("p.parquet", b"PAR1 not really"), "cannot read"),
+    ("input broken json", _input("p.jsonl", b"{id: 1,\n"), "as json"),
+    ("prompt column missing", _option(prompt_column="text"),
+     "has no column 'text' (columns found: ['id', 'prompt', 'max_new_tokens']); pass --prompt-column"),
+    # checkpoint
+    ("model directory missing", _option(model=Path("/nonexistent/model")), "model directory /nonexistent/model does not exist"),
+    ("config.json missing", _model(lambda m: (m / "config.json").unlink()), "config.json is missing"),
+    ("config.json broken", _model(lambda m: (m / "config.json").write_text("{")), "config.json is not valid JSON"),
+    ("architecture unsupported", _model(lambda m: edit_config(m, architectures=["GPT2LMHeadModel"])),
+     "LlamaForCausalLM"),
+    ("quantization not torchao", _model(lambda m: edit_config(m, quantization_config={"quant_method": "gptq", "bits": 4})),
+     "gptq"),
+    ("int4 packing not plain", _model(lambda m: edit_config(m, quantization_config={
+        "quant_method": "torchao", "quant_type": {"default": {"_type": "Int4WeightOnlyConfig", "_data": {
+            "group_size": 64, "int4_packing_format": "preshuffled"}}}})), "preshuffled"),
+    ("safetensors truncated", _model(_truncate), "is not a readable safetensors file"),
+    ("tensor missing", _model(lambda m: rewrite_weights(m, lambda t: t.pop("model.norm.weight"))),
+     "lacks 1 tensor(s) the model needs, e.g. ['model.norm.weight']"),
+    ("tensor of the wrong shape", _model(lambda m: rewrite_weights(m, lambda t: t.update({"model.norm.weight": torch.ones(7)}))),
+     "model.norm.weight has shape (7,) in the checkpoint, but config.json implies (256,)"),
+    ("pickle weights only", _model(_pickle_only), "holds only pickle weights (pytorch_model.bin)"),
+    ("index points outside", _model(_index_to("../../elsewhere.safetensors")), "points outside the model directory"),
+    ("index names a missing shard", _model(_index_to("shard-9.safetensors")), "is listed in"),
+    ("--tp does not divide the heads", _option(tp=3), "--tp 3 does not divide"),
+    ("--tp splits int4 groups", _groups_split_by_tp,
+     "o_proj: row-parallel int4 slice K/T = 128/2 = 64 is not a multiple of the group size G = 128"),
+    # options
+    ("--top-p outside (0, 1]", _option(sampling=SamplingParams(top_p=0)), "--top-p must be in (0, 1]"),
+    ("--temperature negative", _option(sampling=SamplingParams(temperature=-1)), "--temperature must be"),
+    ("--max-new-tokens zero", _option(sampling=SamplingParams(max_new_tokens=0)), "--max-new-tokens must be"),
+    ("--tp zero", _option(tp=0), "--tp must be >= 1, got 0"),
+    ("--replicas zero", _option(replicas=0), "--replicas must be >= 1, got 0"),
+    ("--device unknown", _option(device="tpu"), "--device must be one of auto, cpu, cuda, got 'tpu'"),
+    ("--dtype unknown", _option(dtype="int3"), "--dtype must be one of"),
+    ("--batch-size zero", _option(batch_size=0), "--batch-size must be >= 1, got 0"),
+    ("--max-num-seqs zero", lambda o, tmp: replace(o, engine=EngineConfig(max_num_seqs=0)), "--max-num-seqs must be >= 1"),
+    # output
+    ("output of another run", _output_of_another_run,
+     "holds another run's output (1 part files; sampling: "),
+    ("output not a shardgen run", _foreign_output, "is not empty and holds no shardgen run"),
+    ("output is a file", _output_is_a_file, "is a file; give a directory"),
+    # cluster
+    ("more GPUs than the cluster has", _option(device="cuda", tp=2, replicas=2),
+     "--tp 2 x --replicas 2 needs 4 GPUs; the cluster has 0"),
+]
+
+
+@pytest.mark.parametrize("setup,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_naming_what_to_fix(assets, tmp_path, setup, message):
+    model, prompts = assets
+    base = dict(model=model, input=prompts, output=tmp_path / "out", sampling=SamplingParams(max_new_tokens=2))
+    before = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").is_dir() else None
+    with pytest.raises((ValueError, FileNotFoundError)) as caught:
+        options = setup(RunOptions(**base), tmp_path)
+        before = sorted(p.name for p in options.output.iterdir()) if options.output.is_dir() else None
+        run(options)
+    print(f"{caught.typename}: {caught.value}")
+    assert message in str(caught.value)
+    after = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").is_dir() else None
+    assert after == before, "a refused run must leave the output as it was"
+
+
+def test_the_table_covers_at_least_25_cases():
+    assert len(CASES) >= 25
