@@ -154,8 +154,12 @@ class Checkpoint:
             # weights_only: tensors (and torchao's registered tensor subclasses) only, never arbitrary objects.
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise ValueError(f"{file} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}); "
-                             f"convert the checkpoint to safetensors") from e
+            # torch's own text advises weights_only=False, which is exactly what must not be done here.
+            detail = next((ln.split("error:", 1)[1].strip() for ln in str(e).splitlines() if "WeightsUnpickler error:" in ln),
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            raise ValueError(f"{file} cannot be read with torch.load(weights_only=True) ({detail}); it holds more than "
+                             f"tensors, and unpickling it could run code. Convert the checkpoint to safetensors "
+                             f"where you trust it") from e
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{file} is not a flat state dict of tensors; convert the checkpoint to safetensors")
         self._pickled[file] = state

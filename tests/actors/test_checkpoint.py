@@ -112,6 +112,28 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
         Checkpoint(tmp_path)
 
 
+def test_allow_pickle_reads_a_pytorch_state_dict_with_weights_only(tmp_path):
+    tensors = _tensors()
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    with Checkpoint(tmp_path, allow_pickle=True) as ckpt:
+        assert set(ckpt.names()) == set(tensors)
+        got = ckpt.read("model.layers.0.mlp.down_proj.weight", 1, 128, 128)
+        want = int4.shard(tensors["model.layers.0.mlp.down_proj.weight"], 1, 1, 2)
+        assert torch.equal(got.qdata, want.qdata) and torch.equal(got.scale, want.scale)
+        assert torch.equal(ckpt.read("model.norm.weight"), tensors["model.norm.weight"])
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickling ran code",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_even_when_pickles_are_allowed(tmp_path):
+    torch.save({"w": torch.zeros(1), "payload": _RunsCode()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"cannot be read with torch.load\(weights_only=True\) \(Unsupported global: GLOBAL print.*could run code"):
+        Checkpoint(tmp_path, allow_pickle=True)
+
+
 def test_truncated_safetensors_file_is_named(tmp_path):
     (path,) = _save(tmp_path, _tensors())
     path.write_bytes(path.read_bytes()[:100])
