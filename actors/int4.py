@@ -33,6 +33,9 @@ _SUBCLASS_FIELDS = frozenset(
 LAYOUT_PRESHUFFLED = "int4-preshuffled"
 LAYOUT_PLAIN = "int4-plain"
 LAYOUT_CPU = "cpu-dequantized"
+# fbgemm's bf16 x int4 GEMMs (plain and preshuffled) compute wrong results below this group size on CUDA:
+# relative error 0.45-0.64 at G=32 against 0.0024 at G=64..256 (benchmarks/int4_group_sizes.py, H100).
+MIN_CUDA_GROUP_SIZE = 64
 
 
 def is_int4(t: torch.Tensor) -> bool:
@@ -284,8 +287,19 @@ def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype) -
     return out
 
 
+def check_cuda_group_size(group_size: int) -> None:
+    """Refuse a group size that CUDA's int4 kernels (both layouts) get wrong."""
+    if group_size < MIN_CUDA_GROUP_SIZE:
+        raise ValueError(
+            f"int4 group size {group_size} cannot run on CUDA: fbgemm's int4 kernels give wrong results below "
+            f"{MIN_CUDA_GROUP_SIZE} (relative error ~0.5); re-quantize with --group-size 64 or 128, or use --device cpu")
+
+
 def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype) -> int:
     """Convert every plain-int4 parameter under ``module`` in place of the old one; returns how many."""
+    for p in module.parameters():
+        if is_int4(p.data) and layout in (LAYOUT_PRESHUFFLED, LAYOUT_PLAIN):
+            check_cuda_group_size(group_size_of(p.data))
     count = 0
     for sub in module.modules():
         for name, param in list(sub.named_parameters(recurse=False)):

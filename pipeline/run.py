@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from actors import int4
 from pipeline import detokenize, generate, read, resume, tokenize, write
 from pipeline.options import RunOptions
 
@@ -120,6 +121,8 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     if device == "cuda" and options.tp * options.replicas > gpus:
         raise ValueError(f"--tp {options.tp} x --replicas {options.replicas} needs {options.tp * options.replicas} GPUs; "
                          f"the cluster has {gpus:g}; lower --replicas or --tp")
+    if device == "cuda" and config.quant:
+        int4.check_cuda_group_size(config.quant.group_size)
     cpus = os.cpu_count() or 1
     run_id = uuid.uuid4().hex[:12]
     spec = ReplicaSpec(model_dir=str(options.model.resolve()), tp=options.tp, device=device, dtype=options.dtype,
@@ -140,6 +143,9 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
          + (f"; resuming: {finished.rows:,} rows already in {options.output}" if finished else ""))
 
     stages = build_stages(options, spec)
+    # Blocks of one batch: a big input file would otherwise be one block, generated and written as one file
+    # at its very end, so a lost driver would lose all of it. Small blocks stream through and land as they finish.
+    stages.insert(0, Stage("batch", (), (), lambda ds: ds.repartition(target_num_rows_per_block=options.batch_size)))
     if finished:
         stages.insert(0, Stage("skip-finished", resume.READS, resume.WRITES, lambda ds: ds.map_batches(
             resume.skip_finished, fn_kwargs={"handles": finished.handles}, batch_format="pyarrow", batch_size=8192)))

@@ -185,3 +185,10 @@ def test_convert_module_weights_replaces_only_int4_parameters():
     assert lin.weight.dtype == torch.float32 and not int4.is_int4(lin.weight.data)
     assert lin.bias is bias
     assert int4.convert_module_weights(lin, int4.LAYOUT_CPU, torch.float32) == 0
+
+
+def test_group_sizes_the_cuda_kernels_get_wrong_are_refused_with_the_fix():
+    for ok in (64, 128, 256):
+        int4.check_cuda_group_size(ok)
+    with pytest.raises(ValueError, match="int4 group size 32 cannot run on CUDA.*--group-size 64 or 128, or use --device cpu"):
+        int4.check_cuda_group_size(32)

@@ -149,3 +149,29 @@ def test_a_converted_slice_never_reads_the_shuffled_source():
     shard = int4.shard(t, 0, 1, 2)
     int4.convert_for_hardware(torch.nn.Parameter(shard, requires_grad=False), int4.LAYOUT_PRESHUFFLED, torch.bfloat16)
     assert torch.equal(t.qdata, snapshot)  # the whole tensor was not touched by converting its shard
+
+
+@pytest.mark.parametrize("group_size", [64, 128, 256])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_group_size_the_gpu_accepts_computes_correctly(group_size, layout):
+    torch.manual_seed(group_size)
+    w = (torch.randn(512, 1024, device=CUDA) * 0.05).to(torch.bfloat16)
+    plain = int4.quantize(w, group_size)
+    want_w = int4.dequantize(plain, torch.float32)
+    layer = torch.nn.Linear(1024, 512, bias=False)
+    layer.weight = torch.nn.Parameter(int4.quantize(w, group_size), requires_grad=False)
+    int4.convert_module_weights(layer, layout, torch.bfloat16)
+    x = torch.randn(37, 1024, device=CUDA).to(torch.bfloat16)
+    err = rel(layer(x), x.float() @ want_w.T)
+    print(f"G={group_size} {layout}: rel err {err:.2e}")
+    assert err < TOL
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_group_size_the_cuda_kernels_get_wrong_is_refused(layout):
+    """fbgemm's int4 GEMMs give relative errors ~0.5 at G=32 (benchmarks/int4_group_sizes.py)."""
+    layer = torch.nn.Linear(256, 128, bias=False)
+    layer.weight = torch.nn.Parameter(int4.quantize(torch.randn(128, 256, device=CUDA).to(torch.bfloat16), 32),
+                                      requires_grad=False)
+    with pytest.raises(ValueError, match="int4 group size 32 cannot run on CUDA.*--group-size 64 or 128"):
+        int4.convert_module_weights(layer, layout, torch.bfloat16)
