@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/driver_memory.json"))
     a = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="shardgen-driver-memory-"))
-    model, _ = demo_assets(tmp / "cache")
+    model, _ = demo_assets()
     total = a.finished + a.todo if a.mode == "resume" else a.prompts
     write_prompts(tmp / "in", total)
     options = RunOptions(model=model, input=tmp / "in", output=tmp / "out", batch_size=256,

@@ -103,12 +103,13 @@ def run(
 
     if (model is None) != (input is None):
         _fail("pass both --model and --input, or neither (to run the embedded demo)")
+    demo = False
     try:
         if model is None:
             from jobs.demo import demo_assets
 
-            cache = Path(os.environ.get("SHARDGEN_HOME") or Path.home() / ".cache" / "shardgen")
-            model, input = demo_assets(cache)
+            model, input = demo_assets()
+            demo = True
             if output is None:
                 output, overwrite = Path("demo-output"), True
             typer.echo(f"shardgen: running the embedded demo model ({model}) on {input}")
@@ -130,6 +131,18 @@ def run(
         run_pipeline(options, echo=typer.echo)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
+    if demo:
+        _show_samples(options.output)
+
+
+def _show_samples(output: Path, count: int = 3) -> None:
+    """A few prompts and their completions, so a first run shows what the model does."""
+    import pyarrow.dataset as pads
+
+    rows = pads.dataset(output, format="parquet").to_table(columns=["id", "prompt", "completion"]).sort_by("id")
+    for row in rows.slice(0, count).to_pylist():
+        typer.echo(f"\n--- {row['id']} ---\n{row['prompt']}", nl=False)
+        typer.secho(row["completion"] or "", fg=typer.colors.GREEN)
 
 
 BENCH_EXAMPLE = ("Example: shardgen bench --workloads decode-heavy --systems shardgen-int4-preshuffled,hf-int4-preshuffled\n\n"

@@ -101,7 +101,7 @@ def test_quantize_overwrite_replaces_the_output(tmp_path):
 @pytest.mark.slow
 def test_run_with_no_arguments_runs_the_embedded_demo_and_prints_a_summary(tmp_path):
     exe = Path(sys.executable).parent / "shardgen"
-    env = {**os.environ, "SHARDGEN_HOME": str(tmp_path / "home")}
+    env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     start = time.perf_counter()
     r = subprocess.run([str(exe), "run", "--max-new-tokens", "8"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -109,6 +109,7 @@ def test_run_with_no_arguments_runs_the_embedded_demo_and_prints_a_summary(tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     assert "shardgen run: 200 rows (0 errors) written to demo-output" in r.stdout
     assert "generated tokens/s" in r.stdout and "wall time" in r.stdout
+    assert "--- demo-0000 ---\ndef __init__(self, optionalRelease" in r.stdout  # a sample completion follows
     assert (tmp_path / "demo-output").is_dir()
 
 
@@ -129,7 +130,7 @@ def test_run_with_no_arguments_runs_the_embedded_demo_and_prints_a_summary(tmp_p
 def test_run_and_inspect_errors_name_what_to_fix(tmp_path, args, message):
     from jobs.demo import demo_assets
 
-    model, prompts = demo_assets(tmp_path / "cache")
+    model, prompts = demo_assets()
     fmt = {"tmp": tmp_path, "demo": model, "prompts": prompts}
     r = shardgen(*[a.format(**fmt) for a in args])
     assert r.returncode == 2, r.stdout + r.stderr
@@ -140,7 +141,7 @@ def test_run_and_inspect_errors_name_what_to_fix(tmp_path, args, message):
 def test_inspect_describes_the_checkpoint(tmp_path):
     from jobs.demo import demo_assets
 
-    model, _ = demo_assets(tmp_path / "cache")
+    model, _ = demo_assets()
     r = shardgen("inspect", str(model))
     assert r.returncode == 0, r.stderr
     assert "LlamaForCausalLM, 4 layers, hidden 256" in r.stdout

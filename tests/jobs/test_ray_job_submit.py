@@ -35,7 +35,7 @@ def _rows(path: Path) -> dict[str, list[int]]:
 
 
 def test_ray_job_submit_gives_the_same_output_as_shardgen_run(tmp_path):
-    model, prompts = demo_assets(tmp_path / "cache")
+    model, prompts = demo_assets()
     args = ["--model", str(model), "--input", str(prompts), "--max-new-tokens", "8", "--batch-size", "32"]
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dashboard = free_port(), free_port()

@@ -29,7 +29,7 @@ from tests.helpers import int4_checkpoint
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> tuple[Path, Path]:
-    return demo_assets(tmp_path_factory.mktemp("cache"))
+    return demo_assets()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -51,7 +51,7 @@ def kill_tree(pid: int) -> int:
 
 
 def test_a_killed_driver_is_resumed_by_the_same_command(tmp_path):
-    model, prompts = demo_assets(tmp_path / "cache")
+    model, prompts = demo_assets()
     want = {json.loads(line)["id"] for line in prompts.read_text().splitlines()}
     calm = subprocess.run(command(model, prompts, tmp_path / "calm"), cwd=ROOT, env=environment(),
                           capture_output=True, text=True, timeout=600)

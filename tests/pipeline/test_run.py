@@ -28,7 +28,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return demo_assets(tmp_path_factory.mktemp("cache"))
+    return demo_assets()
 
 
 def read_output(path: Path) -> dict[str, dict]:
