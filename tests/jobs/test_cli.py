@@ -144,6 +144,6 @@ def test_inspect_describes_the_checkpoint(tmp_path):
     model, _ = demo_assets()
     r = shardgen("inspect", str(model))
     assert r.returncode == 0, r.stderr
-    assert "LlamaForCausalLM, 4 layers, hidden 256" in r.stdout
-    assert "plain int4, group size 64; 28 int4 weights" in r.stdout
+    assert "LlamaForCausalLM, 8 layers, hidden 256" in r.stdout
+    assert "plain int4, group size 128; 56 int4 weights" in r.stdout
     assert "valid --tp: [1, 2]" in r.stdout
