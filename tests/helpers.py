@@ -83,6 +83,12 @@ def hf_greedy(model, prompt: list[int], new_tokens: int, ignore_eos: bool = True
     return out[0, len(prompt):].tolist()
 
 
+def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of tokens before each pair's first divergence (after it the contexts differ, so nothing compares)."""
+    same = sum(next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x)) for x, y in zip(a, b))
+    return same / sum(len(x) for x in a)
+
+
 def shardgen_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Logits of a shardgen CausalLM for a (B, L) batch of equal-length prompts, no cache: (B, L, V)."""
     b, length = ids.shape

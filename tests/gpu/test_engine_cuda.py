@@ -14,7 +14,7 @@ from actors.runner import ModelRunner
 from actors.sequence import Request, SamplingParams
 from tests.gpu import require_gpu_kernels
 from tests.gpu.test_model_cuda import SHAPE
-from tests.helpers import hf_greedy, int4_checkpoint
+from tests.helpers import hf_greedy, int4_checkpoint, prefix_agreement
 
 pytestmark = pytest.mark.gpu
 require_gpu_kernels()
@@ -102,13 +102,6 @@ def test_engine_greedy_on_the_gpu_agrees_with_transformers(checkpoint):
         fp32 = [hf_greedy(reference, p, new) for p in ps]
         bf16 = copy.deepcopy(reference).to("cuda", torch.bfloat16)
         theirs = [hf_greedy(bf16, p, new) for p in ps]
-
-    def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
-        """Share of tokens before the first divergence (a diverged sequence cannot be compared after it)."""
-        same = 0
-        for x, y in zip(a, b):
-            same += next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x))
-        return same / (len(a) * new)
 
     ours, hf, ge = prefix_agreement(graphed, fp32), prefix_agreement(theirs, fp32), prefix_agreement(graphed, eager)
     print(f"greedy prefix agreement with float32 transformers: shardgen graphs {ours:.3f}, transformers bf16 {hf:.3f}; "

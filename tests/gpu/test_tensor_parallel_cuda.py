@@ -23,7 +23,7 @@ from actors.runner import ModelRunner
 from actors.sequence import Request, SamplingParams
 from tests.gpu import require_gpu_kernels
 from tests.gpu.test_model_cuda import SHAPE
-from tests.helpers import hf_greedy, int4_checkpoint, shardgen_logits
+from tests.helpers import hf_greedy, int4_checkpoint, prefix_agreement, shardgen_logits
 
 pytestmark = pytest.mark.gpu
 require_gpu_kernels()
@@ -143,12 +143,6 @@ def run_tp2(path: Path, out: Path) -> list[dict]:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    """Share of tokens before each pair's first divergence (after it the contexts differ)."""
-    same = sum(next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x)) for x, y in zip(a, b))
-    return same / sum(len(x) for x in a)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
