@@ -73,6 +73,7 @@ def _rank_main(layout: Layout, replica: int, rank: int, port: int, args: dict, b
                 "read_s": loaded.load_s, "convert_s": loaded.convert_s, "layout": loaded.layout,
                 "kv_cache_gib": sum(k.nbytes + v.nbytes for k, v in runner.kv_caches) / GiB,
                 "cuda_graphs": runner.graphs is not None, "device": torch.cuda.get_device_name(device)}
+        print(f"{layout} replica {replica} rank {rank}: ready in {info['ready_s']:.1f} s", flush=True)
         if rank > 0:
             runner.follow()
         else:
@@ -88,6 +89,7 @@ def _rank_main(layout: Layout, replica: int, rank: int, port: int, args: dict, b
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 done = engine.generate([Request(str(i), p, params) for i, p in enumerate(mine)])
+                print(f"{layout} replica {replica}: {workload} done in {time.perf_counter() - t0:.1f} s", flush=True)
                 queue.put(("workload", {"replica": replica, "workload": workload, "wall_s": time.perf_counter() - t0,
                                         "prompt_tokens": sum(len(p) for p in mine),
                                         "generated": sum(len(c.token_ids) for c in done),

@@ -45,14 +45,16 @@ def prompts(n: int = 128) -> list[list[int]]:
             for k in torch.randint(3, 80, (n,), generator=g)]
 
 
-def layer_inputs() -> dict[str, torch.Tensor]:
+def layer_inputs(heads_x_head_dim: int) -> dict[str, torch.Tensor]:
+    """Inputs of every layer type; o_proj reads the attention output, heads x head_dim wide (not hidden_size
+    when head_dim is set, as in Qwen3)."""
     g = torch.Generator().manual_seed(7)
     h, i = SHAPE["hidden_size"], SHAPE["intermediate_size"]
 
     def x(k: int) -> torch.Tensor:
         return torch.randn(37, k, generator=g).to(torch.bfloat16)
 
-    return {"qkv_proj": x(h), "o_proj": x(h), "gate_up_proj": x(h), "down_proj": x(i),
+    return {"qkv_proj": x(h), "o_proj": x(heads_x_head_dim), "gate_up_proj": x(h), "down_proj": x(i),
             "embed_tokens": torch.randint(0, SHAPE["vocab_size"], (37,), generator=g), "lm_head": x(h)}
 
 
@@ -64,7 +66,7 @@ def run_layers(model, tp: TPGroup) -> dict[str, torch.Tensor]:
                "embed_tokens": model.model.embed_tokens, "lm_head": model.lm_head}
     out = {}
     with torch.inference_mode():
-        for name, x in layer_inputs().items():
+        for name, x in layer_inputs(layer.self_attn.o_proj.in_features).items():
             if name in ("o_proj", "down_proj"):
                 start, length = tp.shard(x.shape[1])
                 x = x[:, start:start + length]
@@ -215,7 +217,9 @@ def test_engine_greedy_completions_under_tp_equal_tp1(tp_run):
           f"{identical}/{len(one)} (token agreement {prefix_agreement(got, one):.3f}); agreement with float32 "
           f"transformers: TP=T {vs_hf:.3f}, TP=1 {one_vs_hf:.3f}; float32 unquantized identical to TP=1 in "
           f"{identical_fp32}/{len(one)}")
-    assert vs_hf >= one_vs_hf - 0.05
+    # Rounding noise moves this random-weight model's agreement by up to ~0.06 between TP degrees (measured on
+    # Llama: TP=2 +0.026, TP=4 -0.058 vs TP=1); a wrong slice or layout drops it to near 0.
+    assert vs_hf >= one_vs_hf - 0.1
     assert identical_fp32 >= 0.95 * len(one)
 
 
