@@ -97,6 +97,8 @@ def _rank_main(layout: Layout, replica: int, rank: int, port: int, args: dict, b
             runner.stop_followers()
         info["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GiB
         queue.put(("rank", info))
+        if layout.tp > 1:  # rank 0 hosts the group's store: nobody tears down while a peer still needs it
+            torch.distributed.barrier()
         destroy_tp_group()
     except BaseException:
         queue.put(("error", f"replica {replica} rank {rank}:\n{traceback.format_exc()}"))
@@ -126,8 +128,8 @@ def run_layout(layout: Layout, args: dict) -> dict:
                 errors.append(f"a rank exited with {[p.exitcode for p in procs]}")
             continue
         {"rank": ranks, "workload": runs, "error": errors}[kind].append(body)
-    for p in procs:
-        p.join(timeout=60)
+    for p in procs:  # everything is reported: a rank stuck in teardown only costs a few seconds
+        p.join(timeout=15)
         if p.is_alive():
             p.kill()
     if errors:
