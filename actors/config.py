@@ -230,6 +230,8 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     cuda_graphs: bool = True
+    # Launch the next decode step before the current one's tokens reach the host (engine.py; one rank only).
+    overlap_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

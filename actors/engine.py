@@ -4,6 +4,14 @@ Requests may be added from any thread at any time (several Ray Data batches in
 flight keep it full); ``step`` schedules one continuous-batching step, runs the
 model on every rank, samples, and finishes sequences on EOS, stop tokens, stop
 strings, ``max_new_tokens`` or ``max_model_len``.
+
+Decode steps overlap with the host: when a step is pure greedy decode and
+nothing waits to be admitted, the next step is planned and launched with the
+current step's tokens still on the device, before they are copied to the host,
+so the GPU never idles while the host appends tokens, checks stops and
+prepares inputs. A sequence that stops on a token was given one more step in
+flight; its row of that step is dropped (its cache blocks are freed after, in
+stream order, so nothing reuses them early).
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from actors.config import EngineConfig
 from actors.runner import ModelRunner
-from actors.sampler import sample
-from actors.scheduler import Scheduler, SchedulerConfig
+from actors.sampler import PendingTokens, sample
+from actors.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from actors.sequence import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -34,6 +44,7 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     running_per_step: list[int] = field(default_factory=list)
+    steps_ahead: int = 0  # decode steps launched before the previous step's tokens reached the host
 
 
 class Engine:
@@ -50,6 +61,7 @@ class Engine:
         self._futures: dict[int, Future] = {}
         self._lock = threading.Condition()
         self._closed = False
+        self._ahead: tuple[ScheduledBatch, PendingTokens] | None = None  # a decode step launched, not yet read
 
     # -- intake (any thread)
 
@@ -72,7 +84,7 @@ class Engine:
     # -- the loop (one thread)
 
     def has_work(self) -> bool:
-        return bool(self._inbox) or self.scheduler.has_work()
+        return bool(self._inbox) or self.scheduler.has_work() or self._ahead is not None
 
     def step(self) -> int:
         """One scheduling step; returns how many tokens it ran."""
@@ -82,6 +94,8 @@ class Engine:
                 self._futures[id(seq)] = future
                 self.scheduler.add(seq)
             self._inbox.clear()
+        if self._ahead is not None:
+            return self._finish_ahead()
         batch, refused = self.scheduler.schedule()
         for seq in refused:
             self._resolve(seq)
@@ -89,16 +103,62 @@ class Engine:
             return 0
         logits = self.runner.execute(self.runner.prepare(batch))
         sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        if self._overlappable(batch, sampled):
+            return self._finish_decode(batch, PendingTokens(logits), list(range(len(batch.seqs))))
         tokens = sample(logits, [s.params for s in sampled], [len(s.output_ids) for s in sampled])
+        self._advance(batch)
+        for seq, token in zip(sampled, tokens):
+            self._append(seq, token)
+        return batch.total_tokens
+
+    def _advance(self, batch: ScheduledBatch) -> None:
+        """Count the batch's tokens as computed (into the KV cache)."""
         for seq, n in zip(batch.seqs, batch.num_tokens):
             if seq.num_computed < seq.num_prompt:
                 self.stats.prompt_tokens += min(n, seq.num_prompt - seq.num_computed)
             seq.num_computed += n
-        for seq, token in zip(sampled, tokens):
-            self._append(seq, token)
         self.stats.steps += 1
         self.stats.running_per_step.append(len(batch.seqs))
+
+    def _overlappable(self, batch: ScheduledBatch, sampled: list[Sequence]) -> bool:
+        """A pure greedy decode step, on a runner that can launch the next one ahead."""
+        return (self.runner.can_overlap and len(sampled) == len(batch.seqs) and batch.total_tokens == len(batch.seqs)
+                and all(s.params.temperature == 0 for s in sampled))
+
+    def _finish_decode(self, batch: ScheduledBatch, pending: PendingTokens, rows: list[int]) -> int:
+        """Plan and launch the next decode step on ``pending``'s device tokens, then read them and append them
+        while the GPU runs it. ``rows[i]``: the row of ``pending`` that holds ``batch.seqs[i]``'s token."""
+        self._advance(batch)
+        limit = self.scheduler.config.max_model_len
+        # Sequences this step finishes by length leave now; a stop token can only be seen once the tokens arrive.
+        going_on = [i for i, s in enumerate(batch.seqs)
+                    if len(s.output_ids) + 1 < s.params.max_new_tokens and len(s.tokens) + 1 < limit]
+        with self._lock:
+            quiet = not self._inbox
+        ahead = self.scheduler.plan_decode_ahead([batch.seqs[i] for i in going_on]) if quiet and going_on else None
+        if ahead is not None:
+            picked = [rows[i] for i in going_on]
+            ids = pending.device
+            if picked != list(range(ids.numel())):
+                ids = ids[torch.tensor(picked).to(ids.device, non_blocking=True)]
+            logits = self.runner.execute(self.runner.prepare(ahead, input_ids=ids))
+            self._ahead = (ahead, PendingTokens(logits))
+            self.stats.steps_ahead += 1
+        tokens = pending.tolist()
+        for seq, row in zip(batch.seqs, rows):
+            self._append(seq, tokens[row])
         return batch.total_tokens
+
+    def _finish_ahead(self) -> int:
+        """Read the decode step launched ahead: rows of sequences that stopped meanwhile are dropped."""
+        batch, pending = self._ahead
+        self._ahead = None
+        live = [i for i, s in enumerate(batch.seqs) if s.status is Status.RUNNING]
+        if not live:
+            return 0
+        if len(live) < len(batch.seqs):
+            batch = ScheduledBatch([batch.seqs[i] for i in live], [1] * len(live))
+        return self._finish_decode(batch, pending, live)
 
     def _append(self, seq: Sequence, token: int) -> None:
         p = seq.params

@@ -34,6 +34,40 @@ def available() -> bool:
 
 if triton is not None:
 
+    @triton.jit
+    def _attend_key_tile(
+        q, q_pos, m_i, l_i, acc, n0, kv_end, seq, kv_head, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+        scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, window,
+        d, d_valid, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """One key tile [n0, n0 + BLOCK_N) of the online softmax: returns the updated (m_i, l_i, acc)."""
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = n < kv_end
+        page = tl.load(block_tables_ptr + seq * stride_bt + n // PAGE, mask=n_valid, other=0).to(tl.int64)
+        k_offsets = page * stride_kb + (n % PAGE) * stride_ks + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + k_offsets[None, :] + d[:, None], mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * scale_log2
+        allowed = (n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+        if SLIDING:
+            allowed = allowed & (q_pos[:, None] - n[None, :] < window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_offsets = page * stride_vb + (n % PAGE) * stride_vs + kv_head * stride_vh
+        v = tl.load(v_cache_ptr + v_offsets[:, None] + d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
     # Integers that change from step to step are not specialised on, so no step waits for a recompilation.
     @triton.jit(do_not_specialize=["stride_bt", "window"])
     def _paged_attention_kernel(
@@ -44,7 +78,7 @@ if triton is not None:
         window,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, PIPELINED: tl.constexpr,
     ):
         seq = tl.program_id(0)
         q_tile = tl.program_id(1)
@@ -75,35 +109,20 @@ if triton is not None:
         kv_start = 0
         if SLIDING:
             kv_start = tl.maximum(first_pos + q_tile * BLOCK_Q - window + 1, 0) // BLOCK_N * BLOCK_N
-        n0 = kv_start
-        while n0 < kv_end:  # (a while loop: Triton's CPU interpreter cannot range() over a loaded bound)
-            n = n0 + tl.arange(0, BLOCK_N)
-            n_valid = n < kv_end
-            page = tl.load(block_tables_ptr + seq * stride_bt + n // PAGE, mask=n_valid, other=0).to(tl.int64)
-            k_offsets = page * stride_kb + (n % PAGE) * stride_ks + kv_head * stride_kh
-            k = tl.load(k_cache_ptr + k_offsets[None, :] + d[:, None], mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, k, input_precision="ieee")
-            else:
-                s = tl.dot(q, k)
-            s = s * scale_log2
-            allowed = (n[None, :] <= q_pos[:, None]) & n_valid[None, :]
-            if SLIDING:
-                allowed = allowed & (q_pos[:, None] - n[None, :] < window)
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v_offsets = page * stride_vb + (n % PAGE) * stride_vs + kv_head * stride_vh
-            v = tl.load(v_cache_ptr + v_offsets[:, None] + d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-            n0 += BLOCK_N
+        if PIPELINED:  # compiled: a for loop over tl.range is what Triton software-pipelines (num_stages)
+            for n0 in tl.range(kv_start, kv_end, BLOCK_N):
+                m_i, l_i, acc = _attend_key_tile(
+                    q, q_pos, m_i, l_i, acc, n0, kv_end, seq, kv_head, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                    scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, window,
+                    d, d_valid, BLOCK_N, PAGE, SLIDING, IEEE)
+        else:  # Triton's CPU interpreter cannot range() over a loaded bound
+            n0 = kv_start
+            while n0 < kv_end:
+                m_i, l_i, acc = _attend_key_tile(
+                    q, q_pos, m_i, l_i, acc, n0, kv_end, seq, kv_head, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                    scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, window,
+                    d, d_valid, BLOCK_N, PAGE, SLIDING, IEEE)
+                n0 += BLOCK_N
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_offsets = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(out_ptr + o_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
@@ -145,7 +164,7 @@ def paged_attention(
         sliding_window or 0,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=launch["key_tile"],
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=k_cache.shape[1],
-        SLIDING=sliding_window is not None, IEEE=q.dtype == torch.float32,
+        SLIDING=sliding_window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda,
         num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     return out

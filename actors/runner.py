@@ -153,16 +153,23 @@ class ModelRunner:
                 f"lower --max-num-batched-tokens, raise --gpu-memory-utilization, or split the model with a larger --tp")
         return memory
 
-    def prepare(self, batch: ScheduledBatch) -> StepInput:
-        """Flatten a scheduled batch into the model's inputs (rank 0)."""
+    def prepare(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None) -> StepInput:
+        """Flatten a scheduled batch into the model's inputs (rank 0).
+
+        ``input_ids``: for a decode step planned ahead (every row one token at ``num_computed``, every row sampled),
+        its tokens as the previous step left them on the device; they are not on the host yet.
+        """
         bs = self.block_size
         ids: list[int] = []
         slots: list[np.ndarray | int] = []
         pos: list[np.ndarray | int] = []
         q_lens, ctx, logits_idx = [], [], []
+        total = 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed
-            ids.extend(seq.tokens[start:start + n])
+            total += n
+            if input_ids is None:
+                ids.extend(seq.tokens[start:start + n])
             if n == 1:  # decode: plain ints are cheaper than arrays
                 pos.append(start)
                 slots.append(seq.block_table[start // bs] * bs + start % bs)
@@ -172,8 +179,8 @@ class ModelRunner:
                 slots.append(np.asarray(seq.block_table)[p // bs] * bs + p % bs)
             q_lens.append(n)
             ctx.append(start + n)
-            if batch.samples(i):
-                logits_idx.append(len(ids) - 1)
+            if input_ids is not None or batch.samples(i):
+                logits_idx.append(total - 1)
         width = max(len(s.block_table) for s in batch.seqs)
         if not self.use_triton:
             width = -(-width // TABLE_WIDTH_BUCKET) * TABLE_WIDTH_BUCKET  # stable shapes for the SDPA path's plans
@@ -183,9 +190,17 @@ class ModelRunner:
         cu = np.zeros(len(q_lens) + 1, dtype=np.int32)
         np.cumsum(q_lens, out=cu[1:])
         flat = lambda parts: np.concatenate([np.atleast_1d(x) for x in parts]).astype(np.int64)  # noqa: E731
-        return StepInput(torch.tensor(ids, dtype=torch.int64), torch.from_numpy(flat(pos)), torch.from_numpy(cu),
+        if input_ids is None:
+            input_ids = torch.tensor(ids, dtype=torch.int64)
+        assert input_ids.numel() == total, (input_ids.numel(), total)
+        return StepInput(input_ids, torch.from_numpy(flat(pos)), torch.from_numpy(cu),
                          torch.tensor(ctx, dtype=torch.int32), torch.from_numpy(flat(slots)), torch.from_numpy(tables),
                          max(q_lens), max(ctx), torch.tensor(logits_idx, dtype=torch.int64))
+
+    @property
+    def can_overlap(self) -> bool:
+        """Whether decode steps may be launched ahead (one rank: followers receive steps as host objects)."""
+        return self.tp.size == 1 and self.config.overlap_decode
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
@@ -195,15 +210,16 @@ class ModelRunner:
         return self._forward(step)
 
     def _forward(self, step: StepInput) -> torch.Tensor:
+        # Every copy to the device is non-blocking: a blocking one would wait for a decode step launched ahead.
+        to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         if self.graphs is not None and self.graphs.fits(step.context_lens.numel(), step.max_q_len):
             logits = self.graphs.replay(step.input_ids, step.positions, step.slot_mapping, step.context_lens,
                                         step.block_tables)
-            return logits[step.logits_indices.to(self.device)]
-        d = self.device
-        meta = AttentionMetadata(step.cu_seqlens_q.to(d), step.context_lens.to(d), step.max_q_len, step.max_context_len,
-                                 step.slot_mapping.to(d), step.block_tables.to(d))
-        hidden = self.model(step.input_ids.to(d), step.positions.to(d), meta, self.kv_caches)
-        return self.model.compute_logits(hidden[step.logits_indices.to(d)]).float()
+            return logits[to(step.logits_indices)]  # a copy: the next replay overwrites the graph's output
+        meta = AttentionMetadata(to(step.cu_seqlens_q), to(step.context_lens), step.max_q_len, step.max_context_len,
+                                 to(step.slot_mapping), to(step.block_tables))
+        hidden = self.model(to(step.input_ids), to(step.positions), meta, self.kv_caches)
+        return self.model.compute_logits(hidden[to(step.logits_indices)]).float()
 
     def _decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         with torch.inference_mode():

@@ -28,6 +28,28 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
     return out
 
 
+class PendingTokens:
+    """Greedy tokens of a step that may still be running: on the device (the input of a decode step planned ahead)
+    and on their way to pinned host memory, copied without blocking the stream, so ``tolist`` waits for this step
+    only, not for whatever was launched after it."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.device = logits.argmax(dim=-1)
+        self._event = None
+        if self.device.is_cuda:
+            self._host = torch.empty(self.device.shape, dtype=self.device.dtype, pin_memory=True)
+            self._host.copy_(self.device, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = self.device
+
+    def tolist(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
 def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     logits = logits / p.temperature
     if p.top_k and p.top_k < logits.numel():

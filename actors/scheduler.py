@@ -127,6 +127,23 @@ class Scheduler:
             budget -= n
         return ScheduledBatch(seqs, counts), refused
 
+    def plan_decode_ahead(self, seqs: list[Sequence]) -> ScheduledBatch | None:
+        """The decode step after the current one, planned before the current step's tokens are known: ``seqs`` (every
+        running sequence, each with its current token counted in ``num_computed``) each take their next token.
+
+        None when the regular ``schedule`` could decide differently: sequences are waiting to be admitted, or a
+        sequence needs a new block and there are not enough free ones (``schedule`` would preempt).
+        """
+        if self.waiting or len(seqs) != len(self.running):
+            return None
+        bs = self.config.block_size
+        need = [self.blocks.blocks_needed(s, s.num_computed + 1, bs) for s in seqs]
+        if sum(need) > len(self.blocks.free):
+            return None
+        for seq, n in zip(seqs, need):
+            self.blocks.allocate(seq, n)
+        return ScheduledBatch(list(seqs), [1] * len(seqs))
+
     def _reserve(self, seq: Sequence, n: int, scheduled: list[Sequence]) -> bool:
         """Make sure ``seq`` has blocks for ``n`` more tokens, preempting the newest others if needed."""
         need = self.blocks.blocks_needed(seq, seq.num_computed + n, self.config.block_size)

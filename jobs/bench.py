@@ -29,6 +29,8 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.up_proj", "mlp.down_proj")
 WORKLOADS = {"decode-heavy": (128, 32, 2048), "prefill-heavy": (32, 4096, 32), "mixed": (1000, 1024, 128)}
 SYSTEMS = ("shardgen-int4-preshuffled", "shardgen-int4-plain", "shardgen-bf16", "hf-bf16", "hf-int4-preshuffled")
+# Run only when named: the engine with every step synchronous (no decode step launched ahead), for comparisons.
+EXTRA_SYSTEMS = ("shardgen-int4-preshuffled-no-overlap",)
 GiB = 2**30
 
 
@@ -48,10 +50,11 @@ class BenchConfig:
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
-        unknown = [w for w in self.workloads if w not in WORKLOADS] + [s for s in self.systems if s not in SYSTEMS]
+        known = SYSTEMS + EXTRA_SYSTEMS
+        unknown = [w for w in self.workloads if w not in WORKLOADS] + [s for s in self.systems if s not in known]
         if unknown:
             raise ValueError(f"unknown workload or system {unknown}; workloads: {', '.join(WORKLOADS)}; "
-                             f"systems: {', '.join(SYSTEMS)}")
+                             f"systems: {', '.join(known)}")
         if not 0 < self.scale <= 1:
             raise ValueError(f"--scale must be in (0, 1], got {self.scale}")
 
@@ -149,10 +152,11 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     if system == "shardgen-bf16":
         loaded = random_bf16_model()
     else:
-        loaded = load_model(config.checkpoint_dir, device="cuda", preshuffle=system.endswith("preshuffled"))
+        loaded = load_model(config.checkpoint_dir, device="cuda", preshuffle="preshuffled" in system)
     weights = torch.cuda.memory_allocated()
     engine_cfg = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                              gpu_memory_utilization=config.gpu_memory_utilization, cuda_graphs=config.cuda_graphs)
+                              gpu_memory_utilization=config.gpu_memory_utilization, cuda_graphs=config.cuda_graphs,
+                              overlap_decode=not system.endswith("no-overlap"))
     max_len = LLAMA_8B["max_position_embeddings"]
     runner = ModelRunner(loaded, SINGLE, torch.device("cuda"), engine_cfg, max_len)
     ready_s = time.perf_counter() - start
@@ -168,7 +172,7 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
         prompts, output_len = workload_prompts(workload, config.scale)
         params = SamplingParams(max_new_tokens=output_len, ignore_eos=True)
         requests = [Request(str(i), p, params) for i, p in enumerate(prompts)]
-        steps0 = engine.stats.steps
+        steps0, ahead0 = engine.stats.steps, engine.stats.steps_ahead
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         done = engine.generate(requests)
@@ -177,7 +181,8 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
         assert generated == len(prompts) * output_len, "fixed-length outputs expected"
         ttft = sorted(c.time_to_first_token_s for c in done)
         results.append(_result(system, workload, prompts, output_len, wall, generated, ttft, weights, ready_s,
-                               dict(notes, steps=engine.stats.steps - steps0, preemptions=engine.scheduler.num_preemptions)))
+                               dict(notes, steps=engine.stats.steps - steps0, steps_ahead=engine.stats.steps_ahead - ahead0,
+                                    preemptions=engine.scheduler.num_preemptions)))
         print(json.dumps(asdict(results[-1])), flush=True)
     del engine, runner, loaded
     _free()
@@ -307,7 +312,7 @@ def plot(results: list[Result], device: str, path: Path) -> Path | None:
     except ImportError:
         return None
     workloads = sorted({r.workload for r in results})
-    systems = [s for s in SYSTEMS if any(r.system == s for r in results)]
+    systems = [s for s in SYSTEMS + EXTRA_SYSTEMS if any(r.system == s for r in results)]
     fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4.5), squeeze=False)
     for ax, w in zip(axes[0], workloads):
         values = [next((r.total_tok_s for r in results if r.workload == w and r.system == s), 0) for s in systems]

@@ -67,6 +67,7 @@ def test_requests_added_while_running_join_the_batch(model):
     engine.step()
     engine.step()
     second = engine.add([Request("b", prompts([6], 1)[0], SamplingParams(max_new_tokens=5))])
+    engine.step()  # a's decode step launched ahead (before b arrived) is read first
     engine.step()
     assert engine.stats.running_per_step[-1] == 2  # b joined while a was decoding
     while not (first[0].done() and second[0].done()):
@@ -131,3 +132,41 @@ def test_seeded_sampling_depends_only_on_seed_and_position():
     assert a[2] == int(logits[2].argmax())
     top_k = {sample(logits[1:2], [SamplingParams(temperature=5.0, top_k=5, seed=s)], [0])[0] for s in range(200)}
     assert top_k <= set(torch.topk(logits[1], 5).indices.tolist()) and len(top_k) > 1
+
+
+def _mixed_requests() -> list[Request]:
+    """Greedy requests that end every way a decode step can: by length, on EOS, on a stop token, on a stop string."""
+    ps = prompts([9, 14, 3, 30, 7, 21, 5, 12], seed=5)
+    ends = [dict(max_new_tokens=40), dict(max_new_tokens=25), dict(max_new_tokens=33, stop_token_ids=(17, 250)),
+            dict(max_new_tokens=9), dict(max_new_tokens=40, stop=("t4",)), dict(max_new_tokens=1),
+            dict(max_new_tokens=30, ignore_eos=True), dict(max_new_tokens=40, temperature=0.7, seed=3)]
+    return [Request(str(i), p, SamplingParams(**e)) for i, (p, e) in enumerate(zip(ps, ends))]
+
+
+@pytest.mark.parametrize("setting", ["roomy", "tight cache", "max_model_len"])
+def test_decode_steps_launched_ahead_give_the_same_completions(model, setting):
+    """Launching each greedy decode step before the previous one's tokens are read changes nothing a user sees:
+    the same tokens and finish reasons, whatever stops a sequence, with preemption, and with requests arriving
+    while a step is in flight."""
+    _, loaded = model
+    detok = lambda ids: " ".join(f"t{t}" for t in ids)  # noqa: E731
+    free = make_engine(loaded).generate([Request("probe", prompts([9], seed=5)[0], SamplingParams(max_new_tokens=8))])
+    eos = {free[0].token_ids[6]}  # a token greedy decoding really produces, so some sequence stops on EOS
+    extra = {"tight cache": dict(kv_tokens=96, max_model_len=96), "max_model_len": dict(max_model_len=40)}.get(setting, {})
+    results = {}
+    for overlap in (False, True):
+        engine = make_engine(loaded, eos=eos, detokenize=detok, max_num_seqs=6, overlap_decode=overlap, **extra)
+        reqs = _mixed_requests()
+        futures = engine.add(reqs[:5])
+        for _ in range(12):
+            engine.step()
+        futures += engine.add(reqs[5:])  # arrive mid-run, maybe while a step is in flight
+        while not all(f.done() for f in futures):
+            engine.step()
+        results[overlap] = ([(f.result().token_ids, f.result().finish_reason) for f in futures], engine.stats)
+    (sync, sync_stats), (ahead, ahead_stats) = results[False], results[True]
+    print(f"{setting}: {ahead_stats.steps_ahead} of {ahead_stats.steps} steps launched ahead; finish reasons "
+          f"{[r for _, r in ahead]}")
+    assert sync_stats.steps_ahead == 0 and ahead_stats.steps_ahead > 0
+    assert ahead == sync
+    assert FINISH_STOP in [r for _, r in ahead] and FINISH_LENGTH in [r for _, r in ahead]
