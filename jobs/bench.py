@@ -313,12 +313,14 @@ def plot(results: list[Result], device: str, path: Path) -> Path | None:
         return None
     workloads = sorted({r.workload for r in results})
     systems = [s for s in SYSTEMS + EXTRA_SYSTEMS if any(r.system == s for r in results)]
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 5), squeeze=False)
+    colors = dict(zip(SYSTEMS + EXTRA_SYSTEMS, ["#1f77b4", "#6baed6", "#9ecae1", "#e6550d", "#fd8d3c", "#08306b"]))
     for ax, w in zip(axes[0], workloads):
-        values = [next((r.total_tok_s for r in results if r.workload == w and r.system == s), 0) for s in systems]
-        bars = ax.bar(range(len(systems)), values, color=["#1f77b4", "#6baed6", "#9ecae1", "#e6550d", "#fd8d3c"][: len(systems)])
+        ran = [s for s in systems if any(r.workload == w and r.system == s for r in results)]
+        values = [next(r.total_tok_s for r in results if r.workload == w and r.system == s) for s in ran]
+        bars = ax.bar(range(len(ran)), values, color=[colors[s] for s in ran])
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
-        ax.set_xticks(range(len(systems)), [s.replace("-", "\n", 1) for s in systems], fontsize=8)
+        ax.set_xticks(range(len(ran)), [s.replace("-", "\n") for s in ran], fontsize=7)
         ax.set_title(f"{w} ({'x'.join(map(str, WORKLOADS[w]))})")
         ax.set_ylabel("total tokens/s")
     fig.suptitle(f"shardgen vs Hugging Face generate, Llama-3.1-8B shape, {device}")
