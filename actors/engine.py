@@ -10,8 +10,8 @@ nothing waits to be admitted, the next step is planned and launched with the
 current step's tokens still on the device, before they are copied to the host,
 so the GPU never idles while the host appends tokens, checks stops and
 prepares inputs. A sequence that stops on a token was given one more step in
-flight; its row of that step is dropped (its cache blocks are freed after, in
-stream order, so nothing reuses them early).
+flight; its row of that step is dropped. Its cache blocks go back to the pool
+at once: whatever reuses them is launched after that step, on the same stream.
 """
 
 from __future__ import annotations
