@@ -163,10 +163,12 @@ def test_decode_steps_launched_ahead_give_the_same_completions(model, setting):
         futures += engine.add(reqs[5:])  # arrive mid-run, maybe while a step is in flight
         while not all(f.done() for f in futures):
             engine.step()
-        results[overlap] = ([(f.result().token_ids, f.result().finish_reason) for f in futures], engine.stats)
-    (sync, sync_stats), (ahead, ahead_stats) = results[False], results[True]
+        results[overlap] = ([(f.result().token_ids, f.result().finish_reason) for f in futures], engine.stats,
+                            engine.scheduler.num_preemptions)
+    (sync, sync_stats, _), (ahead, ahead_stats, preemptions) = results[False], results[True]
     print(f"{setting}: {ahead_stats.steps_ahead} of {ahead_stats.steps} steps launched ahead; finish reasons "
           f"{[r for _, r in ahead]}")
     assert sync_stats.steps_ahead == 0 and ahead_stats.steps_ahead > 0
     assert ahead == sync
     assert FINISH_STOP in [r for _, r in ahead] and FINISH_LENGTH in [r for _, r in ahead]
+    assert (preemptions > 0) == (setting == "tight cache")
