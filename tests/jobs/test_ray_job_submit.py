@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -45,10 +46,17 @@ def test_ray_job_submit_gives_the_same_output_as_shardgen_run(tmp_path):
                     "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                    env=env, check=True, capture_output=True, timeout=120)
     try:
-        job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
-             "--", "python", "-m", "jobs.generate", *args, "--output", str(tmp_path / "job")],
-            env=env, capture_output=True, text=True, timeout=600)
+        # The head's job agent starts after `ray start` returns; a submission before it is up is refused with
+        # "No available agent" (and no job is created), so wait for it as a user would, by trying again.
+        deadline = time.monotonic() + 180
+        while True:
+            job = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
+                 str(ROOT), "--", "python", "-m", "jobs.generate", *args, "--output", str(tmp_path / "job")],
+                env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(5)
         print(job.stdout[-2000:])
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "shardgen run: 200 rows (0 errors)" in job.stdout
