@@ -105,7 +105,7 @@ class Engine:
         sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         if self._overlappable(batch, sampled):
             return self._finish_decode(batch, PendingTokens(logits), list(range(len(batch.seqs))))
-        tokens = sample(logits, [s.params for s in sampled], [len(s.output_ids) for s in sampled])
+        tokens = sample(logits, [s.params for s in sampled], [s.num_output for s in sampled])
         self._advance(batch)
         for seq, token in zip(sampled, tokens):
             self._append(seq, token)
@@ -132,7 +132,7 @@ class Engine:
         limit = self.scheduler.config.max_model_len
         # Sequences this step finishes by length leave now; a stop token can only be seen once the tokens arrive.
         going_on = [i for i, s in enumerate(batch.seqs)
-                    if len(s.output_ids) + 1 < s.params.max_new_tokens and len(s.tokens) + 1 < limit]
+                    if s.num_output + 1 < s.params.max_new_tokens and len(s.tokens) + 1 < limit]
         with self._lock:
             quiet = not self._inbox
         ahead = self.scheduler.plan_decode_ahead([batch.seqs[i] for i in going_on]) if quiet and going_on else None
@@ -170,7 +170,7 @@ class Engine:
         self.stats.generated_tokens += 1
         if p.stop and self.detokenize is not None and self._hit_stop_string(seq):
             return self._finish(seq, FINISH_STOP)
-        if len(seq.output_ids) >= p.max_new_tokens or len(seq.tokens) >= self.scheduler.config.max_model_len:
+        if seq.num_output >= p.max_new_tokens or len(seq.tokens) >= self.scheduler.config.max_model_len:
             return self._finish(seq, FINISH_LENGTH)
 
     def _hit_stop_string(self, seq: Sequence) -> bool:

@@ -100,6 +100,11 @@ class Sequence:
         return self.tokens[self.num_prompt:]
 
     @property
+    def num_output(self) -> int:
+        """len(output_ids) without copying them (the engine asks every step, for every sequence)."""
+        return len(self.tokens) - self.num_prompt
+
+    @property
     def params(self) -> SamplingParams:
         return self.request.params
 
