@@ -8,16 +8,56 @@ one, the context is the new tokens themselves.
 
 On a GPU the paged case runs the Triton kernel of ``actors.paged_attention``, which reads the cache in place;
 the PyTorch code below (gather the context, masked SDPA) serves CPUs and is the kernel's reference in tests.
+A GPU step is attended in up to three launches, one per kind of sequence (``StepParts``): decode rows through the
+kernel's decode shape, chunks over cached tokens through its prefill shape, and sequences with nothing cached
+(whole prompts, first chunks) through FlashAttention's variable-length kernel on the step's own keys and values,
+which beats the paged kernel on long prompts (``benchmarks/step_profile.py``).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from actors import paged_attention
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch before 2.9: fresh prefills take the paged kernel
+    varlen_attn = None
+# Fewer decode rows than this in a step with chunks over cached tokens share the chunks' launch.
+DECODE_LAUNCH_MIN_ROWS = 32
+# Newer torch asks for GQA explicitly; 2.11's FlashAttention takes fewer KV heads as they come.
+_VARLEN_GQA = {"enable_gqa": True} if varlen_attn and "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """A step's sequences in the order the scheduler gives them: ``decode`` leading ones with one new token each,
+    then chunks over cached tokens, then, from sequence ``fresh`` (row ``fresh_row``) on, ones with nothing cached,
+    which attend to their own new tokens only. ``*_max_q``: the longest new-token run of the middle and last part.
+    """
+
+    decode: int
+    fresh: int
+    fresh_row: int
+    middle_max_q: int
+    fresh_max_q: int
+
+    @classmethod
+    def of(cls, q_lens: list[int], cached: list[int]) -> "StepParts":
+        decode = 0
+        while decode < len(q_lens) and q_lens[decode] == 1:
+            decode += 1
+        fresh = len(q_lens)
+        while fresh > decode and cached[fresh - 1] == 0:
+            fresh -= 1
+        return cls(decode, fresh, sum(q_lens[:fresh]), max(q_lens[decode:fresh], default=0),
+                   max(q_lens[fresh:], default=0))
 
 
 @dataclass
@@ -30,6 +70,7 @@ class AttentionMetadata:
     block_tables: (B, width) int, cache blocks of each sequence in order; entries past a sequence's
         context are ignored (masked), so the width may be padded.
     max_q_len / max_context_len: host-side maxima (avoid a device sync to size the padding).
+    parts: host-side split of the sequences by kind (GPU steps from the runner; None: one paged launch).
     """
 
     cu_seqlens_q: torch.Tensor
@@ -38,6 +79,7 @@ class AttentionMetadata:
     max_context_len: int
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
+    parts: StepParts | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -67,6 +109,8 @@ def attention(
         k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k
         v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v
         if q.is_cuda and paged_attention.available():
+            if meta.parts is not None:
+                return attention_by_parts(q, k, v, kv_cache, meta, scale, sliding_window)
             return paged_attention.paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                                    meta.block_tables, meta.max_q_len, scale, sliding_window)
     tokens, _, head_dim = q.shape
@@ -103,3 +147,65 @@ def attention(
         enable_gqa=True,
     )
     return out.transpose(1, 2)[q_valid].reshape(tokens, -1, head_dim)
+
+
+def attention_by_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                       meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """GPU attention of a step whose new keys are already in the cache, one launch per part of ``meta.parts``."""
+    p, n = meta.parts, meta.num_seqs
+    cu = meta.cu_seqlens_q
+    flash = p.fresh < n and flash_supports(q)
+    if flash and p.fresh == 0:
+        return flash_attention(q, k, v, cu, p.fresh_max_q, scale, sliding_window)
+    out = torch.empty_like(q)
+    paged_end = p.fresh if flash else n
+    middle_max_q = p.middle_max_q if flash else max(p.middle_max_q, p.fresh_max_q)
+    if p.decode < paged_end and p.decode < DECODE_LAUNCH_MIN_ROWS:
+        parts = [(0, paged_end, middle_max_q)]  # a few decode rows ride along with the chunks
+    else:
+        parts = [(0, p.decode, 1), (p.decode, paged_end, middle_max_q)]
+
+    def paged() -> None:
+        for first, end, max_q in parts:
+            if end > first:
+                paged_attention.paged_attention(q, *kv_cache, cu, meta.context_lens, meta.block_tables, max_q,
+                                                scale, sliding_window, seqs=(first, end), out=out)
+
+    if not flash:
+        paged()
+        return out
+    # The sequences with cached tokens run on a side stream beside FlashAttention: often a few rows over long
+    # contexts, latency-bound launches that would leave most of the GPU idle on their own.
+    main = torch.cuda.current_stream(q.device)
+    side = _side_stream(q.device)
+    side.wait_stream(main)  # the new keys are in the cache
+    with torch.cuda.stream(side):
+        paged()
+    row = p.fresh_row
+    out[row:] = flash_attention(q[row:], k[row:], v[row:], cu[p.fresh:] - row, p.fresh_max_q, scale, sliding_window)
+    main.wait_stream(side)  # also keeps q, out and the cache from being reused before the side stream is done
+    return out
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+@functools.cache
+def _flash_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 8  # FlashAttention 2 needs Ampere or newer
+
+
+def flash_supports(q: torch.Tensor) -> bool:
+    """Whether FlashAttention's varlen kernel takes these queries (CUDA, Ampere+, half precision, D <= 256)."""
+    return (varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0 and _flash_device(q.device.index or 0))
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_q: int,
+                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of sequences with nothing cached over their own keys, by FlashAttention's varlen kernel."""
+    cu = cu_seqlens.to(torch.int32)
+    window = (sliding_window - 1, 0) if sliding_window is not None else (-1, 0)
+    return varlen_attn(q, k, v, cu, cu, max_q, max_q, scale=scale, window_size=window, **_VARLEN_GQA)

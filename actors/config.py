@@ -232,6 +232,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     # Launch the next decode step before the current one's tokens reach the host (engine.py; one rank only).
     overlap_decode: bool = True
+    # GPU attention in one launch per kind of sequence (decode rows; chunks over cached tokens; sequences with
+    # nothing cached, through FlashAttention); off: one paged-kernel launch for the whole step (attention.py).
+    attention_by_parts: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

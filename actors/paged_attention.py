@@ -71,10 +71,10 @@ if triton is not None:
         return m_new, l_i, acc
 
     # Integers that change from step to step are not specialised on, so no step waits for a recompilation.
-    @triton.jit(do_not_specialize=["stride_bt", "window"])
+    @triton.jit(do_not_specialize=["first_seq", "stride_bt", "window"])
     def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
-        scale_log2,
+        first_seq, scale_log2,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         window,
@@ -82,7 +82,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
         IEEE: tl.constexpr, PIPELINED: tl.constexpr,
     ):
-        seq = tl.program_id(0)
+        seq = first_seq + tl.program_id(0)
         q_tile = tl.program_id(1)
         kv_head = tl.program_id(2)
         q_start = tl.load(cu_seqlens_q_ptr + seq)
@@ -140,25 +140,31 @@ def paged_attention(
     max_q_len: int,
     scale: float,
     sliding_window: int | None = None,
+    seqs: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: (tokens, Hq, D), new keys already written to the caches (blocks, block_size, Hkv, D). Returns (tokens, Hq, D).
+
+    ``seqs``: only sequences [first, end) (default all), whose rows are written into ``out`` (given, or a new tensor
+    of which only those rows are set). Sequences are picked by an offset, not by slicing the tensors: a slice's
+    address can lose the alignment Triton specialises on, and would compile another kernel mid-run.
 
     ``max_q_len`` (a host-side bound) only sizes the grid; programs past a sequence's new tokens exit at once,
     so a CUDA graph captured with ``max_q_len=1`` serves every decode batch of its size.
     """
     assert triton is not None, "paged_attention needs Triton"
     tokens, num_heads, head_dim = q.shape
-    num_seqs = context_lens.numel()
+    first, end = seqs if seqs is not None else (0, context_lens.numel())
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     launch = DECODE if max_q_len == 1 else PREFILL
     block_q = max(launch["rows"] // group_pad, 1)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     q = q if q.stride(-1) == 1 else q.contiguous()
-    grid = (num_seqs, triton.cdiv(max_q_len, block_q), num_kv_heads)
+    grid = (end - first, triton.cdiv(max_q_len, block_q), num_kv_heads)
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
+        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, first,
         scale * 1.4426950408889634,  # softmax in base 2
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from actors import paged_attention
-from actors.attention import AttentionMetadata
+from actors.attention import AttentionMetadata, StepParts
 from actors.config import EngineConfig
 from actors.cuda_graphs import DecodeGraphs
 from actors.distributed import TPGroup
@@ -44,6 +44,7 @@ class StepInput:
     max_q_len: int
     max_context_len: int
     logits_indices: torch.Tensor  # rows of the flattened tokens whose next token is sampled
+    parts: StepParts | None = None  # the sequences by kind, for attention (None: one paged launch)
 
     @classmethod
     def prefill(cls, lengths: list[int], block_size: int) -> "StepInput":
@@ -60,7 +61,7 @@ class StepInput:
         return cls(torch.zeros(len(pos), dtype=torch.int64), torch.tensor(pos), torch.tensor(cu, dtype=torch.int32),
                    torch.tensor(lengths, dtype=torch.int32), torch.tensor(slots),
                    torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-                   max(lengths), max(lengths), torch.tensor(cu[1:] - 1))
+                   max(lengths), max(lengths), torch.tensor(cu[1:] - 1), StepParts.of(lengths, [0] * len(lengths)))
 
 
 def kv_block_bytes(loaded: LoadedModel, tp: TPGroup, block_size: int, dtype: torch.dtype) -> int:
@@ -163,7 +164,7 @@ class ModelRunner:
         ids: list[int] = []
         slots: list[np.ndarray | int] = []
         pos: list[np.ndarray | int] = []
-        q_lens, ctx, logits_idx = [], [], []
+        q_lens, ctx, cached, logits_idx = [], [], [], []
         total = 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed
@@ -179,6 +180,7 @@ class ModelRunner:
                 slots.append(np.asarray(seq.block_table)[p // bs] * bs + p % bs)
             q_lens.append(n)
             ctx.append(start + n)
+            cached.append(start)
             if input_ids is not None or batch.samples(i):
                 logits_idx.append(total - 1)
         width = max(len(s.block_table) for s in batch.seqs)
@@ -195,7 +197,7 @@ class ModelRunner:
         assert input_ids.numel() == total, (input_ids.numel(), total)
         return StepInput(input_ids, torch.from_numpy(flat(pos)), torch.from_numpy(cu),
                          torch.tensor(ctx, dtype=torch.int32), torch.from_numpy(flat(slots)), torch.from_numpy(tables),
-                         max(q_lens), max(ctx), torch.tensor(logits_idx, dtype=torch.int64))
+                         max(q_lens), max(ctx), torch.tensor(logits_idx, dtype=torch.int64), StepParts.of(q_lens, cached))
 
     @property
     def can_overlap(self) -> bool:
@@ -217,7 +219,8 @@ class ModelRunner:
                                         step.block_tables)
             return logits[to(step.logits_indices)]  # a copy: the next replay overwrites the graph's output
         meta = AttentionMetadata(to(step.cu_seqlens_q), to(step.context_lens), step.max_q_len, step.max_context_len,
-                                 to(step.slot_mapping), to(step.block_tables))
+                                 to(step.slot_mapping), to(step.block_tables),
+                                 step.parts if self.config.attention_by_parts else None)
         hidden = self.model(to(step.input_ids), to(step.positions), meta, self.kv_caches)
         return self.model.compute_logits(hidden[to(step.logits_indices)]).float()
 

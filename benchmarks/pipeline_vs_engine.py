@@ -68,12 +68,16 @@ def pipeline_run(model: Path, texts: list[str], work: Path, name: str) -> dict:
 
     inp = work / f"{name}.parquet"
     pq.write_table(pa.table({"id": [f"{name}-{i}" for i in range(len(texts))], "prompt": texts}), inp)
+    began = time.time()
     s = run(RunOptions(model=model, input=inp, output=work / f"out-{name}", device="cuda", batch_size=128,
                        overwrite=True, sampling=PARAMS, engine=ENGINE))
     assert s.rows == len(texts) and s.errors == 0, (s.rows, s.errors)
     tokens = s.prompt_tokens + s.generated_tokens
+    # When output landed (part files' modification times): the first file marks the end of start-up.
+    landed = sorted(f.stat().st_mtime - began for f in (work / f"out-{name}").glob("*.parquet"))
     return {"rows": s.rows, "wall_s": round(s.wall_s, 2), "tokens": tokens, "total_tok_s": round(tokens / s.wall_s),
-            "layout": s.layout}
+            "layout": s.layout, "first_file_s": round(landed[0], 1), "last_file_s": round(landed[-1], 1),
+            "files": len(landed)}
 
 
 def main() -> None:

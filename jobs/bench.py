@@ -29,8 +29,10 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.up_proj", "mlp.down_proj")
 WORKLOADS = {"decode-heavy": (128, 32, 2048), "prefill-heavy": (32, 4096, 32), "mixed": (1000, 1024, 128)}
 SYSTEMS = ("shardgen-int4-preshuffled", "shardgen-int4-plain", "shardgen-bf16", "hf-bf16", "hf-int4-preshuffled")
-# Run only when named: the engine with every step synchronous (no decode step launched ahead), for comparisons.
-EXTRA_SYSTEMS = ("shardgen-int4-preshuffled-no-overlap",)
+# Run only when named, for comparisons: the int4 preshuffled engine with one feature off (its EngineConfig field).
+ENGINE_VARIANTS = {"shardgen-int4-preshuffled-no-overlap": {"overlap_decode": False},
+                   "shardgen-int4-preshuffled-one-attention-launch": {"attention_by_parts": False}}
+EXTRA_SYSTEMS = tuple(ENGINE_VARIANTS)
 GiB = 2**30
 
 
@@ -156,7 +158,7 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     weights = torch.cuda.memory_allocated()
     engine_cfg = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                               gpu_memory_utilization=config.gpu_memory_utilization, cuda_graphs=config.cuda_graphs,
-                              overlap_decode=not system.endswith("no-overlap"))
+                              **ENGINE_VARIANTS.get(system, {}))
     max_len = LLAMA_8B["max_position_embeddings"]
     runner = ModelRunner(loaded, SINGLE, torch.device("cuda"), engine_cfg, max_len)
     ready_s = time.perf_counter() - start
@@ -314,7 +316,7 @@ def plot(results: list[Result], device: str, path: Path) -> Path | None:
     workloads = sorted({r.workload for r in results})
     systems = [s for s in SYSTEMS + EXTRA_SYSTEMS if any(r.system == s for r in results)]
     fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 5), squeeze=False)
-    colors = dict(zip(SYSTEMS + EXTRA_SYSTEMS, ["#1f77b4", "#6baed6", "#9ecae1", "#e6550d", "#fd8d3c", "#08306b"]))
+    colors = dict(zip(SYSTEMS + EXTRA_SYSTEMS, ["#1f77b4", "#6baed6", "#9ecae1", "#e6550d", "#fd8d3c", "#08306b", "#3182bd"]))
     for ax, w in zip(axes[0], workloads):
         ran = [s for s in systems if any(r.workload == w and r.system == s for r in results)]
         values = [next(r.total_tok_s for r in results if r.workload == w and r.system == s) for s in ran]

@@ -111,6 +111,22 @@ def _read_files_in_order(batch: pa.Table, prompt_column: str) -> Iterator[pa.Tab
             start += table.num_rows
 
 
+def iter_ids(file: Path, id_column: str) -> Iterator[list[str | None]]:
+    """The ids of one input file in chunks, as the pipeline reads them (text; None where missing)."""
+    if FORMATS[file.suffix.lower()] == "parquet":
+        import pyarrow.parquet as pq
+
+        if id_column not in pq.read_schema(file).names:
+            raise ValueError(f"{file} has no id column {id_column!r}; every input file needs it (or pass --id-column)")
+        for b in pq.ParquetFile(file).iter_batches(batch_size=65536, columns=[id_column]):
+            yield [_id_text(v) for v in b.column(0).to_pylist()]
+        return
+    for table in _iter_file(file):
+        if id_column not in table.column_names:
+            raise ValueError(f"{file} has no id column {id_column!r}; every input file needs it (or pass --id-column)")
+        yield [_id_text(v) for v in table.column(id_column).to_pylist()]
+
+
 def _iter_file(file: Path, chunk_rows: int = 8192) -> Iterator[pa.Table]:
     fmt = FORMATS[file.suffix.lower()]
     if fmt == "parquet":

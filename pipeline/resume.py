@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 MANIFEST = "_shardgen_run.json"
 ROWS_PER_SHARD = 5_000_000
 MAX_SHARDS = 16
+LOCAL_ID_CHECK_BYTES = 64 * 2**20  # inputs up to this size have their ids checked in the driver
 READS = ("id",)
 WRITES = ("id", "prompt", "row")
 
@@ -119,26 +120,56 @@ def ask(handles: list, d: np.ndarray) -> np.ndarray:
 
 
 def check_unique_ids(ds, id_column: str, rows_estimate: int) -> None:
-    """Refuse null or repeated ids in the input (read as ``(id, prompt, row)``), naming a few, before any generation."""
+    """Refuse null or repeated ids in the input (read as ``(id, prompt, row)``), naming a few, before any generation.
+
+    Spread over ``IdShard`` actors, for inputs too big for the driver (``check_unique_ids_locally`` otherwise)."""
     import ray
 
     handles = start_shards(shard_count(rows_estimate))
     try:
-        nulls = ds.map_batches(_add_ids, fn_kwargs={"handles": handles}, batch_format="pyarrow",
-                               batch_size=8192).sum("nulls") or 0
-        if nulls:
-            raise ValueError(f"the id column {id_column!r} is null in {nulls:,} row(s); give every row an id, "
-                             f"or pass --id-column with a column that has none missing")
+        _refuse_nulls(ds.map_batches(_add_ids, fn_kwargs={"handles": handles}, batch_format="pyarrow",
+                                     batch_size=8192).sum("nulls") or 0, id_column)
         ray.get([h.seal.remote() for h in handles])
         repeated = {d for found in ray.get([h.repeated.remote() for h in handles]) for d in found}
         if repeated:
             names = ds.map_batches(_name_ids, fn_kwargs={"wanted": repeated}, batch_format="pyarrow",
                                    batch_size=8192).take(len(repeated) * 2)
-            examples = sorted({r["id"] for r in names})[:5]
-            raise ValueError(f"the id column {id_column!r} repeats ids, e.g. {examples}; every row needs its own id "
-                             f"(fix the input, or pass --id-column with a unique column)")
+            _refuse_repeats(sorted({r["id"] for r in names})[:5], id_column)
     finally:
         stop_shards(handles)
+
+
+def check_unique_ids_locally(files: list[Path], id_column: str) -> None:
+    """``check_unique_ids`` in this process, for inputs of at most ``LOCAL_ID_CHECK_BYTES``: a distributed pass
+    costs seconds of start-up (a Ray Data job and its shard actors) whatever the input's size."""
+    from pipeline.read import iter_ids
+
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    nulls = 0
+    for file in files:
+        for ids in iter_ids(file, id_column):
+            for i in ids:
+                if i is None:
+                    nulls += 1
+                elif i in seen:
+                    repeated.add(i)
+                else:
+                    seen.add(i)
+    _refuse_nulls(nulls, id_column)
+    if repeated:
+        _refuse_repeats(sorted(repeated)[:5], id_column)
+
+
+def _refuse_nulls(nulls: int, id_column: str) -> None:
+    if nulls:
+        raise ValueError(f"the id column {id_column!r} is null in {nulls:,} row(s); give every row an id, "
+                         f"or pass --id-column with a column that has none missing")
+
+
+def _refuse_repeats(examples: list[str], id_column: str) -> None:
+    raise ValueError(f"the id column {id_column!r} repeats ids, e.g. {examples}; every row needs its own id "
+                     f"(fix the input, or pass --id-column with a unique column)")
 
 
 def _add_ids(batch: pa.Table, handles: list) -> pa.Table:

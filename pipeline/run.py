@@ -110,10 +110,16 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     config = check_checkpoint(options.model, options.tp, options.allow_pickle)
     files = read.input_files(options.input)
     columns = read.check_columns(files, options.prompt_column)
+    has_ids = options.id_column in columns  # without, ids are <file>:<row>, unique by construction
+    ids_checked = has_ids and sum(f.stat().st_size for f in files) <= resume.LOCAL_ID_CHECK_BYTES
+    if ids_checked:
+        resume.check_unique_ids_locally(files, options.id_column)
     existing = write.existing_output(options.output)
     fields = run_manifest(options)
     done_files = resume.plan_output(options.output, fields, options.overwrite, existing)
+    ray_start = time.perf_counter()
     connect(options)
+    ray_up = time.perf_counter()
     device = options.device
     gpus = ray.cluster_resources().get("GPU", 0)
     if device == "auto":
@@ -131,7 +137,7 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
                        allow_pickle=options.allow_pickle)
     options = replace(options, model=Path(spec.model_dir))
     ds = read.read_prompts(options.input, options.prompt_column, options.id_column)
-    if options.id_column in columns:  # <file>:<row> ids are unique by construction
+    if has_ids and not ids_checked:
         resume.check_unique_ids(ds, options.id_column, read.estimate_rows(files))
     if options.overwrite and options.output.exists():
         shutil.rmtree(options.output)
@@ -139,7 +145,8 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     resume.write_manifest(options.output, fields)
     finished = resume.FinishedIds.load(done_files) if done_files else None
     echo(f"shardgen: {len(files)} input file(s), model {config.architecture} ({'int4 G=%d' % config.quant.group_size if config.quant else 'float'}), "
-         f"{options.replicas} replica(s) x tp {options.tp} on {device}"
+         f"{options.replicas} replica(s) x tp {options.tp} on {device}; set up in "
+         f"{time.perf_counter() - start:.1f} s (Ray's start {ray_up - ray_start:.1f} s)"
          + (f"; resuming: {finished.rows:,} rows already in {options.output}" if finished else ""))
 
     stages = build_stages(options, spec)

@@ -23,6 +23,10 @@ CASES = {
     "mixed decode and prefill chunks, GQA 3": ([33, 1, 5, 1], [50, 70, 5, 2], 6, 2, 32, None),
     "MQA with a sliding window": ([33, 1], [50, 70], 8, 1, 32, 10),
     "long prefill, several query tiles": ([150], [150], 2, 1, 16, None),
+    "scheduler order: decode rows, a chunk over cached tokens, whole prompts": (
+        [1, 1, 1, 20, 7, 33], [30, 5, 64, 80, 7, 33], 8, 2, 32, None),
+    "scheduler order, enough decode rows for a launch of their own": (
+        [1] * 33 + [6, 9], [3 + 2 * i for i in range(33)] + [12, 9], 4, 2, 16, None),
 }
 
 
@@ -55,8 +59,10 @@ def make_case(q_lens: list[int], ctx_lens: list[int], hq: int, hkv: int, d: int,
     return move(q), move(k), move(v), (move(k_cache), move(v_cache)), meta
 
 
-def kernel_vs_reference(name: str, dtype: torch.dtype, device: str = "cpu") -> float:
-    """Largest |kernel - reference| over the case's outputs, relative to the largest reference value."""
+def kernel_vs_reference(name: str, dtype: torch.dtype, device: str = "cpu", by_parts: bool = False) -> float:
+    """Largest |kernel - reference| over the case's outputs, relative to the largest reference value. ``by_parts``:
+    through ``attention_by_parts``, one launch per kind of sequence (on a CPU, or in float32, paged launches only)."""
+    from actors.attention import StepParts, attention_by_parts
     from actors.paged_attention import paged_attention
 
     q_lens, ctx_lens, hq, hkv, d, window = CASES[name]
@@ -66,8 +72,14 @@ def kernel_vs_reference(name: str, dtype: torch.dtype, device: str = "cpu") -> f
     # The kernel reads the new keys from the cache: write them as the engine does.
     k_cache.view(-1, hkv, d)[meta.slot_mapping] = k
     v_cache.view(-1, hkv, d)[meta.slot_mapping] = v
-    out = paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
-                          meta.max_q_len, scale, window)
+    if by_parts:
+        parts = StepParts.of(q_lens, [c - n for n, c in zip(q_lens, ctx_lens)])
+        meta = AttentionMetadata(meta.cu_seqlens_q, meta.context_lens, meta.max_q_len, meta.max_context_len,
+                                 meta.slot_mapping, meta.block_tables, parts)
+        out = attention_by_parts(q, k, v, (k_cache, v_cache), meta, scale, window)
+    else:
+        out = paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
+                              meta.max_q_len, scale, window)
     return float((out.float().cpu() - ref.cpu()).abs().max() / ref.abs().max())
 
 
@@ -81,7 +93,8 @@ def _torch_path_on_cpu(q, k, v, k_cache, v_cache, meta, scale, window) -> torch.
 def _interpret(dtype: str) -> dict[str, float]:
     """Run every case in a child process with TRITON_INTERPRET=1 (read when Triton's kernels are defined)."""
     code = ("import json, torch; from tests.actors.test_paged_attention import CASES, kernel_vs_reference; "
-            f"print(json.dumps({{n: kernel_vs_reference(n, torch.{dtype}) for n in CASES}}))")
+            f"print(json.dumps({{n + by: kernel_vs_reference(n, torch.{dtype}, by_parts=bool(by)) "
+            f"for n in CASES for by in ('', ' (by parts)')}}))")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
@@ -97,6 +110,23 @@ def float32_errors() -> dict[str, float]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_the_pytorch_path_in_float32(float32_errors, name):
     assert float32_errors[name] < 1e-5, float32_errors
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_launch_per_kind_of_sequence_matches_the_pytorch_path(float32_errors, name):
+    assert float32_errors[name + " (by parts)"] < 1e-5, float32_errors
+
+
+def test_a_step_splits_into_decode_rows_chunks_and_uncached_sequences():
+    from actors.attention import StepParts
+
+    # q_lens, cached tokens -> (decode, fresh, fresh_row, middle_max_q, fresh_max_q)
+    assert StepParts.of([1, 1, 20, 7, 9], [30, 5, 60, 0, 0]) == StepParts(2, 3, 22, 20, 9)
+    assert StepParts.of([1, 1], [3, 4]) == StepParts(2, 2, 2, 0, 0)  # decode only
+    assert StepParts.of([4096, 4096], [0, 0]) == StepParts(0, 0, 0, 0, 4096)  # whole prompts only
+    assert StepParts.of([1, 5], [0, 0]) == StepParts(1, 1, 1, 0, 5)  # a one-token prompt leads: a decode row
+    # not in scheduler order: everything between the decode rows and the uncached tail is the middle part
+    assert StepParts.of([3, 1, 8], [0, 9, 0]) == StepParts(0, 2, 4, 3, 8)
 
 
 def test_kernel_matches_the_pytorch_path_in_float16():

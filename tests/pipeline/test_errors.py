@@ -77,6 +77,15 @@ def _input(name: str, content: bytes | None) -> Callable[[RunOptions, Path], Run
     return setup
 
 
+def _files(contents: dict[str, bytes]) -> Callable[[RunOptions, Path], RunOptions]:
+    def setup(o: RunOptions, tmp: Path) -> RunOptions:
+        (tmp / "in").mkdir()
+        for name, content in contents.items():
+            (tmp / "in" / name).write_bytes(content)
+        return replace(o, input=tmp / "in")
+    return setup
+
+
 def _option(**changes: object) -> Callable[[RunOptions, Path], RunOptions]:
     return lambda o, tmp: replace(o, **changes)
 
@@ -132,6 +141,12 @@ CASES = [
     ("input empty file", _input("p.jsonl", b""), "has no column 'prompt' (columns found: [])"),
     ("input corrupt parquet", _input("p.parquet", b"PAR1 not really"), "cannot read"),
     ("input broken json", _input("p.jsonl", b"{id: 1,\n"), "as json"),
+    ("ids repeated", _input("p.jsonl", b"".join(json.dumps({"id": i, "prompt": "x"}).encode() + b"\n" for i in "abacbd")),
+     "the id column 'id' repeats ids, e.g. ['a', 'b']; every row needs its own id"),
+    ("ids missing in some rows", _input("p.jsonl", b'{"id": "a", "prompt": "x"}\n{"prompt": "y"}\n{"id": null, "prompt": "z"}\n'),
+     "the id column 'id' is null in 2 row(s); give every row an id"),
+    ("a later file lacks the id column", _files({"a.jsonl": b'{"id": "a", "prompt": "x"}\n', "b.jsonl": b'{"prompt": "y"}\n'}),
+     "b.jsonl has no id column 'id'; every input file needs it"),
     ("prompt column missing", _option(prompt_column="text"),
      "has no column 'text' (columns found: ['id', 'prompt', 'max_new_tokens']); pass --prompt-column"),
     # checkpoint

@@ -124,7 +124,12 @@ def test_a_rerun_resumes_and_a_different_run_is_refused_without_overwrite(demo, 
     assert json.loads((tmp_path / "out" / "_shardgen_run.json").read_text())["sampling"]["max_new_tokens"] == 3
 
 
-def test_duplicate_ids_are_refused_before_any_generation_naming_them(demo, tmp_path):
+def test_duplicate_ids_in_an_input_too_big_for_the_driver_are_refused_naming_them(demo, tmp_path, monkeypatch):
+    """The distributed check (IdShard actors), which inputs above LOCAL_ID_CHECK_BYTES take; small ones are checked
+    in the driver (tests/pipeline/test_errors.py)."""
+    from pipeline import resume
+
+    monkeypatch.setattr(resume, "LOCAL_ID_CHECK_BYTES", 0)
     model, _ = demo
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"id": i, "prompt": "x"}) + "\n" for i in ["a", "b", "a", "c", "b", "d"]))
