@@ -13,6 +13,8 @@ PyTorch path in ``actors.attention`` (which is also the reference the tests hold
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -26,6 +28,7 @@ except ImportError:  # CPU-only installs; attention uses the PyTorch path
 # Chosen on an H100 at 8B shapes with the key loop software-pipelined (tl.range): decode 202 us per layer (2.47
 # TB/s of KV; 224 us before pipelining), prefill 1046 us (1101 us before; the old 32-key tile at 8 warps and 3
 # stages takes 1369 us once pipelined).
+MAX_DECODE_SPLITS = 16
 DECODE = {"rows": 16, "key_tile": 128, "num_warps": 4, "num_stages": 3}
 PREFILL = {"rows": 128, "key_tile": 64, "num_warps": 4, "num_stages": 3}
 
@@ -74,16 +77,18 @@ if triton is not None:
     @triton.jit(do_not_specialize=["first_seq", "stride_bt", "window"])
     def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
-        first_seq, scale_log2,
+        part_acc_ptr, part_ml_ptr, first_seq, scale_log2,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         window,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
-        IEEE: tl.constexpr, PIPELINED: tl.constexpr,
+        IEEE: tl.constexpr, PIPELINED: tl.constexpr, SPLITS: tl.constexpr,
     ):
         seq = first_seq + tl.program_id(0)
-        q_tile = tl.program_id(1)
+        # Decode launches split each sequence's keys SPLITS ways (axis 1); other launches tile queries on it.
+        q_tile = tl.program_id(1) if SPLITS == 1 else 0
+        split = tl.program_id(1) if SPLITS > 1 else 0
         kv_head = tl.program_id(2)
         q_start = tl.load(cu_seqlens_q_ptr + seq)
         q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
@@ -111,6 +116,10 @@ if triton is not None:
         kv_start = 0
         if SLIDING:
             kv_start = tl.maximum(first_pos + q_tile * BLOCK_Q - window + 1, 0) // BLOCK_N * BLOCK_N
+        if SPLITS > 1:  # this program's share of the keys, in whole tiles
+            span = tl.cdiv(tl.cdiv(kv_end - kv_start, SPLITS), BLOCK_N) * BLOCK_N
+            kv_start = kv_start + split * span
+            kv_end = tl.minimum(kv_end, kv_start + span)
         if PIPELINED:  # compiled: a for loop over tl.range is what Triton software-pipelines (num_stages)
             for n0 in tl.range(kv_start, kv_end, BLOCK_N):
                 m_i, l_i, acc = _attend_key_tile(
@@ -125,9 +134,55 @@ if triton is not None:
                     scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, window,
                     d, d_valid, BLOCK_N, PAGE, SLIDING, IEEE)
                 n0 += BLOCK_N
+        if SPLITS > 1:  # partial results; _combine_splits normalises them
+            part = (seq * (tl.num_programs(2) * GROUP) + head) * SPLITS + split
+            tl.store(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], acc, mask=row_valid[:, None])
+            tl.store(part_ml_ptr + part * 2, m_i, mask=row_valid)
+            tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_valid)
+            return
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_offsets = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(out_ptr + o_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+    @triton.jit(do_not_specialize=["first_seq"])
+    def _combine_splits(
+        part_acc_ptr, part_ml_ptr, out_ptr, cu_seqlens_q_ptr, first_seq, stride_ot, stride_oh,
+        SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    ):
+        """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s for one decode row and head."""
+        seq = first_seq + tl.program_id(0)
+        head = tl.program_id(1)
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, HEAD_DIM_PAD)
+        part = (seq * tl.num_programs(1) + head) * SPLITS + s
+        m = tl.load(part_ml_ptr + part * 2)
+        l_s = tl.load(part_ml_ptr + part * 2 + 1)
+        acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :])
+        m_max = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)))
+        total = tl.sum(w * l_s, 0)
+        o = tl.sum(w[:, None] * acc, 0) / tl.where(total == 0.0, 1.0, total)
+        row = tl.load(cu_seqlens_q_ptr + seq).to(tl.int64)
+        tl.store(out_ptr + row * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Key splits per decode sequence. A decode program is one sequence and KV head walking its keys; with fewer
+    programs than the GPU has SMs (a small batch, or few KV heads a rank under TP) most SMs would wait, so each
+    sequence's keys are split until there is about one program per SM. Above that, splitting only adds work: on an
+    H100, 32 sequences x 8 KV heads x 4,100 tokens took 197 us unsplit and 210 us in 4 splits
+    (``benchmarks/step_profile.py``)."""
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device.index or 0)
+    programs = max(num_seqs * num_kv_heads, 1)
+    return 1 if programs >= sms else min(triton.next_power_of_2(-(-sms // programs)), MAX_DECODE_SPLITS)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def paged_attention(
@@ -142,12 +197,16 @@ def paged_attention(
     sliding_window: int | None = None,
     seqs: tuple[int, int] | None = None,
     out: torch.Tensor | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """q: (tokens, Hq, D), new keys already written to the caches (blocks, block_size, Hkv, D). Returns (tokens, Hq, D).
 
     ``seqs``: only sequences [first, end) (default all), whose rows are written into ``out`` (given, or a new tensor
     of which only those rows are set). Sequences are picked by an offset, not by slicing the tensors: a slice's
     address can lose the alignment Triton specialises on, and would compile another kernel mid-run.
+
+    ``splits`` (decode launches, ``max_q_len == 1``): key splits per sequence, combined by a second kernel; None
+    chooses from the batch and the GPU (``decode_splits``).
 
     ``max_q_len`` (a host-side bound) only sizes the grid; programs past a sequence's new tokens exit at once,
     so a CUDA graph captured with ``max_q_len=1`` serves every decode batch of its size.
@@ -162,17 +221,32 @@ def paged_attention(
     block_q = max(launch["rows"] // group_pad, 1)
     out = torch.empty_like(q) if out is None else out
     q = q if q.stride(-1) == 1 else q.contiguous()
-    grid = (end - first, triton.cdiv(max_q_len, block_q), num_kv_heads)
+    if max_q_len != 1:
+        splits = 1
+    elif splits is None:
+        splits = decode_splits(end - first, num_kv_heads, q.device)
+    assert splits & (splits - 1) == 0, splits
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    part_acc = part_ml = out  # unused unless split
+    if splits > 1:
+        rows = context_lens.numel() * num_heads * splits  # indexed by absolute sequence
+        part_acc = torch.empty(rows, head_dim_pad, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(rows, 2, dtype=torch.float32, device=q.device)
+    grid = (end - first, splits if splits > 1 else triton.cdiv(max_q_len, block_q), num_kv_heads)
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, first,
+        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, part_acc, part_ml, first,
         scale * 1.4426950408889634,  # softmax in base 2
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         sliding_window or 0,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=launch["key_tile"],
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=k_cache.shape[1],
-        SLIDING=sliding_window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE=k_cache.shape[1],
+        SLIDING=sliding_window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda, SPLITS=splits,
         num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
+    if splits > 1:
+        _combine_splits[(end - first, num_heads)](
+            part_acc, part_ml, out, cu_seqlens_q, first, out.stride(0), out.stride(1),
+            SPLITS=splits, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=4)
     return out

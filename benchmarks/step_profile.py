@@ -1,7 +1,8 @@
 """Where an engine step's GPU time goes at Llama-3.1-8B shapes on one GPU (random weights made on the GPU, no Ray):
 
 1. attention of three kinds of step, in one paged-kernel launch and by parts (``attention_by_parts``: decode rows,
-   chunks over cached tokens, sequences with nothing cached through FlashAttention);
+   chunks over cached tokens, sequences with nothing cached through FlashAttention); decode attention with each
+   sequence's keys in one program and split across several (``decode_splits``);
 2. kernel by kernel, a prefill step of 2 x 4096 new tokens and a decode step of 128 sequences at ~1,060 tokens of
    context, for each layout;
 3. the engine running half the prefill-heavy and a quarter of the mixed workload: wall time against the time the
@@ -92,6 +93,27 @@ def attention_by_kind() -> list[dict]:
     return rows
 
 
+def decode_key_splits() -> list[dict]:
+    """Decode attention of one layer with each sequence's keys walked by one program vs split (decode_splits)."""
+    from actors.paged_attention import decode_splits, paged_attention
+
+    rows = []
+    # sequences, context, query heads, KV heads: 8B shapes, and a 70B rank at T=4 (64 / 4 and 8 / 4 heads)
+    for seqs, ctx, hq, hkv in ((32, 4100, 32, 8), (128, 1060, 32, 8), (256, 600, 32, 8), (8, 4100, 32, 8),
+                               (32, 4100, 16, 2)):
+        q, k, v, (kc, vc), meta = make_case([1] * seqs, [ctx] * seqs, hq, hkv, 128, torch.bfloat16, "cuda")
+        auto = decode_splits(seqs, hkv, q.device)
+        row = {"decode": f"{seqs} seqs x {ctx} tokens, {hq}/{hkv} heads", "splits": auto}
+        for n in sorted({1, auto, 4}):
+            us = triton.testing.do_bench(lambda n=n: paged_attention(
+                q, kc, vc, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, 1, 128 ** -0.5, splits=n),
+                warmup=10, rep=100) * 1000
+            row[f"{n} split(s) us"] = round(us, 1)
+            row[f"{n} split(s) GB/s"] = round(seqs * ctx * hkv * 128 * 2 * 2 / us / 1e3)
+        rows.append(row)
+    return rows
+
+
 def busy_us(prof) -> float:
     """Time the GPU ran anything (the union of kernel and copy intervals)."""
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
@@ -137,9 +159,10 @@ def main() -> None:
     p.add_argument("--attention-only", action="store_true", help="only part 1")
     args = p.parse_args()
     device = torch.cuda.get_device_name()
-    result: dict = {"device": device, "attention": attention_by_kind(), "steps": {}, "engine": []}
+    result: dict = {"device": device, "attention": attention_by_kind(), "decode_splits": decode_key_splits(),
+                    "steps": {}, "engine": []}
     print(f"attention of one layer, one launch vs by parts, {device}")
-    for r in result["attention"]:
+    for r in result["attention"] + result["decode_splits"]:
         print("  ", r)
     for layout in [] if args.attention_only else args.layouts.split(","):
         loaded = random_model(LLAMA_8B, layout)

@@ -25,9 +25,13 @@ CASES = {
     "long prefill, several query tiles": ([150], [150], 2, 1, 16, None),
     "scheduler order: decode rows, a chunk over cached tokens, whole prompts": (
         [1, 1, 1, 20, 7, 33], [30, 5, 64, 80, 7, 33], 8, 2, 32, None),
+    "decode over long contexts": ([1, 1], [700, 1000], 4, 2, 16, None),
+    "decode with a sliding window over a long context": ([1, 1, 1], [900, 50, 7], 4, 1, 16, 300),
     "scheduler order, enough decode rows for a launch of their own": (
         [1] * 33 + [6, 9], [3 + 2 * i for i in range(33)] + [12, 9], 4, 2, 16, None),
 }
+
+DECODE_CASES = [name for name, case in CASES.items() if set(case[0]) == {1}]
 
 
 def make_case(q_lens: list[int], ctx_lens: list[int], hq: int, hkv: int, d: int, dtype: torch.dtype,
@@ -59,9 +63,11 @@ def make_case(q_lens: list[int], ctx_lens: list[int], hq: int, hkv: int, d: int,
     return move(q), move(k), move(v), (move(k_cache), move(v_cache)), meta
 
 
-def kernel_vs_reference(name: str, dtype: torch.dtype, device: str = "cpu", by_parts: bool = False) -> float:
+def kernel_vs_reference(name: str, dtype: torch.dtype, device: str = "cpu", by_parts: bool = False,
+                        splits: int | None = None) -> float:
     """Largest |kernel - reference| over the case's outputs, relative to the largest reference value. ``by_parts``:
-    through ``attention_by_parts``, one launch per kind of sequence (on a CPU, or in float32, paged launches only)."""
+    through ``attention_by_parts``, one launch per kind of sequence (on a CPU, or in float32, paged launches only).
+    ``splits``: a decode case's keys split that many ways per sequence."""
     from actors.attention import StepParts, attention_by_parts
     from actors.paged_attention import paged_attention
 
@@ -79,7 +85,7 @@ def kernel_vs_reference(name: str, dtype: torch.dtype, device: str = "cpu", by_p
         out = attention_by_parts(q, k, v, (k_cache, v_cache), meta, scale, window)
     else:
         out = paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
-                              meta.max_q_len, scale, window)
+                              meta.max_q_len, scale, window, splits=splits)
     return float((out.float().cpu() - ref.cpu()).abs().max() / ref.abs().max())
 
 
@@ -92,9 +98,11 @@ def _torch_path_on_cpu(q, k, v, k_cache, v_cache, meta, scale, window) -> torch.
 
 def _interpret(dtype: str) -> dict[str, float]:
     """Run every case in a child process with TRITON_INTERPRET=1 (read when Triton's kernels are defined)."""
-    code = ("import json, torch; from tests.actors.test_paged_attention import CASES, kernel_vs_reference; "
-            f"print(json.dumps({{n + by: kernel_vs_reference(n, torch.{dtype}, by_parts=bool(by)) "
-            f"for n in CASES for by in ('', ' (by parts)')}}))")
+    code = ("import json, torch; from tests.actors.test_paged_attention import CASES, DECODE_CASES, kernel_vs_reference; "
+            f"e = {{n + by: kernel_vs_reference(n, torch.{dtype}, by_parts=bool(by)) "
+            f"for n in CASES for by in ('', ' (by parts)')}}; "
+            f"e.update({{n + ' (4 splits)': kernel_vs_reference(n, torch.{dtype}, splits=4) for n in DECODE_CASES}}); "
+            f"print(json.dumps(e))")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
@@ -110,6 +118,11 @@ def float32_errors() -> dict[str, float]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_the_pytorch_path_in_float32(float32_errors, name):
     assert float32_errors[name] < 1e-5, float32_errors
+
+
+@pytest.mark.parametrize("name", DECODE_CASES)
+def test_decode_with_keys_split_across_programs_matches_the_pytorch_path(float32_errors, name):
+    assert float32_errors[name + " (4 splits)"] < 1e-5, float32_errors
 
 
 @pytest.mark.parametrize("name", list(CASES))
