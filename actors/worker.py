@@ -8,7 +8,9 @@ Rank 0 then runs the engine in a background thread and takes requests through
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +22,7 @@ from actors.loader import load_model
 from actors.runner import ModelRunner
 from actors.sequence import Completion, Request
 from actors.tokenizer import eos_token_ids, load_tokenizer
+
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class ReplicaSpec:
 class ShardWorker:
     def __init__(self, rank: int, spec: ReplicaSpec) -> None:
         self.rank, self.spec = rank, spec
+        self._created_at = time.time()
         self.engine: Engine | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -51,6 +55,9 @@ class ShardWorker:
         return f"{ray.util.get_node_ip_address()}:{free_port()}"
 
     def setup(self, address: str) -> dict:
+        """Join the group, load and convert this rank's slice, size the KV cache, capture graphs, start serving.
+        Returns what was built and how long each part took (also printed to the worker's log)."""
+        begun = time.perf_counter()
         spec = self.spec
         if spec.device == "cuda":
             device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
@@ -58,9 +65,11 @@ class ShardWorker:
             device = torch.device("cpu")
             torch.set_num_threads(spec.cpu_threads)
         tp = init_tp_group(self.rank, spec.tp, address, device)
+        joined = time.perf_counter()
         loaded = load_model(spec.model_dir, tp, device, spec.dtype, spec.preshuffle, spec.allow_pickle)
         cfg = loaded.config
         max_model_len = min(spec.engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        built = time.perf_counter()
         runner = ModelRunner(loaded, tp, device, spec.engine, max_model_len)
         if self.rank == 0:
             tokenizer = load_tokenizer(spec.model_dir)
@@ -70,8 +79,13 @@ class ShardWorker:
         else:
             self._thread = threading.Thread(target=runner.follow, daemon=True, name="follower")
         self._thread.start()
+        timings = {"created_at": round(self._created_at, 1), "group_s": round(joined - begun, 1),
+                   "load_s": round(built - joined, 1), "read_s": round(loaded.load_s, 1),
+                   "convert_s": round(loaded.convert_s, 1), "kv_cache_and_graphs_s": round(time.perf_counter() - built, 1),
+                   "ready_at": round(time.time(), 1)}
+        print(f"shardgen rank {self.rank} ready: {json.dumps(timings)}", flush=True)
         return {
-            "rank": self.rank, "layout": loaded.layout, "int4_weights": loaded.int4_weights, "load_s": loaded.load_s,
+            "timings": timings, "rank": self.rank, "layout": loaded.layout, "int4_weights": loaded.int4_weights, "load_s": loaded.load_s,
             "convert_s": loaded.convert_s, "kv_blocks": runner.num_blocks, "block_size": spec.engine.block_size,
             "max_model_len": max_model_len, "cuda_graphs": runner.graphs is not None,
             "activation_peak_gib": runner.activation_peak / 2**30, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -75,9 +75,29 @@ def pipeline_run(model: Path, texts: list[str], work: Path, name: str) -> dict:
     tokens = s.prompt_tokens + s.generated_tokens
     # When output landed (part files' modification times): the first file marks the end of start-up.
     landed = sorted(f.stat().st_mtime - began for f in (work / f"out-{name}").glob("*.parquet"))
-    return {"rows": s.rows, "wall_s": round(s.wall_s, 2), "tokens": tokens, "total_tok_s": round(tokens / s.wall_s),
-            "layout": s.layout, "first_file_s": round(landed[0], 1), "last_file_s": round(landed[-1], 1),
-            "files": len(landed)}
+    row = {"rows": s.rows, "wall_s": round(s.wall_s, 2), "tokens": tokens, "total_tok_s": round(tokens / s.wall_s),
+           "layout": s.layout, "first_file_s": round(landed[0], 1), "last_file_s": round(landed[-1], 1),
+           "files": len(landed)}
+    ready = rank0_ready(began)
+    if ready:  # when the replica's worker was created and ready, from the start of the run
+        row.update(worker_created_s=round(ready["created_at"] - began, 1), worker_ready_s=round(ready["ready_at"] - began, 1),
+                   worker=ready)
+    return row
+
+
+def rank0_ready(began: float) -> dict | None:
+    """The timings rank 0 printed to its Ray worker log when it became ready (actors/worker.py), for this run."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    found = []
+    for f in logs.glob("worker-*.out"):
+        for line in f.read_text(errors="replace").splitlines():
+            if "shardgen rank 0 ready: " in line:
+                t = json.loads(line.split("shardgen rank 0 ready: ", 1)[1])
+                if t["ready_at"] >= began:
+                    found.append(t)
+    return min(found, key=lambda t: t["ready_at"]) if found else None
 
 
 def main() -> None:
