@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from actors import paged_attention
+from actors import fused_ops, paged_attention
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -106,8 +106,7 @@ def attention(
     """q: (tokens, Hq, D); k, v: (tokens, Hkv, D); cache: two (blocks, block_size, Hkv, D). Returns (tokens, Hq, D)."""
     if kv_cache is not None:
         k_cache, v_cache = kv_cache
-        k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k
-        v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v
+        fused_ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if q.is_cuda and paged_attention.available():
             if meta.parts is not None:
                 return attention_by_parts(q, k, v, kv_cache, meta, scale, sliding_window)

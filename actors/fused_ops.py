@@ -1,5 +1,5 @@
 """The small per-token operations of a decoder layer as single Triton kernels: residual add + RMSNorm, rotary
-embedding of q and k in place, and SiLU(gate) * up.
+embedding of q and k in place, SiLU(gate) * up, and the store of new keys and values into the paged KV cache.
 
 In PyTorch each is 5-20 kernel launches; in a decode step of 128 tokens those launches, not arithmetic, are
 their cost (some 35 a layer). Every kernel rounds where transformers' PyTorch code rounds (the residual sum and
@@ -101,7 +101,35 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# -- new keys and values into the paged cache
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write token i's k and v (tokens, Hkv, D) to cache slot ``slot_mapping[i]`` of the caches (blocks, block_size,
+    Hkv, D). One launch for both; PyTorch's indexed assignment takes two, and reads the strided rows of a fused
+    q/k/v output element by element (43 us for a 8,192-token step's k at 8B shapes, ~0.4 TB/s)."""
+    if not _use_triton(k) or k.stride(-1) != 1 or v.stride(-1) != 1 or not k_cache.is_contiguous():
+        k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
+        v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
+        return
+    tokens, heads, dim = k.shape
+    _store_kv_kernel[(tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
+                                v.stride(1), HEADS=heads, DIM=dim, BLOCK=triton.next_power_of_2(heads * dim),
+                                num_warps=4)
+
+
 if triton is not None:
+
+    @triton.jit
+    def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                         HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        e = tl.arange(0, BLOCK)
+        mask = e < HEADS * DIM
+        h, d = e // DIM, e % DIM
+        row = tl.load(slot_ptr + t).to(tl.int64) * (HEADS * DIM)
+        tl.store(k_cache_ptr + row + e, tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask), mask=mask)
+        tl.store(v_cache_ptr + row + e, tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask), mask=mask)
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, total_ptr, stride_x, stride_r, n, eps,

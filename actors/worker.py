@@ -4,6 +4,10 @@ Each worker joins its replica's torch.distributed group, loads only its slice
 of the checkpoint, converts it for its hardware, and allocates its KV cache.
 Rank 0 then runs the engine in a background thread and takes requests through
 ``generate``; the other ranks follow rank 0's steps.
+
+torch and the engine are imported in ``setup``, not here: the process that creates the
+workers (a Ray Data actor) imports this module too, and would otherwise spend seconds
+importing torch, torchao and fbgemm before it could even ask for them.
 """
 
 from __future__ import annotations
@@ -12,16 +16,13 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from actors.config import EngineConfig
-from actors.distributed import destroy_tp_group, free_port, init_tp_group
-from actors.engine import Engine
-from actors.loader import load_model
-from actors.runner import ModelRunner
 from actors.sequence import Completion, Request
-from actors.tokenizer import eos_token_ids, load_tokenizer
+
+if TYPE_CHECKING:
+    from actors.engine import Engine
 
 
 
@@ -52,12 +53,23 @@ class ShardWorker:
         """Rank 0: where the other ranks find it (this node's IP and a free port)."""
         import ray
 
+        from actors.distributed import free_port
+
         return f"{ray.util.get_node_ip_address()}:{free_port()}"
 
     def setup(self, address: str) -> dict:
         """Join the group, load and convert this rank's slice, size the KV cache, capture graphs, start serving.
         Returns what was built and how long each part took (also printed to the worker's log)."""
         begun = time.perf_counter()
+        import torch
+
+        from actors.distributed import init_tp_group
+        from actors.engine import Engine
+        from actors.loader import load_model
+        from actors.runner import ModelRunner
+        from actors.tokenizer import eos_token_ids, load_tokenizer
+
+        imported = time.perf_counter()
         spec = self.spec
         if spec.device == "cuda":
             device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
@@ -79,7 +91,8 @@ class ShardWorker:
         else:
             self._thread = threading.Thread(target=runner.follow, daemon=True, name="follower")
         self._thread.start()
-        timings = {"created_at": round(self._created_at, 1), "group_s": round(joined - begun, 1),
+        timings = {"created_at": round(self._created_at, 1), "imports_s": round(imported - begun, 1),
+                   "group_s": round(joined - imported, 1),
                    "load_s": round(built - joined, 1), "read_s": round(loaded.load_s, 1),
                    "convert_s": round(loaded.convert_s, 1), "kv_cache_and_graphs_s": round(time.perf_counter() - built, 1),
                    "ready_at": round(time.time(), 1)}
@@ -107,6 +120,8 @@ class ShardWorker:
                 "running_per_step": list(s.running_per_step), "preemptions": self.engine.scheduler.num_preemptions}
 
     def shutdown(self) -> None:
+        from actors.distributed import destroy_tp_group
+
         self._stop.set()
         if self._thread is not None and self.rank == 0:
             self._thread.join(timeout=30)

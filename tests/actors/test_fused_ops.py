@@ -1,4 +1,4 @@
-"""The fused Triton kernels (residual + RMSNorm, rotary, SiLU * up) against their PyTorch code, run on CPU by
+"""The fused Triton kernels (residual + RMSNorm, rotary, SiLU * up, KV store) against their PyTorch code, run on CPU by
 Triton's interpreter; tests/gpu/test_fused_ops_cuda.py runs the same checks compiled, in bf16."""
 
 import json
@@ -40,6 +40,15 @@ def fused_vs_torch(dtype: torch.dtype, device: str = "cpu") -> dict[str, float]:
     gu = r(6, 2 * 1500)
     gate, up = gu.chunk(2, dim=-1)
     errors["silu_and_mul"] = rel(fused_ops.silu_and_mul(gu), torch.nn.functional.silu(gate) * up)
+    # k and v as strided views of a fused q/k/v output, into shuffled slots of a paged cache (block size 4)
+    kc, vc = r(6, 4, 2, 32), r(6, 4, 2, 32)
+    slots = torch.tensor([13, 2, 22, 7, 0], device=device)
+    v = qkv[:, 8 * 32:].view(5, 2, 32)
+    want_kc, want_vc = kc.clone(), vc.clone()
+    want_kc.view(-1, 2, 32)[slots] = k
+    want_vc.view(-1, 2, 32)[slots] = v
+    fused_ops.store_kv(k, v, kc, vc, slots)
+    errors["store_kv"] = 0.0 if torch.equal(kc, want_kc) and torch.equal(vc, want_vc) else 1.0
     return errors
 
 
@@ -56,11 +65,11 @@ def _interpret(dtype: str) -> dict[str, float]:
 def test_fused_kernels_match_pytorch_in_float32():
     errors = _interpret("float32")
     print(errors)
-    assert len(errors) == 5 and max(errors.values()) < 1e-5, errors
+    assert len(errors) == 6 and max(errors.values()) < 1e-5, errors
 
 
 def test_fused_kernels_match_pytorch_in_float16():
     """One rounding apart at most (rotary rounds once where PyTorch rounds after each product)."""
     errors = _interpret("float16")
     print(errors)
-    assert max(errors.values()) < 2e-3, errors
+    assert max(errors.values()) < 2e-3 and errors["store_kv"] == 0.0, errors
