@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 MANIFEST = "_shardgen_run.json"
 ROWS_PER_SHARD = 5_000_000
 MAX_SHARDS = 16
-LOCAL_ID_CHECK_BYTES = 64 * 2**20  # inputs up to this size have their ids checked in the driver
+LOCAL_ID_CHECK_BYTES = 16 * 2**20  # inputs up to this size have their ids checked in the driver (~60 MB of ids at most)
 READS = ("id",)
 WRITES = ("id", "prompt", "row")
 
