@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from actors.engine import Engine
 
 
-
 @dataclass(frozen=True)
 class ReplicaSpec:
     """What every rank of a replica needs to build its part (built at the edge, pickled to the actors)."""
