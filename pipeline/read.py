@@ -111,19 +111,25 @@ def _read_files_in_order(batch: pa.Table, prompt_column: str) -> Iterator[pa.Tab
             start += table.num_rows
 
 
+def check_id_column(files: list[Path], id_column: str) -> None:
+    """With ids in the first file, every file needs the id column (each file's schema or first record)."""
+    for file in files[1:]:
+        columns = peek_columns(file)
+        if id_column not in columns:
+            raise ValueError(f"{file} has no id column {id_column!r} (columns found: {columns}); every input file "
+                             f"needs it, or pass --id-column with a column they all have")
+
+
 def iter_ids(file: Path, id_column: str) -> Iterator[list[str | None]]:
-    """The ids of one input file in chunks, as the pipeline reads them (text; None where missing)."""
+    """The ids of one input file in chunks, as the pipeline reads them (text; None where missing). The file must have
+    the column (``check_id_column``)."""
     if FORMATS[file.suffix.lower()] == "parquet":
         import pyarrow.parquet as pq
 
-        if id_column not in pq.read_schema(file).names:
-            raise ValueError(f"{file} has no id column {id_column!r}; every input file needs it (or pass --id-column)")
         for b in pq.ParquetFile(file).iter_batches(batch_size=65536, columns=[id_column]):
             yield [_id_text(v) for v in b.column(0).to_pylist()]
         return
-    for table in _iter_file(file):
-        if id_column not in table.column_names:
-            raise ValueError(f"{file} has no id column {id_column!r}; every input file needs it (or pass --id-column)")
+    for table in _iter_file(file):  # check_id_column saw the column in the file's first record
         yield [_id_text(v) for v in table.column(id_column).to_pylist()]
 
 

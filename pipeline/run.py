@@ -111,6 +111,8 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     files = read.input_files(options.input)
     columns = read.check_columns(files, options.prompt_column)
     has_ids = options.id_column in columns  # without, ids are <file>:<row>, unique by construction
+    if has_ids:
+        read.check_id_column(files, options.id_column)
     ids_checked = has_ids and sum(f.stat().st_size for f in files) <= resume.LOCAL_ID_CHECK_BYTES
     if ids_checked:
         resume.check_unique_ids_locally(files, options.id_column)

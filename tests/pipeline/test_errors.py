@@ -146,7 +146,7 @@ CASES = [
     ("ids missing in some rows", _input("p.jsonl", b'{"id": "a", "prompt": "x"}\n{"prompt": "y"}\n{"id": null, "prompt": "z"}\n'),
      "the id column 'id' is null in 2 row(s); give every row an id"),
     ("a later file lacks the id column", _files({"a.jsonl": b'{"id": "a", "prompt": "x"}\n', "b.jsonl": b'{"prompt": "y"}\n'}),
-     "b.jsonl has no id column 'id'; every input file needs it"),
+     "b.jsonl has no id column 'id' (columns found: ['prompt']); every input file needs it"),
     ("prompt column missing", _option(prompt_column="text"),
      "has no column 'text' (columns found: ['id', 'prompt', 'max_new_tokens']); pass --prompt-column"),
     # checkpoint
