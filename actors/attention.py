@@ -160,12 +160,12 @@ def attention_by_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cac
     paged_end = p.fresh if flash else n
     middle_max_q = p.middle_max_q if flash else max(p.middle_max_q, p.fresh_max_q)
     if p.decode < paged_end and p.decode < DECODE_LAUNCH_MIN_ROWS:
-        parts = [(0, paged_end, middle_max_q)]  # a few decode rows ride along with the chunks
+        launches = [(0, paged_end, middle_max_q)]  # a few decode rows ride along with the chunks
     else:
-        parts = [(0, p.decode, 1), (p.decode, paged_end, middle_max_q)]
+        launches = [(0, p.decode, 1), (p.decode, paged_end, middle_max_q)]
 
     def paged() -> None:
-        for first, end, max_q in parts:
+        for first, end, max_q in launches:
             if end > first:
                 paged_attention.paged_attention(q, *kv_cache, cu, meta.context_lens, meta.block_tables, max_q,
                                                 scale, sliding_window, seqs=(first, end), out=out)

@@ -97,8 +97,8 @@ class ShardWorker:
                    "ready_at": round(time.time(), 1)}
         print(f"shardgen rank {self.rank} ready: {json.dumps(timings)}", flush=True)
         return {
-            "timings": timings, "rank": self.rank, "layout": loaded.layout, "int4_weights": loaded.int4_weights, "load_s": loaded.load_s,
-            "convert_s": loaded.convert_s, "kv_blocks": runner.num_blocks, "block_size": spec.engine.block_size,
+            "timings": timings, "rank": self.rank, "layout": loaded.layout, "int4_weights": loaded.int4_weights,
+            "kv_blocks": runner.num_blocks, "block_size": spec.engine.block_size,
             "max_model_len": max_model_len, "cuda_graphs": runner.graphs is not None,
             "activation_peak_gib": runner.activation_peak / 2**30, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         }
