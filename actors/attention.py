@@ -10,36 +10,32 @@ On a GPU the paged case runs the Triton kernel of ``actors.paged_attention``, wh
 the PyTorch code below (gather the context, masked SDPA) serves CPUs and is the kernel's reference in tests.
 A GPU step is attended in up to three launches, one per kind of sequence (``StepParts``): decode rows through the
 kernel's decode shape, chunks over cached tokens through its prefill shape, and sequences with nothing cached
-(whole prompts, first chunks) through FlashAttention's variable-length kernel on the step's own keys and values,
-which beats the paged kernel on long prompts (``benchmarks/step_profile.py``).
+(whole prompts, first chunks) on the step's own keys and values (``actors.fresh_attention``: FlashAttention's
+variable-length kernel, cuDNN's for long prompts on Hopper), which beats the paged kernel on long prompts
+(``benchmarks/step_profile.py``).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from actors import fused_ops, paged_attention
+from actors.fresh_attention import flash_supports, fresh_attention
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch before 2.9: fresh prefills take the paged kernel
-    varlen_attn = None
 # Fewer decode rows than this in a step with chunks over cached tokens share the chunks' launch.
 DECODE_LAUNCH_MIN_ROWS = 32
-# Newer torch asks for GQA explicitly; 2.11's FlashAttention takes fewer KV heads as they come.
-_VARLEN_GQA = {"enable_gqa": True} if varlen_attn and "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
 
 
 @dataclass(frozen=True)
 class StepParts:
     """A step's sequences in the order the scheduler gives them: ``decode`` leading ones with one new token each,
     then chunks over cached tokens, then, from sequence ``fresh`` (row ``fresh_row``) on, ones with nothing cached,
-    which attend to their own new tokens only. ``*_max_q``: the longest new-token run of the middle and last part.
+    which attend to their own new tokens only. ``*_max_q``: the longest new-token run of the middle and last part;
+    ``fresh_lens``: the new tokens of each sequence of the last part.
     """
 
     decode: int
@@ -47,6 +43,7 @@ class StepParts:
     fresh_row: int
     middle_max_q: int
     fresh_max_q: int
+    fresh_lens: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, q_lens: list[int], cached: list[int]) -> "StepParts":
@@ -57,7 +54,7 @@ class StepParts:
         while fresh > decode and cached[fresh - 1] == 0:
             fresh -= 1
         return cls(decode, fresh, sum(q_lens[:fresh]), max(q_lens[decode:fresh], default=0),
-                   max(q_lens[fresh:], default=0))
+                   max(q_lens[fresh:], default=0), tuple(q_lens[fresh:]))
 
 
 @dataclass
@@ -71,6 +68,7 @@ class AttentionMetadata:
         context are ignored (masked), so the width may be padded.
     max_q_len / max_context_len: host-side maxima (avoid a device sync to size the padding).
     parts: host-side split of the sequences by kind (GPU steps from the runner; None: one paged launch).
+    cudnn: whether long sequences of the uncached part may take cuDNN (``actors.fresh_attention``).
     """
 
     cu_seqlens_q: torch.Tensor
@@ -80,6 +78,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     parts: StepParts | None = None
+    cudnn: bool = True
 
     @property
     def num_seqs(self) -> int:
@@ -155,7 +154,7 @@ def attention_by_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cac
     cu = meta.cu_seqlens_q
     flash = p.fresh < n and flash_supports(q)
     if flash and p.fresh == 0:
-        return flash_attention(q, k, v, cu, p.fresh_max_q, scale, sliding_window)
+        return fresh_attention(q, k, v, cu, p.fresh_lens, scale, sliding_window, meta.cudnn)
     out = torch.empty_like(q)
     paged_end = p.fresh if flash else n
     middle_max_q = p.middle_max_q if flash else max(p.middle_max_q, p.fresh_max_q)
@@ -181,7 +180,8 @@ def attention_by_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cac
     with torch.cuda.stream(side):
         paged()
     row = p.fresh_row
-    out[row:] = flash_attention(q[row:], k[row:], v[row:], cu[p.fresh:] - row, p.fresh_max_q, scale, sliding_window)
+    out[row:] = fresh_attention(q[row:], k[row:], v[row:], cu[p.fresh:] - row, p.fresh_lens, scale, sliding_window,
+                                meta.cudnn)
     main.wait_stream(side)  # also keeps q, out and the cache from being reused before the side stream is done
     return out
 
@@ -189,22 +189,3 @@ def attention_by_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cac
 @functools.cache
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
-
-
-@functools.cache
-def _flash_device(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 8  # FlashAttention 2 needs Ampere or newer
-
-
-def flash_supports(q: torch.Tensor) -> bool:
-    """Whether FlashAttention's varlen kernel takes these queries (CUDA, Ampere+, half precision, D <= 256)."""
-    return (varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0 and _flash_device(q.device.index or 0))
-
-
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_q: int,
-                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
-    """Causal attention of sequences with nothing cached over their own keys, by FlashAttention's varlen kernel."""
-    cu = cu_seqlens.to(torch.int32)
-    window = (sliding_window - 1, 0) if sliding_window is not None else (-1, 0)
-    return varlen_attn(q, k, v, cu, cu, max_q, max_q, scale=scale, window_size=window, **_VARLEN_GQA)

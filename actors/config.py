@@ -235,6 +235,8 @@ class EngineConfig:
     # GPU attention in one launch per kind of sequence (decode rows; chunks over cached tokens; sequences with
     # nothing cached, through FlashAttention); off: one paged-kernel launch for the whole step (attention.py).
     attention_by_parts: bool = True
+    # Long uncached sequences through cuDNN's fused attention on Hopper (fresh_attention.py); off: FlashAttention.
+    cudnn_prompts: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

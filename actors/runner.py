@@ -220,7 +220,7 @@ class ModelRunner:
             return logits[to(step.logits_indices)]  # a copy: the next replay overwrites the graph's output
         meta = AttentionMetadata(to(step.cu_seqlens_q), to(step.context_lens), step.max_q_len, step.max_context_len,
                                  to(step.slot_mapping), to(step.block_tables),
-                                 step.parts if self.config.attention_by_parts else None)
+                                 step.parts if self.config.attention_by_parts else None, self.config.cudnn_prompts)
         hidden = self.model(to(step.input_ids), to(step.positions), meta, self.kv_caches)
         return self.model.compute_logits(hidden[to(step.logits_indices)]).float()
 

@@ -125,8 +125,8 @@ def busy_us(prof) -> float:
     return total
 
 
-def engine_busy(loaded, layout: str) -> list[dict]:
-    config = EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192)
+def engine_busy(loaded, layout: str, cudnn_prompts: bool) -> list[dict]:
+    config = EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192, cudnn_prompts=cudnn_prompts)
     runner = ModelRunner(loaded, SINGLE, torch.device("cuda"), config, 8192)
     engine = Engine(runner, config, 8192, set())
     warm = SamplingParams(max_new_tokens=8, ignore_eos=True)
@@ -157,6 +157,7 @@ def main() -> None:
     p.add_argument("--layouts", default="int4-preshuffled,bf16")
     p.add_argument("--top", type=int, default=14)
     p.add_argument("--attention-only", action="store_true", help="only part 1")
+    p.add_argument("--flash-prompts", action="store_true", help="parts 2-3 with long prompts through FlashAttention")
     args = p.parse_args()
     device = torch.cuda.get_device_name()
     result: dict = {"device": device, "attention": attention_by_kind(), "decode_splits": decode_key_splits(),
@@ -167,7 +168,7 @@ def main() -> None:
     for layout in [] if args.attention_only else args.layouts.split(","):
         loaded = random_model(LLAMA_8B, layout)
         config = EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192, cuda_graphs=False,
-                              kv_cache_memory=24 * 2**30)
+                              kv_cache_memory=24 * 2**30, cudnn_prompts=not args.flash_prompts)
         runner = ModelRunner(loaded, SINGLE, torch.device("cuda"), config, 8192)
         steps = {"prefill 2 x 4096": StepInput.prefill([4096, 4096], config.block_size),
                  "decode 128 x 1060": decode_step(128, 1060, config.block_size, runner.num_blocks)}
@@ -179,12 +180,13 @@ def main() -> None:
                 print(f"  {r['ms']:>9.3f} ms {r['calls']:>5}  {r['kernel']}")
         del runner
         torch.cuda.empty_cache()
-        for row in engine_busy(loaded, layout):
+        for row in engine_busy(loaded, layout, not args.flash_prompts):
             result["engine"].append(row)
             print(json.dumps(row), flush=True)
         del loaded
         torch.cuda.empty_cache()
-    out = Path(__file__).parent / "results" / f"step_profile-{device.replace(' ', '_')}.json"
+    suffix = "-flash-prompts" if args.flash_prompts else ""
+    out = Path(__file__).parent / "results" / f"step_profile-{device.replace(' ', '_')}{suffix}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 

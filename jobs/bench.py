@@ -31,7 +31,8 @@ WORKLOADS = {"decode-heavy": (128, 32, 2048), "prefill-heavy": (32, 4096, 32), "
 SYSTEMS = ("shardgen-int4-preshuffled", "shardgen-int4-plain", "shardgen-bf16", "hf-bf16", "hf-int4-preshuffled")
 # Run only when named, for comparisons: the int4 preshuffled engine with one feature off (its EngineConfig field).
 ENGINE_VARIANTS = {"shardgen-int4-preshuffled-no-overlap": {"overlap_decode": False},
-                   "shardgen-int4-preshuffled-one-attention-launch": {"attention_by_parts": False}}
+                   "shardgen-int4-preshuffled-one-attention-launch": {"attention_by_parts": False},
+                   "shardgen-int4-preshuffled-flash-prompts": {"cudnn_prompts": False}}
 EXTRA_SYSTEMS = tuple(ENGINE_VARIANTS)
 GiB = 2**30
 
@@ -316,7 +317,8 @@ def plot(results: list[Result], device: str, path: Path) -> Path | None:
     workloads = sorted({r.workload for r in results})
     systems = [s for s in SYSTEMS + EXTRA_SYSTEMS if any(r.system == s for r in results)]
     fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 5), squeeze=False)
-    colors = dict(zip(SYSTEMS + EXTRA_SYSTEMS, ["#1f77b4", "#6baed6", "#9ecae1", "#e6550d", "#fd8d3c", "#08306b", "#3182bd"]))
+    palette = ["#1f77b4", "#6baed6", "#9ecae1", "#e6550d", "#fd8d3c", "#08306b", "#3182bd", "#2171b5", "#4292c6"]
+    colors = {s: palette[i % len(palette)] for i, s in enumerate(SYSTEMS + EXTRA_SYSTEMS)}
     for ax, w in zip(axes[0], workloads):
         ran = [s for s in systems if any(r.workload == w and r.system == s for r in results)]
         values = [next(r.total_tok_s for r in results if r.workload == w and r.system == s) for s in ran]

@@ -154,7 +154,9 @@ def bench(
     systems: str = typer.Option("shardgen-int4-preshuffled,shardgen-int4-plain,shardgen-bf16,hf-bf16,hf-int4-preshuffled",
                                 help="Comma-separated systems; also, for comparison, shardgen-int4-preshuffled-no-overlap "
                                      "(every engine step synchronous) and shardgen-int4-preshuffled-one-attention-launch "
-                                     "(a step's attention in one paged-kernel launch, not one per kind of sequence)."),
+                                     "(a step's attention in one paged-kernel launch, not one per kind of sequence) "
+                                     "and shardgen-int4-preshuffled-flash-prompts (long prompts through FlashAttention, "
+                                     "not cuDNN)."),
     scale: float = typer.Option(1.0, help="Fraction of each workload's prompts to run (a quick check: 0.05)."),
     max_num_seqs: int = typer.Option(256, help="shardgen engine: most sequences per step."),
     max_num_batched_tokens: int = typer.Option(8192, help="shardgen engine: most tokens per step."),

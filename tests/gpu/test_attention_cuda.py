@@ -1,6 +1,6 @@
 """GPU attention by parts (``attention_by_parts``): decode rows and chunks over cached tokens through the paged
-kernel, sequences with nothing cached through FlashAttention's varlen kernel, each against the PyTorch attention
-path (float32 on CPU); the cache is still written for the decode steps that follow.
+kernel, sequences with nothing cached through FlashAttention's varlen kernel (and cuDNN's for long prompts on
+Hopper), each against the PyTorch attention path (float32 on CPU); the cache is still written for the decode steps that follow.
 
 bf16 inputs: errors of a few 1e-3 of the largest output are rounding; a wrong mask, window, head mapping or part
 boundary gives errors of order 1.
@@ -9,7 +9,8 @@ boundary gives errors of order 1.
 import pytest
 import torch
 
-from actors.attention import AttentionMetadata, StepParts, attention, flash_supports
+from actors.attention import AttentionMetadata, StepParts, attention
+from actors.fresh_attention import cudnn_supports, flash_supports, fresh_attention, plan_launches
 from tests.actors.test_paged_attention import CASES, _torch_path_on_cpu, kernel_vs_reference, make_case
 
 pytestmark = pytest.mark.gpu
@@ -25,6 +26,10 @@ STEP_CASES = {  # new tokens, context, query heads, KV heads, head dim, sliding 
     "decode rows, a chunk, whole prompts": ([1] * 40 + [300, 500, 77], list(range(20, 2020, 50)) + [900, 500, 77],
                                            32, 8, 128, None),
     "decode rows, a chunk, whole prompts, sliding window": ([1, 1, 64, 90, 3], [70, 9, 128, 90, 3], 16, 4, 128, 32),
+    # cuDNN on Hopper: 1,500 runs over 1,536 rows of the step, 2,048 exactly, the last (1,300) over zero padding
+    "long prompts, a short one between": ([1500, 40, 2048, 1300], [1500, 40, 2048, 1300], 32, 8, 128, None),
+    "decode rows, a chunk, a long prompt, a short one": ([1] * 40 + [300, 1500, 77],
+                                                         list(range(20, 2020, 50)) + [900, 1500, 77], 32, 8, 128, None),
 }
 
 
@@ -62,3 +67,19 @@ def test_float32_takes_the_paged_kernel_for_whole_prompts_too():
     ref = _torch_path_on_cpu(q, k, v, kc, vc, meta, 0.125, None)
     out = attention(q, k, v, by_parts(meta, lens, lens), 0.125, (kc, vc))
     assert float((out.cpu() - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_long_prompts_from_one_fused_qkv_output_match_the_pytorch_path():
+    # As in the model: q, k and v are strided views of one projection output, q from row 0 of the fresh part.
+    lens, hq, hkv, d = [1300, 9, 2500], 32, 8, 128
+    torch.manual_seed(0)
+    qkv = torch.randn(sum(lens), (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.unflatten(-1, (-1, d)) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    if cudnn_supports(q, None):
+        assert [launch.kernel for launch in plan_launches(lens, True)] == ["cudnn", "flash", "cudnn"]
+    meta = AttentionMetadata.prefill(lens, "cuda")
+    out = fresh_attention(q, k, v, meta.cu_seqlens_q, tuple(lens), d ** -0.5)
+    ref = attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), AttentionMetadata.prefill(lens), d ** -0.5)
+    err = float((out.float().cpu() - ref).abs().max() / ref.abs().max())
+    print(f"fused q/k/v views, {lens}: max error {err:.2e} of the largest output")
+    assert err < 2e-2
