@@ -83,7 +83,8 @@ def run(
     chat: bool = typer.Option(False, help="Prompts are JSON lists of {role, content}; apply the tokenizer's chat template."),
     device: str = typer.Option("auto", help="auto (cuda if the cluster has GPUs), cpu or cuda."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
-    batch_size: int = typer.Option(64, help="Rows per Ray Data batch."),
+    batch_size: Optional[int] = typer.Option(None, help="Rows per Ray Data batch [default: 256, or fewer so each "
+                                                        "replica gets at least 4 batches of a small input]."),
     max_num_seqs: int = typer.Option(256, help="Most sequences a replica's engine runs at once."),
     max_num_batched_tokens: int = typer.Option(8192, help="Most tokens in one engine step (prefill chunks plus decodes)."),
     max_model_len: Optional[int] = typer.Option(None, help="Longest prompt + completion; default: the model's max_position_embeddings."),

@@ -24,7 +24,7 @@ class RunOptions:
     prompt_column: str = "prompt"
     id_column: str = "id"
     chat: bool = False
-    batch_size: int = 64
+    batch_size: int | None = None  # None: pipeline.run.auto_batch_size
     overwrite: bool = False
     address: str | None = None
     preshuffle: bool = True
@@ -38,7 +38,7 @@ class RunOptions:
             problems.append(f"--tp must be >= 1, got {self.tp}")
         if self.replicas < 1:
             problems.append(f"--replicas must be >= 1, got {self.replicas}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.device not in DEVICES:
             problems.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")

@@ -14,7 +14,33 @@ from actors import int4
 from pipeline import detokenize, generate, read, resume, tokenize, write
 from pipeline.options import RunOptions
 
-BATCHES_IN_FLIGHT_PER_REPLICA = 4
+# Rows a replica holds per sequence its engine runs at once: the waiting ones refill the engine while a batch's
+# last rows finish and the next batch is on its way.
+ROWS_IN_FLIGHT_PER_ENGINE_SLOT = 4
+MIN_BATCHES_IN_FLIGHT = 4
+# Each batch costs the pipeline something however many rows it has (H100, mixed workload, 1,024 rows in flight:
+# from the replica's start to the last row written, batches of 64 rows ran at 0.83x the engine alone, 128 at
+# 0.93x, 256 at 1.00x; benchmarks/pipeline_vs_engine.py). Small inputs get smaller batches, so every replica
+# still gets several.
+MAX_AUTO_BATCH_SIZE = 256
+BATCHES_PER_REPLICA_AT_LEAST = 4
+
+
+def auto_batch_size(rows: int | None, replicas: int) -> int:
+    """``--batch-size`` when not given: 256 rows, or fewer when the input (``rows``; None: too big to count
+    cheaply) would give a replica under 4 batches."""
+    if rows is None:
+        return MAX_AUTO_BATCH_SIZE
+    return max(1, min(MAX_AUTO_BATCH_SIZE, -(-rows // (replicas * BATCHES_PER_REPLICA_AT_LEAST))))
+
+
+def batches_in_flight(batch_size: int, max_num_seqs: int) -> int:
+    """Ray Data batches each replica is given at once: enough for 4 waves of its engine, at most what rank 0
+    serves concurrently."""
+    from actors.replica import RANK0_CONCURRENCY
+
+    wanted = -(-ROWS_IN_FLIGHT_PER_ENGINE_SLOT * max_num_seqs // batch_size)
+    return min(max(MIN_BATCHES_IN_FLIGHT, wanted), RANK0_CONCURRENCY)
 
 
 @dataclass(frozen=True)
@@ -55,6 +81,7 @@ def build_stages(options: RunOptions, spec) -> list[Stage]:
     from ray.data import ActorPoolStrategy
 
     model = str(options.model)
+    in_flight = batches_in_flight(options.batch_size, options.engine.max_num_seqs)
     return [
         Stage("tokenize", tokenize.READS, tokenize.WRITES, lambda ds: ds.map_batches(
             tokenize.TokenizeStage, fn_constructor_args=(model, options.chat, options.sampling),
@@ -62,8 +89,8 @@ def build_stages(options: RunOptions, spec) -> list[Stage]:
             num_cpus=1)),
         Stage("generate", generate.READS, generate.WRITES, lambda ds: ds.map_batches(
             generate.GenerateStage, fn_constructor_args=(spec,), batch_format="pyarrow", batch_size=options.batch_size,
-            compute=ActorPoolStrategy(size=options.replicas, max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT_PER_REPLICA,
-                                      max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT_PER_REPLICA),
+            compute=ActorPoolStrategy(size=options.replicas, max_tasks_in_flight_per_actor=in_flight,
+                                      max_concurrent_calls_per_actor=in_flight),
             num_cpus=0)),
         Stage("detokenize", detokenize.READS, detokenize.WRITES, lambda ds: ds.map_batches(
             detokenize.DetokenizeStage, fn_constructor_args=(model,), batch_format="pyarrow",
@@ -137,7 +164,8 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
                        preshuffle=options.preshuffle, engine=options.engine,
                        cpu_threads=max(1, cpus // (options.tp * options.replicas)), run_id=run_id,
                        allow_pickle=options.allow_pickle)
-    options = replace(options, model=Path(spec.model_dir))
+    batch_size = options.batch_size or auto_batch_size(read.count_rows(files), options.replicas)
+    options = replace(options, model=Path(spec.model_dir), batch_size=batch_size)
     ds = read.read_prompts(options.input, options.prompt_column, options.id_column)
     if has_ids and not ids_checked:
         resume.check_unique_ids(ds, options.id_column, read.estimate_rows(files))

@@ -173,3 +173,45 @@ def test_a_worker_killed_mid_job_is_replaced_and_every_id_comes_out_once(demo, t
     assert written_before < 200
     assert set(hurt) == set(calm_rows) == input_ids(prompts) and result["summary"].errors == calm.errors == 0
     assert all(hurt[i]["completion_token_ids"] == calm_rows[i]["completion_token_ids"] for i in hurt)
+
+
+def test_each_replica_holds_four_engine_waves_of_rows_within_rank0s_concurrency():
+    from actors.replica import RANK0_CONCURRENCY
+    from pipeline.run import MIN_BATCHES_IN_FLIGHT, batches_in_flight
+
+    assert batches_in_flight(64, 256) == 16  # the CLI defaults: 1,024 rows for an engine of 256 sequences
+    assert batches_in_flight(128, 256) == 8
+    assert batches_in_flight(100, 256) == 11  # rounded up: never fewer rows than four waves
+    assert batches_in_flight(4096, 8) == MIN_BATCHES_IN_FLIGHT  # big batches: still several, so one's tail overlaps
+    assert batches_in_flight(1, 256) == RANK0_CONCURRENCY  # more would only queue in front of rank 0
+
+
+def test_the_default_batch_is_256_rows_or_small_enough_for_four_batches_a_replica():
+    from pipeline.run import auto_batch_size
+
+    assert auto_batch_size(1_000_000, 2) == 256
+    assert auto_batch_size(None, 1) == 256  # a text input too big to count
+    assert auto_batch_size(1000, 1) == 250
+    assert auto_batch_size(200, 2) == 25
+    assert auto_batch_size(3, 4) == 1
+    assert auto_batch_size(0, 1) == 1  # an input of only a header: still a valid batch size
+
+
+def test_rows_are_counted_from_parquet_footers_and_text_lines(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import read
+
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "x"}\n{"prompt": "y"}\n\n')
+    (tmp_path / "c.csv").write_text("prompt\nhello\nworld\n")
+    assert read.count_rows(read.input_files(tmp_path)) == 3 + 2 + 2
+
+
+def test_text_inputs_too_big_to_count_cheaply_are_not_counted(tmp_path, monkeypatch):
+    from pipeline import read
+
+    (tmp_path / "b.jsonl").write_text('{"prompt": "x"}\n' * 10)
+    monkeypatch.setattr(read, "COUNT_TEXT_BYTES", 20)
+    assert read.count_rows(read.input_files(tmp_path)) is None
