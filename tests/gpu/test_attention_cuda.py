@@ -30,6 +30,8 @@ STEP_CASES = {  # new tokens, context, query heads, KV heads, head dim, sliding 
     "long prompts, a short one between": ([1500, 40, 2048, 1300], [1500, 40, 2048, 1300], 32, 8, 128, None),
     "decode rows, a chunk, a long prompt, a short one": ([1] * 40 + [300, 1500, 77],
                                                          list(range(20, 2020, 50)) + [900, 1500, 77], 32, 8, 128, None),
+    "long prompts, 16/4 heads (a TP=2 rank)": ([1300, 2100], [1300, 2100], 16, 4, 128, None),
+    "long prompts, MHA, head dim 64": ([1400, 30, 1281], [1400, 30, 1281], 8, 8, 64, None),
 }
 
 
@@ -75,7 +77,8 @@ def test_long_prompts_from_one_fused_qkv_output_match_the_pytorch_path():
     torch.manual_seed(0)
     qkv = torch.randn(sum(lens), (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
     q, k, v = (t.unflatten(-1, (-1, d)) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
-    if cudnn_supports(q, None):
+    if torch.cuda.get_device_capability()[0] == 9:  # Hopper: long prompts must take cuDNN, not fall back silently
+        assert cudnn_supports(q, None), "this torch's cuDNN backend refused grouped-query attention"
         assert [launch.kernel for launch in plan_launches(lens, True)] == ["cudnn", "flash", "cudnn"]
     meta = AttentionMetadata.prefill(lens, "cuda")
     out = fresh_attention(q, k, v, meta.cu_seqlens_q, tuple(lens), d ** -0.5)
