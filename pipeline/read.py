@@ -89,11 +89,14 @@ def count_rows(files: list[Path]) -> int | None:
     text = [f for f in files if FORMATS[f.suffix.lower()] != "parquet"]
     if sum(f.stat().st_size for f in text) > COUNT_TEXT_BYTES:
         return None
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files if f not in text)
-    for f in text:
-        with open(f, "rb") as fh:
-            lines = sum(1 for line in fh if line.strip())
-        rows += max(0, lines - 1) if FORMATS[f.suffix.lower()] == "csv" else lines  # a CSV's header
+    try:
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files if f not in text)
+        for f in text:
+            with open(f, "rb") as fh:
+                lines = sum(1 for line in fh if line.strip())
+            rows += max(0, lines - 1) if FORMATS[f.suffix.lower()] == "csv" else lines  # a CSV's header
+    except (OSError, pa.ArrowException):  # a file the read stage will name, with what is wrong with it
+        return None
     return rows
 
 

@@ -196,22 +196,3 @@ def test_the_default_batch_is_256_rows_or_small_enough_for_four_batches_a_replic
     assert auto_batch_size(3, 4) == 1
     assert auto_batch_size(0, 1) == 1  # an input of only a header: still a valid batch size
 
-
-def test_rows_are_counted_from_parquet_footers_and_text_lines(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline import read
-
-    pq.write_table(pa.table({"prompt": ["a", "b", "c"]}), tmp_path / "a.parquet")
-    (tmp_path / "b.jsonl").write_text('{"prompt": "x"}\n{"prompt": "y"}\n\n')
-    (tmp_path / "c.csv").write_text("prompt\nhello\nworld\n")
-    assert read.count_rows(read.input_files(tmp_path)) == 3 + 2 + 2
-
-
-def test_text_inputs_too_big_to_count_cheaply_are_not_counted(tmp_path, monkeypatch):
-    from pipeline import read
-
-    (tmp_path / "b.jsonl").write_text('{"prompt": "x"}\n' * 10)
-    monkeypatch.setattr(read, "COUNT_TEXT_BYTES", 20)
-    assert read.count_rows(read.input_files(tmp_path)) is None
