@@ -34,7 +34,7 @@ DECODE_LAUNCH_MIN_ROWS = 32
 class StepParts:
     """A step's sequences in the order the scheduler gives them: ``decode`` leading ones with one new token each,
     then chunks over cached tokens, then, from sequence ``fresh`` (row ``fresh_row``) on, ones with nothing cached,
-    which attend to their own new tokens only. ``*_max_q``: the longest new-token run of the middle and last part;
+    which attend to their own new tokens only. ``middle_max_q``: the longest new-token run of the middle part;
     ``fresh_lens``: the new tokens of each sequence of the last part.
     """
 
@@ -42,8 +42,11 @@ class StepParts:
     fresh: int
     fresh_row: int
     middle_max_q: int
-    fresh_max_q: int
     fresh_lens: tuple[int, ...] = ()
+
+    @property
+    def fresh_max_q(self) -> int:
+        return max(self.fresh_lens, default=0)
 
     @classmethod
     def of(cls, q_lens: list[int], cached: list[int]) -> "StepParts":
@@ -53,8 +56,7 @@ class StepParts:
         fresh = len(q_lens)
         while fresh > decode and cached[fresh - 1] == 0:
             fresh -= 1
-        return cls(decode, fresh, sum(q_lens[:fresh]), max(q_lens[decode:fresh], default=0),
-                   max(q_lens[fresh:], default=0), tuple(q_lens[fresh:]))
+        return cls(decode, fresh, sum(q_lens[:fresh]), max(q_lens[decode:fresh], default=0), tuple(q_lens[fresh:]))
 
 
 @dataclass

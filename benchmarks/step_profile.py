@@ -34,7 +34,7 @@ from actors.engine import Engine  # noqa: E402
 from actors.runner import ModelRunner, StepInput  # noqa: E402
 from actors.sequence import Request, SamplingParams  # noqa: E402
 from benchmarks.engine_profile import random_model  # noqa: E402
-from jobs.bench import LLAMA_8B  # noqa: E402
+from jobs.bench import LLAMA_8B, warm_up  # noqa: E402
 from tests.actors.test_paged_attention import make_case  # noqa: E402
 
 
@@ -129,8 +129,7 @@ def engine_busy(loaded, layout: str, cudnn_prompts: bool) -> list[dict]:
     config = EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192, cudnn_prompts=cudnn_prompts)
     runner = ModelRunner(loaded, SINGLE, torch.device("cuda"), config, 8192)
     engine = Engine(runner, config, 8192, set())
-    warm = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    engine.generate([Request(f"w{i}", [1] * n, warm) for i, n in enumerate((64, 64, 1000, 8292))])
+    warm_up(engine, config.max_num_batched_tokens)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, (prompts, input_len, output_len) in {"prefill-heavy / 2": (16, 4096, 32), "mixed / 4": (250, 1024, 128)}.items():

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from jobs.bench import LLAMA_8B, LLAMA_70B, WORKLOADS, workload_prompts, write_checkpoint  # noqa: E402
+from jobs.bench import LLAMA_8B, LLAMA_70B, WORKLOADS, warm_up, workload_prompts, write_checkpoint  # noqa: E402
 
 SHAPES = {"8b": LLAMA_8B, "70b": LLAMA_70B}
 GiB = 2**30
@@ -78,9 +78,7 @@ def _rank_main(layout: Layout, replica: int, rank: int, port: int, args: dict, b
             runner.follow()
         else:
             engine = Engine(runner, cfg, max_len, set())
-            warm = SamplingParams(max_new_tokens=8, ignore_eos=True)
-            engine.generate([Request(f"w{i}", [1] * n, warm)
-                             for i, n in enumerate((64, 64, 1000, cfg.max_num_batched_tokens + 100))])
+            warm_up(engine, cfg.max_num_batched_tokens)
             for workload in args["workloads"]:
                 prompts, output_len = workload_prompts(workload, args["scale"])
                 mine = prompts[replica::layout.replicas]

@@ -87,6 +87,15 @@ def workload_prompts(name: str, scale: float, seed: int = 0) -> tuple[list[list[
     return torch.randint(0, 128000, (count, input_len), generator=g).tolist(), output_len
 
 
+def warm_up(engine, max_num_batched_tokens: int) -> None:
+    """Compile every kernel variant (decode, prefill, a chunked prefill, cuDNN's plan for a long first chunk) here,
+    not inside a timed run."""
+    from actors.sequence import Request, SamplingParams
+
+    warm = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    engine.generate([Request(f"w{i}", [1] * n, warm) for i, n in enumerate((64, 64, 1000, max_num_batched_tokens + 100))])
+
+
 def write_checkpoint(out: Path, group_size: int = 128, shape: dict = LLAMA_8B) -> Path:
     """A plain int4 checkpoint of ``shape`` (the 8B one by default), random weights made and quantized on the GPU
     one tensor at a time; lm_head and embeddings stay bf16. Reused if ``out`` already holds one."""
@@ -167,9 +176,7 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     notes = {"layout": loaded.layout, "read_s": round(loaded.load_s, 2), "convert_s": round(loaded.convert_s, 2),
              "kv_cache_gib": round(runner.num_blocks * runner.kv_caches[0][0][0].nbytes * 2 * len(runner.kv_caches) / GiB, 2),
              "activation_peak_gib": round(runner.activation_peak / GiB, 2), "cuda_graphs": runner.graphs is not None}
-    # Warm-up: every kernel variant compiles here (decode, prefill, a chunked prefill), not inside a timed run.
-    warm = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    engine.generate([Request(f"w{i}", [1] * n, warm) for i, n in enumerate((64, 64, 1000, config.max_num_batched_tokens + 100))])
+    warm_up(engine, config.max_num_batched_tokens)
     results = []
     for workload in config.workloads:
         prompts, output_len = workload_prompts(workload, config.scale)

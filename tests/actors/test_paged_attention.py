@@ -133,13 +133,14 @@ def test_one_launch_per_kind_of_sequence_matches_the_pytorch_path(float32_errors
 def test_a_step_splits_into_decode_rows_chunks_and_uncached_sequences():
     from actors.attention import StepParts
 
-    # q_lens, cached tokens -> (decode, fresh, fresh_row, middle_max_q, fresh_max_q, fresh_lens)
-    assert StepParts.of([1, 1, 20, 7, 9], [30, 5, 60, 0, 0]) == StepParts(2, 3, 22, 20, 9, (7, 9))
-    assert StepParts.of([1, 1], [3, 4]) == StepParts(2, 2, 2, 0, 0, ())  # decode only
-    assert StepParts.of([4096, 4096], [0, 0]) == StepParts(0, 0, 0, 0, 4096, (4096, 4096))  # whole prompts only
-    assert StepParts.of([1, 5], [0, 0]) == StepParts(1, 1, 1, 0, 5, (5,))  # a one-token prompt leads: a decode row
+    # q_lens, cached tokens -> (decode, fresh, fresh_row, middle_max_q, fresh_lens)
+    assert StepParts.of([1, 1, 20, 7, 9], [30, 5, 60, 0, 0]) == StepParts(2, 3, 22, 20, (7, 9))
+    assert StepParts.of([1, 1], [3, 4]) == StepParts(2, 2, 2, 0, ())  # decode only
+    assert StepParts.of([4096, 4096], [0, 0]) == StepParts(0, 0, 0, 0, (4096, 4096))  # whole prompts only
+    assert StepParts.of([1, 5], [0, 0]) == StepParts(1, 1, 1, 0, (5,))  # a one-token prompt leads: a decode row
     # not in scheduler order: everything between the decode rows and the uncached tail is the middle part
-    assert StepParts.of([3, 1, 8], [0, 9, 0]) == StepParts(0, 2, 4, 3, 8, (8,))
+    assert StepParts.of([3, 1, 8], [0, 9, 0]) == StepParts(0, 2, 4, 3, (8,))
+    assert StepParts.of([1, 1, 20, 7, 9], [30, 5, 60, 0, 0]).fresh_max_q == 9
 
 
 def test_kernel_matches_the_pytorch_path_in_float16():

@@ -23,7 +23,7 @@ def test_each_step_names_its_decode_rows_and_its_sequences_with_nothing_cached(m
     engine.generate([Request(str(i), p, params) for i, p in enumerate(prompts([20, 30, 100]))])
     # Two whole prompts and the first chunk of the third, nothing cached; then decode rows and the chunk that
     # continues over the third's cached tokens; then decode rows only.
-    assert seen[0] == ([0, 0, 0], [20, 30, 14], StepParts(0, 0, 0, 0, 30, (20, 30, 14)))
-    assert seen[1] == ([20, 30, 14], [1, 1, 62], StepParts(2, 3, 64, 62, 0))
+    assert seen[0] == ([0, 0, 0], [20, 30, 14], StepParts(0, 0, 0, 0, (20, 30, 14)))
+    assert seen[1] == ([20, 30, 14], [1, 1, 62], StepParts(2, 3, 64, 62, ()))
     cached, _, parts = seen[-1]
-    assert parts == StepParts(len(cached), len(cached), len(cached), 0, 0)
+    assert parts == StepParts(len(cached), len(cached), len(cached), 0, ())
