@@ -33,6 +33,9 @@ _SUBCLASS_FIELDS = frozenset(
 LAYOUT_PRESHUFFLED = "int4-preshuffled"
 LAYOUT_PLAIN = "int4-plain"
 LAYOUT_CPU = "cpu-dequantized"
+# shardgen's own layout for its Triton kernels (actors/int4_kernels.py); see pack_tiled.
+LAYOUT_TILED = "int4-tiled"
+TILED_PACK = 64
 # fbgemm's bf16 x int4 GEMMs (plain and preshuffled) compute wrong results below this group size on CUDA:
 # relative error 0.45-0.64 at G=32 against 0.0024 at G=64..256 (benchmarks/int4_group_sizes.py, H100).
 MIN_CUDA_GROUP_SIZE = 64
@@ -96,6 +99,34 @@ def dequantize(t: Int4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tenso
     scale = t.scale.t().to(dtype).unsqueeze(-1)
     zero = t.zero_point.t().to(dtype).unsqueeze(-1)
     return (q * scale + zero).reshape(n, k)
+
+
+def pack_tiled(t: Int4Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tiled layout of shardgen's Triton kernels: (words int32 (K/8, N), scale (K/G, N), zero (K/G, N)).
+
+    K-major, N contiguous: a tile of words [rows, BLOCK_N] is read with full-width coalesced loads, and so are
+    the matching scales. Each run of 64 consecutive k is 8 word rows; nibble p (bits 4p..4p+3) of word row i of
+    the run holds k = 8p + i, stored unsigned as q + 8 in [0, 15], so a kernel unpacks nibble p of a whole tile
+    with one shift and one mask and reads the matching x in runs of 8. Scale and zero point are the checkpoint's
+    own: the kernels compute with exactly the plain int4 weights.
+    """
+    n, k = t.shape
+    if k % TILED_PACK != 0:
+        raise ValueError(f"the tiled int4 layout needs K ({k}) to be a multiple of {TILED_PACK}")
+    u = (unpack(t.qdata).to(torch.int64) + 8).reshape(n, k // TILED_PACK, 8, 8)  # (n, run, p, i)
+    shifts = (torch.arange(8, device=u.device, dtype=torch.int64) * 4).view(1, 1, 8, 1)
+    words = (u << shifts).sum(dim=2)  # (n, run, i); nibbles do not overlap, so the sum is an OR
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).reshape(n, k // 8)
+    return words.t().contiguous(), t.scale.contiguous(), t.zero_point.contiguous()
+
+
+def unpack_tiled(words: torch.Tensor) -> torch.Tensor:
+    """int32 (K/8, N) tiled words -> int8 (N, K) values in [-8, 7]: the inverse of ``pack_tiled``'s packing."""
+    w = words.t().to(torch.int64) & 0xFFFFFFFF
+    n = w.shape[0]
+    shifts = (torch.arange(8, device=w.device, dtype=torch.int64) * 4).view(1, 1, 8, 1)
+    u = (w.reshape(n, -1, 1, 8) >> shifts) & 0xF  # (n, run, p, i)
+    return (u - 8).to(torch.int8).reshape(n, -1)
 
 
 # ----------------------------------------------------------------------- tensor parallel
