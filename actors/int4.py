@@ -16,9 +16,11 @@ converts a loaded shard to the layout of the hardware it landed on.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchao.quantization import Int4Tensor
 
@@ -257,14 +259,44 @@ def _preshuffle_available(device: torch.device) -> bool:
     return _is_fbgemm_gpu_genai_available() and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def hardware_layout(device: torch.device | str, preshuffle: bool = True) -> str:
-    """The layout int4 weights take on ``device``: preshuffled (SM90+ with fbgemm), plain (other CUDA), or CPU."""
-    device = torch.device(device)
+def _tiled_available(device: torch.device) -> bool:
+    from actors import int4_kernels
+
     if device.type == "cpu":
+        return int4_kernels.interpreting()
+    return int4_kernels.triton is not None and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+# What --int4-layout accepts; "auto" is the fastest layout the device has.
+LAYOUT_CHOICES = ("auto", LAYOUT_TILED, LAYOUT_PRESHUFFLED, LAYOUT_PLAIN)
+
+
+def hardware_layout(device: torch.device | str, requested: str = "auto") -> str:
+    """The layout int4 weights take on ``device``.
+
+    ``auto``: on CUDA, shardgen's tiled layout (its own Triton kernels, SM80+), else fbgemm's preshuffled layout
+    (SM90+), else plain; on the CPU, the dequantized weight. A layout asked for by name that ``device`` cannot run
+    is refused with the layouts it can. (The tiled layout runs on the CPU under Triton's interpreter: tests.)
+    """
+    device = torch.device(device)
+    if requested not in LAYOUT_CHOICES:
+        raise ValueError(f"--int4-layout {requested!r} is not one of {', '.join(LAYOUT_CHOICES)}")
+    if device.type == "cpu":
+        if requested == LAYOUT_TILED and _tiled_available(device):
+            return LAYOUT_TILED
+        if requested != "auto":
+            raise ValueError(f"--int4-layout {requested} runs on CUDA GPUs; on the CPU int4 weights are dequantized "
+                             f"at load (leave --int4-layout at auto)")
         return LAYOUT_CPU
-    if preshuffle and _preshuffle_available(device):
-        return LAYOUT_PRESHUFFLED
-    return LAYOUT_PLAIN
+    usable = [layout for layout, ok in ((LAYOUT_TILED, _tiled_available(device)),
+                                         (LAYOUT_PRESHUFFLED, _preshuffle_available(device)),
+                                         (LAYOUT_PLAIN, True)) if ok]
+    if requested == "auto":
+        return usable[0]
+    if requested not in usable:
+        raise ValueError(f"--int4-layout {requested} cannot run on {torch.cuda.get_device_name(device)}; "
+                         f"it runs {', '.join(usable)} (or auto)")
+    return requested
 
 
 def param_attributes(param: nn.Parameter) -> dict[str, object]:
@@ -279,13 +311,17 @@ def contiguous(t: Int4Tensor) -> Int4Tensor:
     )
 
 
-def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype) -> nn.Parameter:
+def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype,
+                         runtime: TiledRuntime | None = None) -> nn.Parameter:
     """Turn a loaded plain-int4 parameter into the parameter the forward pass will use.
 
     - ``int4-preshuffled``: ``Int4PreshuffledTensor`` through torchao's
       ``convert_to_packed_tensor_based_on_current_hardware``. fbgemm shuffles the
       source in place, so the old parameter is garbage afterwards: callers must
       replace it and never read it again.
+    - ``int4-tiled``: the int32 words of ``pack_tiled`` (K/8, N), with the scale and zero point as the
+      parameter's ``tiled_scale`` / ``tiled_zero`` and the group size as ``int4_group_size``; ``linear`` runs it
+      through shardgen's Triton kernels (``runtime``, shared by a model's weights, picks them).
     - ``int4-plain``: the plain ``Int4Tensor``, inner tensors made contiguous.
     - ``cpu-dequantized``: the dequantized float weight in ``dtype``.
 
@@ -304,6 +340,9 @@ def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype) -
 
         new = convert_to_packed_tensor_based_on_current_hardware(weight)
         assert not is_int4(new), "preshuffled layout asked for on hardware that does not support it"
+    elif layout == LAYOUT_TILED:
+        assert runtime is not None, "the tiled layout needs the model's TiledRuntime"
+        new, tiled_scale, tiled_zero = pack_tiled(weight)
     elif layout == LAYOUT_PLAIN:
         new = weight
     elif layout == LAYOUT_CPU:
@@ -315,7 +354,41 @@ def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype) -
         setattr(out, key, value)
     out.int4_converted = True
     out.int4_layout = layout
+    if layout == LAYOUT_TILED:
+        out.tiled_scale, out.tiled_zero, out.int4_group_size = tiled_scale, tiled_zero, group_size_of(weight)
+        out.tiled_runtime = runtime
     return out
+
+
+class TiledRuntime:
+    """What the tiled int4 weights of one model share: the kernel choice of their GPU, and one scratch buffer
+    (as large as the largest weight, in the model's dtype) into which the ``dequant`` path unpacks a weight for
+    cuBLAS at prefill sizes. It is allocated with the weights, so the KV planner counts it as theirs."""
+
+    def __init__(self, device: torch.device, kernel_cache_dir: Path | None, scratch_numel: int,
+                 dtype: torch.dtype) -> None:
+        from actors.kernel_choice import KernelChoice
+
+        self.choice = KernelChoice(device, kernel_cache_dir)
+        self.scratch = torch.empty(scratch_numel, dtype=dtype, device=device)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b) for a weight in any layout ``convert_for_hardware`` makes; x contiguous."""
+    if getattr(weight, "int4_layout", None) != LAYOUT_TILED:
+        return F.linear(x, weight, bias)
+    from actors import int4_kernels
+
+    runtime: TiledRuntime = weight.tiled_runtime
+    x2 = x.reshape(-1, x.shape[-1])
+    k, n = weight.shape[0] * 8, weight.shape[1]
+    config = runtime.choice.config(x2.shape[0], n, k, weight.int4_group_size)
+    scratch = runtime.scratch if config.kernel == "dequant" else None
+    y = int4_kernels.linear(x2, weight.data, weight.tiled_scale, weight.tiled_zero, weight.int4_group_size, config,
+                            scratch)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], n)
 
 
 def check_cuda_group_size(group_size: int) -> None:
@@ -326,15 +399,30 @@ def check_cuda_group_size(group_size: int) -> None:
             f"{MIN_CUDA_GROUP_SIZE} (relative error ~0.5); re-quantize with --group-size 64 or 128, or use --device cpu")
 
 
-def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype) -> int:
-    """Convert every plain-int4 parameter under ``module`` in place of the old one; returns how many."""
-    for p in module.parameters():
-        if is_int4(p.data) and layout in (LAYOUT_PRESHUFFLED, LAYOUT_PLAIN):
-            check_cuda_group_size(group_size_of(p.data))
+def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
+                           kernel_cache_dir: Path | None = None) -> int:
+    """Convert every plain-int4 parameter under ``module`` in place of the old one; returns how many.
+
+    For the tiled layout, the kernels of every weight shape are chosen first (a probe on GPUs or shapes that
+    the shipped tables lack, cached under ``kernel_cache_dir``)."""
+    weights = [p.data for p in module.parameters() if is_int4(p.data)]
+    if layout in (LAYOUT_PRESHUFFLED, LAYOUT_PLAIN):
+        for w in weights:
+            check_cuda_group_size(group_size_of(w))
+    runtime = None
+    if layout == LAYOUT_TILED and weights:
+        for w in weights:
+            if w.shape[1] % TILED_PACK != 0 or group_size_of(w) % TILED_PACK != 0:
+                raise ValueError(f"an int4 weight of shape {tuple(w.shape)} with group size {group_size_of(w)} cannot "
+                                 f"take the tiled layout: K and the group size must be multiples of {TILED_PACK}; "
+                                 f"use --int4-layout int4-preshuffled or int4-plain")
+        runtime = TiledRuntime(weights[0].qdata.device, kernel_cache_dir, max(w.shape[0] * w.shape[1] for w in weights),
+                               dtype)
+        runtime.choice.prepare({(w.shape[0], w.shape[1], group_size_of(w)) for w in weights})
     count = 0
     for sub in module.modules():
         for name, param in list(sub.named_parameters(recurse=False)):
             if is_int4(param.data) and not getattr(param, "int4_converted", False):
-                setattr(sub, name, convert_for_hardware(param, layout, dtype))
+                setattr(sub, name, convert_for_hardware(param, layout, dtype, runtime))
                 count += 1
     return count

@@ -10,7 +10,8 @@ and split K over several programs where N alone cannot fill the GPU (o_proj, dow
 Three kernels, all reading the same weights:
 
 - ``gemv``: M rows, one program per (row, N block, K split), fp32 FMAs, no tensor cores (M = 1..4);
-- ``dot``:  tensor-core tiles of BLOCK_M rows (M up to a few hundred);
+- ``dot``:  tensor-core tiles of BLOCK_M rows (M up to a few hundred), 8 dots of K = CHUNK/8 per chunk;
+- ``dotk``: the same tiles with the weight unpacked in natural k order, one dot of K = BLOCK_K per step;
 - ``dequantize``: the bf16 weight into a scratch buffer, for cuBLAS at prefill sizes, where a GEMM is
   compute-bound and the unpacking is amortised over thousands of rows.
 
@@ -29,6 +30,14 @@ try:
 except ImportError:  # CPU-only installs: the tiled layout is CUDA-only
     triton = None
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, set before Triton is imported)."""
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    return bool(knobs is not None and knobs.runtime.interpret)
+
+
 # Must match int4.TILED_PACK: a run of 64 k-values is 8 int32 words, nibble p of word i holding k = p * 8 + i.
 PACK = 64
 ONE = 0x3F800000  # float32 bits of 1.0; a nibble u in mantissa bits 19..22 makes the float 1 + u/16
@@ -39,7 +48,7 @@ NIBBLE_AT_19 = 0x00780000
 class KernelConfig:
     """One way of running an int4 linear: which kernel, and its tile sizes."""
 
-    kernel: str  # "gemv", "dot" or "dequant"
+    kernel: str  # "gemv", "dot", "dotk" or "dequant"
     block_n: int = 64
     block_k: int = 256  # k per loop step: BLOCK_K / chunk chunks whose loads are in flight together
     chunk: int = 128  # k per unpacked tile; a multiple of 64, and of 128 for the dot kernel (tl.dot needs K >= 16)
@@ -56,14 +65,17 @@ class KernelConfig:
             return False
         if self.kernel == "dot" and self.chunk // 8 < 16:
             return False  # tl.dot needs K tiles of >= 16
+        if self.kernel == "dotk":
+            return self.block_k % PACK == 0 and k % (self.block_k * self.split_k) == 0
         return (self.chunk % PACK == 0 and self.block_k % self.chunk == 0
                 and k % (self.block_k * self.split_k) == 0)
 
     def name(self) -> str:
         if self.kernel == "dequant":
             return "dequant+cublas"
-        m = f"m{self.block_m}-" if self.kernel == "dot" else ""
-        return f"{self.kernel}-{m}n{self.block_n}-k{self.block_k}-c{self.chunk}-s{self.split_k}-w{self.num_warps}-st{self.num_stages}"
+        m = f"m{self.block_m}-" if self.kernel in ("dot", "dotk") else ""
+        c = "" if self.kernel == "dotk" else f"-c{self.chunk}"
+        return f"{self.kernel}-{m}n{self.block_n}-k{self.block_k}{c}-s{self.split_k}-w{self.num_warps}-st{self.num_stages}"
 
 
 if triton is not None:
@@ -161,6 +173,49 @@ if triton is not None:
             tl.store(out + pid_k * stride_split, acc, mask=mask)
 
     @triton.jit
+    def _dot_runs_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, stride_om, stride_split,
+                         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPLIT_K: tl.constexpr, K_SPAN: tl.constexpr, ASM: tl.constexpr):
+        """The weight tile of BLOCK_K k-values unpacked in natural k order, by shifting each word by all 8 nibble
+        positions at once, so one tensor-core dot covers the whole step with a contiguous x tile (the ``dot``
+        kernel does 8 dots of K = CHUNK/8 and gathers x 8 times)."""
+        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        rows = tl.arange(0, BLOCK_K // 8)
+        offs_k = tl.arange(0, BLOCK_K)
+        shift = (tl.arange(0, 8) * 4)[None, :, None, None]  # nibble p of every word, p on axis 1
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k_step in range(0, K_SPAN, BLOCK_K):
+            kb = pid_k * K_SPAN + k_step
+            words = tl.load(w_ptr + (kb // 8 + rows)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+            xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kb + offs_k)[None, :], mask=mask_m[:, None], other=0)
+            # (run, 1, i, n) >> 4p -> (run, p, i, n): row run * 64 + p * 8 + i is k, as int4.TILED_PACK lays it out
+            nib = (tl.reshape(words, (BLOCK_K // PACK, 1, 8, BLOCK_N)) >> shift) & 0xF
+            f = ((nib << 19) | _ONE).to(tl.float32, bitcast=True)
+            f = tl.reshape(f, (BLOCK_K, BLOCK_N))
+            if GROUP >= BLOCK_K:
+                g = kb // GROUP
+                s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+                z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+            else:
+                g = ((kb + offs_k) // GROUP)[:, None] * N + offs_n[None, :]
+                s = tl.load(s_ptr + g, mask=mask_n[None, :], other=0).to(tl.float32)
+                z = tl.load(z_ptr + g, mask=mask_n[None, :], other=0).to(tl.float32)
+            w = f * (s * 16) + (z - s * 24)
+            if not ASM:  # Triton's CPU interpreter (tests) gets bf16 dots wrong
+                acc = tl.dot(xk.to(tl.float32), w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xk, w.to(xk.dtype), acc)
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out + pid_k * stride_split, acc, mask=mask)
+
+    @triton.jit
     def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
@@ -205,6 +260,11 @@ def linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torc
     if config.kernel == "gemv":
         grid = (triton.cdiv(n, config.block_n), m, split)
         _gemv_kernel[grid](x, words, scale, zero, part, n, x.stride(0), n, stride_split, GROUP=group_size, **tiles)
+    elif config.kernel == "dotk":
+        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split)
+        tiles.pop("CHUNK")
+        _dot_runs_kernel[grid](x, words, scale, zero, part, m, n, x.stride(0), n, stride_split, GROUP=group_size,
+                               BLOCK_M=config.block_m, **tiles)
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split)
         _dot_kernel[grid](x, words, scale, zero, part, m, n, x.stride(0), n, stride_split, GROUP=group_size,

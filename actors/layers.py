@@ -61,8 +61,8 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # The fbgemm int4 kernels refuse strided activations.
-        return F.linear(x.contiguous(), self.weight, bias)
+        # The int4 kernels refuse strided activations.
+        return int4.linear(x.contiguous(), self.weight, bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -189,7 +189,7 @@ class ParallelLMHead(VocabParallelBase):
         self.weight = embedding.weight
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h.contiguous(), self.weight)
+        logits = int4.linear(h.contiguous(), self.weight)
         if self.tp.size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp.size)]
             dist.all_gather(parts, logits)

@@ -42,12 +42,15 @@ def load_model(
     tp: TPGroup = SINGLE,
     device: torch.device | str = "cpu",
     dtype: str | torch.dtype = "auto",
-    preshuffle: bool = True,
+    int4_layout: str = "auto",
     allow_pickle: bool = False,
+    kernel_cache_dir: str | Path | None = None,
 ) -> LoadedModel:
     """Build this rank's model, read only its slice of every weight, and convert int4 weights for ``device``.
 
-    ``preshuffle=False`` keeps the plain int4 layout on SM90+ (for benchmarks).
+    ``int4_layout``: one of ``int4.LAYOUT_CHOICES``; ``auto`` is the fastest the device runs, another name forces
+    that layout (for comparisons). ``kernel_cache_dir``: where the tiled layout keeps the kernel timings it
+    measures for shapes its GPU's table lacks (None: measured again in every process).
     """
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
@@ -59,8 +62,9 @@ def load_model(
         model.load_weights(ckpt)
     loaded = time.perf_counter()
     quantized = any(int4.is_int4(p) for p in model.parameters())
-    layout = int4.hardware_layout(device, preshuffle) if quantized else "dense"
-    count = int4.convert_module_weights(model, layout, dtype) if quantized else 0
+    layout = int4.hardware_layout(device, int4_layout) if quantized else "dense"
+    cache = Path(kernel_cache_dir) if kernel_cache_dir is not None else None
+    count = int4.convert_module_weights(model, layout, dtype, cache) if quantized else 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return LoadedModel(model.eval(), config, layout, count, loaded - start, time.perf_counter() - loaded)

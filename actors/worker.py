@@ -33,7 +33,8 @@ class ReplicaSpec:
     tp: int = 1
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "auto"
-    preshuffle: bool = True
+    int4_layout: str = "auto"  # actors.int4.LAYOUT_CHOICES
+    kernel_cache_dir: str | None = None  # where measured int4 kernel timings are kept (see actors.kernel_choice)
     engine: EngineConfig = field(default_factory=EngineConfig)
     cpu_threads: int = 1
     run_id: str = "adhoc"  # names this run's placement groups, so the run can release them
@@ -77,7 +78,8 @@ class ShardWorker:
             torch.set_num_threads(spec.cpu_threads)
         tp = init_tp_group(self.rank, spec.tp, address, device)
         joined = time.perf_counter()
-        loaded = load_model(spec.model_dir, tp, device, spec.dtype, spec.preshuffle, spec.allow_pickle)
+        loaded = load_model(spec.model_dir, tp, device, spec.dtype, spec.int4_layout, spec.allow_pickle,
+                            spec.kernel_cache_dir)
         cfg = loaded.config
         max_model_len = min(spec.engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         built = time.perf_counter()

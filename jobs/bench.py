@@ -28,11 +28,12 @@ LLAMA_70B = dict(LLAMA_8B, hidden_size=8192, intermediate_size=28672, num_hidden
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
 WORKLOADS = {"decode-heavy": (128, 32, 2048), "prefill-heavy": (32, 4096, 32), "mixed": (1000, 1024, 128)}
-SYSTEMS = ("shardgen-int4-preshuffled", "shardgen-int4-plain", "shardgen-bf16", "hf-bf16", "hf-int4-preshuffled")
+SYSTEMS = ("shardgen-int4-tiled", "shardgen-int4-preshuffled", "shardgen-int4-plain", "shardgen-bf16", "hf-bf16",
+           "hf-int4-preshuffled")
 # Run only when named, for comparisons: the int4 preshuffled engine with one feature off (its EngineConfig field).
-ENGINE_VARIANTS = {"shardgen-int4-preshuffled-no-overlap": {"overlap_decode": False},
-                   "shardgen-int4-preshuffled-one-attention-launch": {"attention_by_parts": False},
-                   "shardgen-int4-preshuffled-flash-prompts": {"cudnn_prompts": False}}
+ENGINE_VARIANTS = {"shardgen-int4-tiled-no-overlap": {"overlap_decode": False},
+                   "shardgen-int4-tiled-one-attention-launch": {"attention_by_parts": False},
+                   "shardgen-int4-tiled-cudnn-prompts": {"cudnn_prompts": True}}
 EXTRA_SYSTEMS = tuple(ENGINE_VARIANTS)
 GiB = 2**30
 
@@ -51,6 +52,7 @@ class BenchConfig:
     results_dir: Path = Path("benchmarks/results")
     checkpoint_dir: Path = Path("/tmp/shardgen-bench-llama8b-int4")
     cuda_graphs: bool = True
+    kernel_cache_dir: Path | None = None  # int4 kernel timings measured for shapes the GPU's table lacks
 
     def __post_init__(self) -> None:
         known = SYSTEMS + EXTRA_SYSTEMS
@@ -164,7 +166,9 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     if system == "shardgen-bf16":
         loaded = random_bf16_model()
     else:
-        loaded = load_model(config.checkpoint_dir, device="cuda", preshuffle="preshuffled" in system)
+        layout = next(name for name in ("int4-tiled", "int4-preshuffled", "int4-plain") if name in system)
+        loaded = load_model(config.checkpoint_dir, device="cuda", int4_layout=layout,
+                            kernel_cache_dir=config.kernel_cache_dir)
     weights = torch.cuda.memory_allocated()
     engine_cfg = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                               gpu_memory_utilization=config.gpu_memory_utilization, cuda_graphs=config.cuda_graphs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,11 @@ app = typer.Typer(
 
 ALLOW_PICKLE_HELP = ("Also read .bin/.pt weights (with torch.load(weights_only=True)) if the model has no safetensors; "
                      "off by default because unpickling untrusted files can run code.")
+
+
+def user_cache_dir() -> Path:
+    """Where shardgen keeps what it measures once per machine (int4 kernel timings): $XDG_CACHE_HOME/shardgen."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shardgen"
 
 
 def _fail(message: str) -> None:
@@ -91,7 +97,9 @@ def run(
     kv_cache_gb: Optional[float] = typer.Option(None, help="KV cache per rank in GiB; default: sized from free memory."),
     gpu_memory_utilization: float = typer.Option(0.9, help="Share of each GPU's memory for weights, activations and KV cache."),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Run decode steps eagerly, without CUDA graphs."),
-    no_preshuffle: bool = typer.Option(False, "--no-preshuffle", help="Keep plain int4 on SM90+ (for comparisons)."),
+    int4_layout: str = typer.Option("auto", help="int4 weights on the GPU: auto (the fastest this GPU runs: "
+                                                 "int4-tiled, shardgen's own kernels, on SM80+), int4-tiled, "
+                                                 "int4-preshuffled (fbgemm, SM90+) or int4-plain (for comparisons)."),
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to attach to; default: start a local one."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
@@ -118,7 +126,8 @@ def run(
         options = RunOptions(
             model=model, input=input, output=output, tp=tp, replicas=replicas, device=device, dtype=dtype,
             prompt_column=prompt_column, id_column=id_column, chat=chat, batch_size=batch_size, overwrite=overwrite,
-            address=address, preshuffle=not no_preshuffle, allow_pickle=allow_pickle,
+            address=address, int4_layout=int4_layout, allow_pickle=allow_pickle,
+            kernel_cache_dir=user_cache_dir(),
             sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     seed=seed, ignore_eos=ignore_eos),
             engine=EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -145,19 +154,19 @@ def _show_samples(output: Path, count: int = 3) -> None:
         typer.secho(row["completion"] or "", fg=typer.colors.GREEN)
 
 
-BENCH_EXAMPLE = ("Example: shardgen bench --workloads decode-heavy --systems shardgen-int4-preshuffled,hf-int4-preshuffled\n\n"
+BENCH_EXAMPLE = ("Example: shardgen bench --workloads decode-heavy --systems shardgen-int4-tiled,shardgen-bf16\n\n"
                  "Workloads: decode-heavy (128 x 32 in / 2048 out), prefill-heavy (32 x 4096 / 32), mixed (1000 x 1024 / 128).")
 
 
 @app.command(epilog=BENCH_EXAMPLE)
 def bench(
     workloads: str = typer.Option("decode-heavy,prefill-heavy,mixed", help="Comma-separated workloads."),
-    systems: str = typer.Option("shardgen-int4-preshuffled,shardgen-int4-plain,shardgen-bf16,hf-bf16,hf-int4-preshuffled",
-                                help="Comma-separated systems; also, for comparison, shardgen-int4-preshuffled-no-overlap "
-                                     "(every engine step synchronous) and shardgen-int4-preshuffled-one-attention-launch "
-                                     "(a step's attention in one paged-kernel launch, not one per kind of sequence) "
-                                     "and shardgen-int4-preshuffled-flash-prompts (long prompts through FlashAttention, "
-                                     "not cuDNN)."),
+    systems: str = typer.Option("shardgen-int4-tiled,shardgen-int4-preshuffled,shardgen-bf16,hf-bf16,hf-int4-preshuffled",
+                                help="Comma-separated systems (also shardgen-int4-plain); and, for comparison, "
+                                     "shardgen-int4-tiled-no-overlap (every engine step synchronous), "
+                                     "shardgen-int4-tiled-one-attention-launch (a step's attention in one paged-kernel "
+                                     "launch, not one per kind of sequence) and shardgen-int4-tiled-cudnn-prompts "
+                                     "(long prompts through cuDNN, not FlashAttention)."),
     scale: float = typer.Option(1.0, help="Fraction of each workload's prompts to run (a quick check: 0.05)."),
     max_num_seqs: int = typer.Option(256, help="shardgen engine: most sequences per step."),
     max_num_batched_tokens: int = typer.Option(8192, help="shardgen engine: most tokens per step."),
@@ -166,7 +175,7 @@ def bench(
     results_dir: Path = typer.Option(Path("benchmarks/results"), help="Where the JSON and PNG go."),
     checkpoint_dir: Path = typer.Option(Path("/tmp/shardgen-bench-llama8b-int4"), help="Where the 8B int4 checkpoint is written (reused if present)."),
 ) -> None:
-    """Benchmark a Llama-3.1-8B-shaped model on one GPU: shardgen (int4 preshuffled, plain, bf16) vs Hugging Face generate."""
+    """Benchmark a Llama-3.1-8B-shaped model on one GPU: shardgen (int4 tiled, preshuffled, plain; bf16) vs Hugging Face generate."""
     import torch
 
     from jobs.bench import BenchConfig, run_bench
@@ -177,7 +186,8 @@ def bench(
         config = BenchConfig(workloads=tuple(workloads.split(",")), systems=tuple(systems.split(",")), scale=scale,
                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              gpu_memory_utilization=gpu_memory_utilization, results_dir=results_dir,
-                             checkpoint_dir=checkpoint_dir, cuda_graphs=not enforce_eager)
+                             checkpoint_dir=checkpoint_dir, cuda_graphs=not enforce_eager,
+                             kernel_cache_dir=user_cache_dir())
     except ValueError as e:
         _fail(str(e))
     run_bench(config)

@@ -10,6 +10,7 @@ from actors.sequence import SamplingParams
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+LAYOUTS = ("auto", "int4-tiled", "int4-preshuffled", "int4-plain")  # actors.int4.LAYOUT_CHOICES (not imported: torchao is slow)
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class RunOptions:
     batch_size: int | None = None  # None: pipeline.run.auto_batch_size
     overwrite: bool = False
     address: str | None = None
-    preshuffle: bool = True
+    int4_layout: str = "auto"
+    kernel_cache_dir: Path | None = None
     allow_pickle: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -44,6 +46,8 @@ class RunOptions:
             problems.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.int4_layout not in LAYOUTS:
+            problems.append(f"--int4-layout must be one of {', '.join(LAYOUTS)}, got {self.int4_layout!r}")
         if not self.prompt_column or not self.id_column:
             problems.append("--prompt-column and --id-column must not be empty")
         for problem in self.sampling.problems():  # "top_p must be ..." -> "--top-p must be ..."

@@ -161,7 +161,8 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     cpus = os.cpu_count() or 1
     run_id = uuid.uuid4().hex[:12]
     spec = ReplicaSpec(model_dir=str(options.model.resolve()), tp=options.tp, device=device, dtype=options.dtype,
-                       preshuffle=options.preshuffle, engine=options.engine,
+                       int4_layout=options.int4_layout, engine=options.engine,
+                       kernel_cache_dir=str(options.kernel_cache_dir) if options.kernel_cache_dir else None,
                        cpu_threads=max(1, cpus // (options.tp * options.replicas)), run_id=run_id,
                        allow_pickle=options.allow_pickle)
     batch_size = options.batch_size or auto_batch_size(read.count_rows(files), options.replicas)

@@ -20,10 +20,10 @@ IDS = torch.randint(0, 301, (2, 13), generator=torch.Generator().manual_seed(11)
 PROMPTS = [[5, 17, 42, 7], [100, 3, 250, 9, 18, 77, 1]]
 
 
-def _rank_main(rank: int, world: int, port: int, path: str, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, path: str, out: str, int4_layout: str = "auto") -> None:
     try:
         tp = init_tp_group(rank, world, f"127.0.0.1:{port}", "cpu", timeout_s=120)
-        loaded = load_model(path, tp)
+        loaded = load_model(path, tp, int4_layout=int4_layout)
         model = loaded.model
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         result = {
@@ -39,10 +39,11 @@ def _rank_main(rank: int, world: int, port: int, path: str, out: str) -> None:
         raise
 
 
-def run_tp(path: Path, world: int, out: Path) -> list[dict]:
+def run_tp(path: Path, world: int, out: Path, int4_layout: str = "auto") -> list[dict]:
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(path), str(out))) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(path), str(out), int4_layout))
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

@@ -45,8 +45,8 @@ def test_a_checkpoint_saved_by_transformers_torchao_loads_in_shardgen(float_mode
     hf_down = hf.model.layers[1].mlp.down_proj.weight
     assert isinstance(hf_down, Int4Tensor) and torch.equal(on_disk.qdata, hf_down.qdata.cpu())
 
-    for preshuffle in (False, True):
-        loaded = load_model(tmp_path / "hf-int4", device="cuda", preshuffle=preshuffle)
+    for layout in ("int4-plain", "int4-preshuffled", "int4-tiled"):
+        loaded = load_model(tmp_path / "hf-int4", device="cuda", int4_layout=layout)
         with torch.no_grad():
             want = hf(IDS.cuda()).logits
         got = shardgen_logits(loaded.model, IDS.cuda())
@@ -57,7 +57,7 @@ def test_a_checkpoint_saved_by_transformers_torchao_loads_in_shardgen(float_mode
 
     # With transformers' own arithmetic (fused kernels off) and the same int4 kernel, the logits are identical:
     # what differs above is rounding order, not the weights read.
-    loaded = load_model(tmp_path / "hf-int4", device="cuda", preshuffle=False)
+    loaded = load_model(tmp_path / "hf-int4", device="cuda", int4_layout="int4-plain")
     fused_ops.ENABLED = False
     try:
         got = shardgen_logits(loaded.model, IDS.cuda())

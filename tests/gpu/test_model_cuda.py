@@ -31,12 +31,13 @@ def checkpoint(request, tmp_path_factory):
                            dtype=torch.bfloat16, **overrides)
 
 
-@pytest.mark.parametrize("preshuffle", [True, False])
-def test_model_on_the_gpu_matches_transformers_on_dequantized_weights(checkpoint, preshuffle):
+@pytest.mark.parametrize("layout", ["auto", int4.LAYOUT_TILED, int4.LAYOUT_PRESHUFFLED, int4.LAYOUT_PLAIN])
+def test_model_on_the_gpu_matches_transformers_on_dequantized_weights(checkpoint, layout):
+    if layout == int4.LAYOUT_PRESHUFFLED and not SM90:
+        pytest.skip("preshuffled layout needs SM90+")
     reference, path = checkpoint
-    loaded = load_model(path, device="cuda", preshuffle=preshuffle)
-    expected = int4.LAYOUT_PRESHUFFLED if (preshuffle and SM90) else int4.LAYOUT_PLAIN
-    assert loaded.layout == expected
+    loaded = load_model(path, device="cuda", int4_layout=layout)
+    assert loaded.layout == (int4.LAYOUT_TILED if layout == "auto" else layout)
     ids = torch.randint(0, 2048, (4, 33), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = reference(ids).logits
