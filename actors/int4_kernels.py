@@ -12,6 +12,7 @@ Three kernels, all reading the same weights:
 - ``gemv``: M rows, one program per (row, N block, K split), fp32 FMAs, no tensor cores (M = 1..4);
 - ``dot``:  tensor-core tiles of BLOCK_M rows (M up to a few hundred), 8 dots of K = CHUNK/8 per chunk;
 - ``dotk``: the same tiles with the weight unpacked in natural k order, one dot of K = BLOCK_K per step;
+- ``dott``: ``dotk`` swapped (y^T = W x^T), the weight the tensor cores' register operand, x's rows the narrow one;
 - ``dequantize``: the bf16 weight into a scratch buffer, for cuBLAS at prefill sizes, where a GEMM is
   compute-bound and the unpacking is amortised over thousands of rows.
 
@@ -48,7 +49,7 @@ NIBBLE_AT_19 = 0x00780000
 class KernelConfig:
     """One way of running an int4 linear: which kernel, and its tile sizes."""
 
-    kernel: str  # "gemv", "dot", "dotk" or "dequant"
+    kernel: str  # "gemv", "dot", "dotk", "dott" or "dequant"
     block_n: int = 64
     block_k: int = 256  # k per loop step: BLOCK_K / chunk chunks whose loads are in flight together
     chunk: int = 128  # k per unpacked tile; a multiple of 64, and of 128 for the dot kernel (tl.dot needs K >= 16)
@@ -65,7 +66,7 @@ class KernelConfig:
             return False
         if self.kernel == "dot" and self.chunk // 8 < 16:
             return False  # tl.dot needs K tiles of >= 16
-        if self.kernel == "dotk":
+        if self.kernel in ("dotk", "dott"):
             return self.block_k % PACK == 0 and k % (self.block_k * self.split_k) == 0
         return (self.chunk % PACK == 0 and self.block_k % self.chunk == 0
                 and k % (self.block_k * self.split_k) == 0)
@@ -73,8 +74,8 @@ class KernelConfig:
     def name(self) -> str:
         if self.kernel == "dequant":
             return "dequant+cublas"
-        m = f"m{self.block_m}-" if self.kernel in ("dot", "dotk") else ""
-        c = "" if self.kernel == "dotk" else f"-c{self.chunk}"
+        m = f"m{self.block_m}-" if self.kernel in ("dot", "dotk", "dott") else ""
+        c = "" if self.kernel in ("dotk", "dott") else f"-c{self.chunk}"
         return f"{self.kernel}-{m}n{self.block_n}-k{self.block_k}{c}-s{self.split_k}-w{self.num_warps}-st{self.num_stages}"
 
 
@@ -192,7 +193,7 @@ if triton is not None:
             words = tl.load(w_ptr + (kb // 8 + rows)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
             xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kb + offs_k)[None, :], mask=mask_m[:, None], other=0)
             # (run, 1, i, n) >> 4p -> (run, p, i, n): row run * 64 + p * 8 + i is k, as int4.TILED_PACK lays it out
-            nib = (tl.reshape(words, (BLOCK_K // PACK, 1, 8, BLOCK_N)) >> shift) & 0xF
+            nib = (tl.reshape(words, (BLOCK_K // _PACK, 1, 8, BLOCK_N)) >> shift) & 0xF
             f = ((nib << 19) | _ONE).to(tl.float32, bitcast=True)
             f = tl.reshape(f, (BLOCK_K, BLOCK_N))
             if GROUP >= BLOCK_K:
@@ -210,6 +211,47 @@ if triton is not None:
                 acc = tl.dot(xk, w.to(xk.dtype), acc)
         out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out + pid_k * stride_split, acc, mask=mask)
+
+    @triton.jit
+    def _dot_swapped_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, stride_om, stride_split,
+                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            SPLIT_K: tl.constexpr, K_SPAN: tl.constexpr, ASM: tl.constexpr):
+        """y^T = W x^T: the weight tile (unpacked in natural k order, as in ``dotk``) is the left operand, which a
+        Hopper tensor core reads from registers, so it never goes through shared memory; the few rows of x are
+        the right operand, BLOCK_M as small as 16."""
+        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        rows = tl.arange(0, BLOCK_K // 8)
+        offs_k = tl.arange(0, BLOCK_K)
+        shift = (tl.arange(0, 8) * 4)[None, None, :, None]  # (n, run, p, i)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k_step in range(0, K_SPAN, BLOCK_K):
+            kb = pid_k * K_SPAN + k_step
+            words = tl.load(w_ptr + offs_n[:, None] + (kb // 8 + rows)[None, :] * N, mask=mask_n[:, None], other=0)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (kb + offs_k)[:, None], mask=mask_m[None, :], other=0)
+            nib = (tl.reshape(words, (BLOCK_N, BLOCK_K // _PACK, 1, 8)) >> shift) & 0xF
+            f = tl.reshape(((nib << 19) | _ONE).to(tl.float32, bitcast=True), (BLOCK_N, BLOCK_K))
+            if GROUP >= BLOCK_K:
+                g = kb // GROUP
+                s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)[:, None]
+                z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)[:, None]
+            else:
+                g = offs_n[:, None] + ((kb + offs_k) // GROUP)[None, :] * N
+                s = tl.load(s_ptr + g, mask=mask_n[:, None], other=0).to(tl.float32)
+                z = tl.load(z_ptr + g, mask=mask_n[:, None], other=0).to(tl.float32)
+            w = f * (s * 16) + (z - s * 24)
+            if not ASM:  # Triton's CPU interpreter (tests) gets bf16 dots wrong
+                acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w.to(xt.dtype), xt, acc)
+        out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        mask = mask_m[None, :] & mask_n[:, None]
         if SPLIT_K == 1:
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
@@ -260,10 +302,11 @@ def linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torc
     if config.kernel == "gemv":
         grid = (triton.cdiv(n, config.block_n), m, split)
         _gemv_kernel[grid](x, words, scale, zero, part, n, x.stride(0), n, stride_split, GROUP=group_size, **tiles)
-    elif config.kernel == "dotk":
+    elif config.kernel in ("dotk", "dott"):
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split)
         tiles.pop("CHUNK")
-        _dot_runs_kernel[grid](x, words, scale, zero, part, m, n, x.stride(0), n, stride_split, GROUP=group_size,
+        kernel = _dot_runs_kernel if config.kernel == "dotk" else _dot_swapped_kernel
+        kernel[grid](x, words, scale, zero, part, m, n, x.stride(0), n, stride_split, GROUP=group_size,
                                BLOCK_M=config.block_m, **tiles)
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split)

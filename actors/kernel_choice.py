@@ -72,6 +72,18 @@ def _dotk_tiles(m: int) -> list[tuple[int, int, int]]:
     return [(128, 128, 64), (128, 256, 64)]
 
 
+def _dott_tiles(m: int) -> list[tuple[int, int, int]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of the swapped ``dott`` kernel worth trying at M rows (BLOCK_N is the tensor
+    cores' M side: 64 or 128)."""
+    if m <= 16:
+        return [(16, bn, bk) for bn, bk in ((64, 128), (64, 256), (128, 128), (128, 256))]
+    if m <= 64:
+        return [(bm, bn, bk) for bm in (32, 64) for bn, bk in ((64, 128), (128, 128), (128, 64))]
+    if m <= 512:
+        return [(bm, bn, bk) for bm in (64, 128) for bn, bk in ((64, 128), (128, 64), (128, 128))]
+    return []
+
+
 def candidates(m: int, n: int, k: int, n_sm: int = 132) -> list[KernelConfig]:
     """Every config worth timing for an (M, K) x (K, N) int4 product on a GPU with ``n_sm`` SMs."""
     if k % PACK != 0:
@@ -91,6 +103,12 @@ def candidates(m: int, n: int, k: int, n_sm: int = 132) -> list[KernelConfig]:
         for s in _splits(_cdiv(n, bn) * _cdiv(m, bm), k, bk, n_sm):
             for stages in (3, 4):
                 out.append(KernelConfig("dotk", block_m=bm, block_n=bn, block_k=bk, split_k=s, num_warps=warps,
+                                        num_stages=stages))
+    for bm, bn, bk in _dott_tiles(m):
+        warps = 4 if bm * bn <= 8192 else 8
+        for s in _splits(_cdiv(n, bn) * _cdiv(m, bm), k, bk, n_sm):
+            for stages in (3, 4):
+                out.append(KernelConfig("dott", block_m=bm, block_n=bn, block_k=bk, split_k=s, num_warps=warps,
                                         num_stages=stages))
     if m >= 64:
         out.append(KernelConfig("dequant"))

@@ -51,7 +51,9 @@ def kernels_vs_reference() -> dict[str, float]:
                         K.KernelConfig("dot", block_m=16, block_n=32, block_k=128, split_k=2),
                         K.KernelConfig("dot", block_m=16, block_n=64, block_k=256),
                         K.KernelConfig("dotk", block_m=16, block_n=32, block_k=64, split_k=2),
-                        K.KernelConfig("dotk", block_m=16, block_n=64, block_k=256), K.KernelConfig("dequant")):
+                        K.KernelConfig("dotk", block_m=16, block_n=64, block_k=256),
+                        K.KernelConfig("dott", block_m=16, block_n=32, block_k=64, split_k=2),
+                        K.KernelConfig("dott", block_m=16, block_n=64, block_k=256), K.KernelConfig("dequant")):
                 if cfg.fits(m, n, k):
                     got = K.linear(x, words, scale, zero, g, cfg, torch.empty(n * k))
                     errors[f"{cfg.name()} {n}x{k} M={m}"] = float((got - want).norm() / want.norm())
@@ -67,7 +69,7 @@ def test_int4_kernels_match_the_dequantized_weight_in_triton_interpreter():
     assert done.returncode == 0, done.stderr[-3000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
     print(errors)
-    assert len(errors) == 2 * (1 + 7 + 7 + 5), errors  # per shape: dequantize, 7 configs at M=1 and 3, gemv not at M=20
+    assert len(errors) == 2 * (1 + 9 + 9 + 7), errors  # per shape: dequantize, 9 configs at M=1 and 3, gemv not at M=20
     assert max(errors.values()) < 1e-5, errors
 
 
