@@ -156,8 +156,11 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     if device == "cuda" and options.tp * options.replicas > gpus:
         raise ValueError(f"--tp {options.tp} x --replicas {options.replicas} needs {options.tp * options.replicas} GPUs; "
                          f"the cluster has {gpus:g}; lower --replicas or --tp")
-    if device == "cuda" and config.quant:
+    if device == "cuda" and config.quant and options.int4_layout != int4.LAYOUT_TILED:
         int4.check_cuda_group_size(config.quant.group_size)
+    if device == "cpu" and options.int4_layout != "auto":
+        raise ValueError(f"--int4-layout {options.int4_layout} runs on CUDA GPUs; on the CPU int4 weights are "
+                         f"dequantized at load (leave --int4-layout at auto)")
     cpus = os.cpu_count() or 1
     run_id = uuid.uuid4().hex[:12]
     spec = ReplicaSpec(model_dir=str(options.model.resolve()), tp=options.tp, device=device, dtype=options.dtype,
