@@ -274,9 +274,12 @@ LAYOUT_CHOICES = ("auto", LAYOUT_TILED, LAYOUT_PRESHUFFLED, LAYOUT_PLAIN)
 def hardware_layout(device: torch.device | str, requested: str = "auto") -> str:
     """The layout int4 weights take on ``device``.
 
-    ``auto``: on CUDA, shardgen's tiled layout (its own Triton kernels, SM80+), else fbgemm's preshuffled layout
-    (SM90+), else plain; on the CPU, the dequantized weight. A layout asked for by name that ``device`` cannot run
-    is refused with the layouts it can. (The tiled layout runs on the CPU under Triton's interpreter: tests.)
+    ``auto``: on CUDA, fbgemm's preshuffled layout (SM90+), else plain; on the CPU, the dequantized weight.
+    shardgen's tiled layout (its own Triton kernels, SM80+) is taken only by name: on an H200 it was slower end to
+    end than preshuffled (decode-heavy 11,592 vs 11,962 tok/s, prefill-heavy 26,076 vs 33,523, one call,
+    2026-12-03), though faster per linear at M <= 16 (benchmarks/README.md). A layout asked for by name that
+    ``device`` cannot run is refused with the layouts it can. (The tiled layout runs on the CPU under Triton's
+    interpreter: tests.)
     """
     device = torch.device(device)
     if requested not in LAYOUT_CHOICES:
@@ -288,11 +291,10 @@ def hardware_layout(device: torch.device | str, requested: str = "auto") -> str:
             raise ValueError(f"--int4-layout {requested} runs on CUDA GPUs; on the CPU int4 weights are dequantized "
                              f"at load (leave --int4-layout at auto)")
         return LAYOUT_CPU
-    usable = [layout for layout, ok in ((LAYOUT_TILED, _tiled_available(device)),
-                                         (LAYOUT_PRESHUFFLED, _preshuffle_available(device)),
-                                         (LAYOUT_PLAIN, True)) if ok]
+    usable = [layout for layout, ok in ((LAYOUT_PRESHUFFLED, _preshuffle_available(device)),
+                                         (LAYOUT_PLAIN, True), (LAYOUT_TILED, _tiled_available(device))) if ok]
     if requested == "auto":
-        return usable[0]
+        return usable[0]  # the fastest measured end to end that the device runs (see above)
     if requested not in usable:
         raise ValueError(f"--int4-layout {requested} cannot run on {torch.cuda.get_device_name(device)}; "
                          f"it runs {', '.join(usable)} (or auto)")

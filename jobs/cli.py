@@ -97,9 +97,10 @@ def run(
     kv_cache_gb: Optional[float] = typer.Option(None, help="KV cache per rank in GiB; default: sized from free memory."),
     gpu_memory_utilization: float = typer.Option(0.9, help="Share of each GPU's memory for weights, activations and KV cache."),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Run decode steps eagerly, without CUDA graphs."),
-    int4_layout: str = typer.Option("auto", help="int4 weights on the GPU: auto (the fastest this GPU runs: "
-                                                 "int4-tiled, shardgen's own kernels, on SM80+), int4-tiled, "
-                                                 "int4-preshuffled (fbgemm, SM90+) or int4-plain (for comparisons)."),
+    int4_layout: str = typer.Option("auto", help="int4 weights on the GPU: auto (int4-preshuffled on SM90+, "
+                                                 "else int4-plain), int4-preshuffled (fbgemm), int4-plain, or "
+                                                 "int4-tiled (shardgen's own Triton kernels, SM80+; faster per "
+                                                 "linear at small batches, slower end to end so far)."),
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to attach to; default: start a local one."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),

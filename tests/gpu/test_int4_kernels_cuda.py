@@ -8,6 +8,7 @@ bf16), so the only difference is the order of the fp32 sums: relative error ~1e-
 import pytest
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 from actors import int4, int4_kernels, kernel_choice
 from tests.gpu import require_gpu_kernels
@@ -55,5 +56,12 @@ def test_every_candidate_config_matches_cublas_on_the_dequantized_weight(m, shap
     # One config of each kernel and split factor (compiling all candidates takes minutes; the bench runs them all).
     configs = list({(c.kernel, c.split_k, c.chunk): c for c in kernel_choice.candidates(m, n, k)}.values())
     assert configs, "no config fits"
-    errors = {c.name(): rel(int4_kernels.linear(x, words, scale, zero, group_size, c, scratch), want) for c in configs}
+    errors, too_large = {}, []
+    for c in configs:
+        try:
+            errors[c.name()] = rel(int4_kernels.linear(x, words, scale, zero, group_size, c, scratch), want)
+        except OutOfResources:  # a tile too large for this GPU (G < BLOCK_K loads a scale per weight); never chosen
+            too_large.append(c.name())
+    assert {c.kernel for c in configs} == {n.split("-")[0].replace("dequant+cublas", "dequant") for n in errors}, \
+        (errors, too_large)
     assert max(errors.values()) < TOL, errors
