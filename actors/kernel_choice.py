@@ -94,22 +94,13 @@ def candidates(m: int, n: int, k: int, n_sm: int = 132) -> list[KernelConfig]:
                                      (128, 256, 64, 4)):
             for s in _splits(_cdiv(n, bn) * m, k, bk, n_sm):
                 out.append(KernelConfig("gemv", block_n=bn, block_k=bk, chunk=chunk, split_k=s, num_warps=warps))
-    for bm, bn, bk in _dot_tiles(m):
-        warps = 4 if bm * bn <= 4096 else 8
-        for s in _splits(_cdiv(n, bn) * _cdiv(m, bm), k, bk, n_sm):
-            out.append(KernelConfig("dot", block_m=bm, block_n=bn, block_k=bk, split_k=s, num_warps=warps))
-    for bm, bn, bk in _dotk_tiles(m):
-        warps = 4 if bm * bn <= 4096 else 8
-        for s in _splits(_cdiv(n, bn) * _cdiv(m, bm), k, bk, n_sm):
-            for stages in (3, 4):
-                out.append(KernelConfig("dotk", block_m=bm, block_n=bn, block_k=bk, split_k=s, num_warps=warps,
-                                        num_stages=stages))
-    for bm, bn, bk in _dott_tiles(m):
-        warps = 4 if bm * bn <= 8192 else 8
-        for s in _splits(_cdiv(n, bn) * _cdiv(m, bm), k, bk, n_sm):
-            for stages in (3, 4):
-                out.append(KernelConfig("dott", block_m=bm, block_n=bn, block_k=bk, split_k=s, num_warps=warps,
-                                        num_stages=stages))
+    # (kernel, its tiles, pipeline depths, the largest BLOCK_M x BLOCK_N that 4 warps take)
+    for kernel, tiles, depths, four_warps in (("dot", _dot_tiles(m), (3,), 4096), ("dotk", _dotk_tiles(m), (3, 4), 4096),
+                                              ("dott", _dott_tiles(m), (3, 4), 8192)):
+        for bm, bn, bk in tiles:
+            for s in _splits(_cdiv(n, bn) * _cdiv(m, bm), k, bk, n_sm):
+                out += [KernelConfig(kernel, block_m=bm, block_n=bn, block_k=bk, split_k=s,
+                                     num_warps=4 if bm * bn <= four_warps else 8, num_stages=stages) for stages in depths]
     if m >= 64:
         out.append(KernelConfig("dequant"))
     return [c for c in out if c.fits(m, n, k)]
