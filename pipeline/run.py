@@ -158,9 +158,8 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
                          f"the cluster has {gpus:g}; lower --replicas or --tp")
     if device == "cuda" and config.quant and options.int4_layout != int4.LAYOUT_TILED:
         int4.check_cuda_group_size(config.quant.group_size)
-    if device == "cpu" and options.int4_layout != "auto":
-        raise ValueError(f"--int4-layout {options.int4_layout} runs on CUDA GPUs; on the CPU int4 weights are "
-                         f"dequantized at load (leave --int4-layout at auto)")
+    if device == "cpu":
+        int4.hardware_layout("cpu", options.int4_layout)  # refuses a GPU layout before any worker starts
     cpus = os.cpu_count() or 1
     run_id = uuid.uuid4().hex[:12]
     spec = ReplicaSpec(model_dir=str(options.model.resolve()), tp=options.tp, device=device, dtype=options.dtype,
