@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from actors import fused_ops, paged_attention
 from actors.fresh_attention import flash_supports, fresh_attention
+from actors.kv_cache import LayerCache
 
 # Fewer decode rows than this in a step with chunks over cached tokens share the chunks' launch.
 DECODE_LAUNCH_MIN_ROWS = 32
@@ -101,17 +102,16 @@ def attention(
     v: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kv_cache: LayerCache | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """q: (tokens, Hq, D); k, v: (tokens, Hkv, D); cache: two (blocks, block_size, Hkv, D). Returns (tokens, Hq, D)."""
+    """q: (tokens, Hq, D); k, v: (tokens, Hkv, D); cache: the layer's (``actors.kv_cache``). Returns (tokens, Hq, D)."""
     if kv_cache is not None:
-        k_cache, v_cache = kv_cache
-        fused_ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        fused_ops.store_kv(k, v, kv_cache, meta.slot_mapping)
         if q.is_cuda and paged_attention.available():
             if meta.parts is not None:
                 return attention_by_parts(q, k, v, kv_cache, meta, scale, sliding_window)
-            return paged_attention.paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
+            return paged_attention.paged_attention(q, kv_cache, meta.cu_seqlens_q, meta.context_lens,
                                                    meta.block_tables, meta.max_q_len, scale, sliding_window)
     tokens, _, head_dim = q.shape
     max_q = meta.max_q_len
@@ -125,8 +125,7 @@ def attention(
     else:
         # Every block of the table (the runner pads its width), so the key length, and with it the
         # attention kernel's plan, changes once per table bucket rather than on every decode step.
-        keys = k_cache[meta.block_tables].flatten(1, 2)  # (B, blocks * block_size, Hkv, D)
-        values = v_cache[meta.block_tables].flatten(1, 2)
+        keys, values = kv_cache.gather(meta.block_tables, q.dtype)  # (B, blocks * block_size, Hkv, D)
         max_k = keys.shape[1]
 
     # Absolute position of each query and key within its sequence.
@@ -149,7 +148,7 @@ def attention(
     return out.transpose(1, 2)[q_valid].reshape(tokens, -1, head_dim)
 
 
-def attention_by_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+def attention_by_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: LayerCache,
                        meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """GPU attention of a step whose new keys are already in the cache, one launch per part of ``meta.parts``."""
     p, n = meta.parts, meta.num_seqs
@@ -168,7 +167,7 @@ def attention_by_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cac
     def paged() -> None:
         for first, end, max_q in launches:
             if end > first:
-                paged_attention.paged_attention(q, *kv_cache, cu, meta.context_lens, meta.block_tables, max_q,
+                paged_attention.paged_attention(q, kv_cache, cu, meta.context_lens, meta.block_tables, max_q,
                                                 scale, sliding_window, seqs=(first, end), out=out)
 
     if not flash:

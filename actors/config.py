@@ -219,6 +219,10 @@ def _parse_quant(qc: dict[str, Any] | None, source: str) -> QuantConfig | None:
     return QuantConfig(group_size=int(data.get("group_size", 128)))
 
 
+# KV cache element types: the model's dtype, or float8 e4m3 with a scale per token and head (actors/kv_cache.py).
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Limits of one replica's engine. ``kv_cache_memory`` None: sized from what the device has left (runner)."""
@@ -239,8 +243,11 @@ class EngineConfig:
     # Off by default: FlashAttention was faster on prefill-heavy on both GPUs measured (H100: 33,107 vs 32,915
     # tok/s; H200: 33,478 vs 24,412, issue 16).
     cudnn_prompts: bool = False
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from actors import kv_cache
+from actors.kv_cache import LayerCache
+
 try:
     import triton
     import triton.language as tl
@@ -103,33 +106,65 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 # -- new keys and values into the paged cache
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write token i's k and v (tokens, Hkv, D) to cache slot ``slot_mapping[i]`` of the caches (blocks, block_size,
-    Hkv, D). One launch for both; PyTorch's indexed assignment takes two, and reads the strided rows of a fused
-    q/k/v output element by element (43 us for a 8,192-token step's k at 8B shapes, ~0.4 TB/s)."""
-    if not _use_triton(k) or k.stride(-1) != 1 or v.stride(-1) != 1 or not k_cache.is_contiguous():
-        k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
-        v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
+def store_kv(k: torch.Tensor, v: torch.Tensor, cache: LayerCache, slot_mapping: torch.Tensor) -> None:
+    """Write token i's k and v (tokens, Hkv, D) to cache slot ``slot_mapping[i]`` of the layer's cache (blocks,
+    block_size, Hkv, D), quantized per token and head if it is fp8 (``actors.kv_cache``). One launch for both;
+    PyTorch's indexed assignment takes two, and reads the strided rows of a fused q/k/v output element by element
+    (43 us for a 8,192-token step's k at 8B shapes, ~0.4 TB/s)."""
+    if not _use_triton(k) or k.stride(-1) != 1 or v.stride(-1) != 1 or not cache.k.is_contiguous():
+        _store_kv_torch(k, v, cache, slot_mapping)
         return
     tokens, heads, dim = k.shape
-    _store_kv_kernel[(tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
-                                v.stride(1), HEADS=heads, DIM=dim, BLOCK=triton.next_power_of_2(heads * dim),
+    k_scale = cache.k_scale if cache.quantized else cache.k  # unread unless quantized
+    v_scale = cache.v_scale if cache.quantized else cache.v
+    _store_kv_kernel[(tokens,)](k, v, cache.k, cache.v, k_scale, v_scale, slot_mapping, k.stride(0), k.stride(1),
+                                v.stride(0), v.stride(1), HEADS=heads, DIM=dim, HEADS_PAD=triton.next_power_of_2(heads),
+                                DIM_PAD=triton.next_power_of_2(dim), QUANTIZED=cache.quantized, FP8_MAX=kv_cache.FP8_MAX,
                                 num_warps=4)
+
+
+def _store_kv_torch(k: torch.Tensor, v: torch.Tensor, cache: LayerCache, slot_mapping: torch.Tensor) -> None:
+    flat = lambda t: t.view(-1, *t.shape[2:])  # noqa: E731  (slots, ...)
+    if not cache.quantized:
+        flat(cache.k)[slot_mapping] = k
+        flat(cache.v)[slot_mapping] = v
+        return
+    for x, values, scales in ((k, cache.k, cache.k_scale), (v, cache.v, cache.v_scale)):
+        q, s = kv_cache.quantize(x)
+        flat(values)[slot_mapping] = q
+        flat(scales)[slot_mapping] = s
 
 
 if triton is not None:
 
     @triton.jit
-    def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-                         HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr):
+    def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr, stride_kt,
+                         stride_kh, stride_vt, stride_vh, HEADS: tl.constexpr, DIM: tl.constexpr,
+                         HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, QUANTIZED: tl.constexpr,
+                         FP8_MAX: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
-        e = tl.arange(0, BLOCK)
-        mask = e < HEADS * DIM
-        h, d = e // DIM, e % DIM
-        row = tl.load(slot_ptr + t).to(tl.int64) * (HEADS * DIM)
-        tl.store(k_cache_ptr + row + e, tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask), mask=mask)
-        tl.store(v_cache_ptr + row + e, tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask), mask=mask)
+        h = tl.arange(0, HEADS_PAD)[:, None]
+        d = tl.arange(0, DIM_PAD)[None, :]
+        mask = (h < HEADS) & (d < DIM)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        row = slot * (HEADS * DIM) + h * DIM + d
+        _store_one(k_ptr + t * stride_kt + h * stride_kh + d, k_cache_ptr + row, k_scale_ptr + slot * HEADS + h,
+                   mask, h < HEADS, QUANTIZED, FP8_MAX)
+        _store_one(v_ptr + t * stride_vt + h * stride_vh + d, v_cache_ptr + row, v_scale_ptr + slot * HEADS + h,
+                   mask, h < HEADS, QUANTIZED, FP8_MAX)
+
+    @triton.jit
+    def _store_one(src, dst, scale_dst, mask, head_mask, QUANTIZED: tl.constexpr, FP8_MAX: tl.constexpr):
+        x = tl.load(src, mask=mask, other=0.0)
+        if QUANTIZED:  # as kv_cache.quantize: one scale per head, from its largest magnitude
+            xf = x.to(tl.float32)
+            amax = tl.max(tl.abs(xf), axis=1)[:, None]
+            scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
+            q = tl.minimum(tl.maximum(xf / scale, -FP8_MAX), FP8_MAX)
+            tl.store(dst, q.to(dst.dtype.element_ty), mask=mask)
+            tl.store(scale_dst, scale, mask=head_mask)
+        else:
+            tl.store(dst, x, mask=mask)
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, total_ptr, stride_x, stride_r, n, eps,

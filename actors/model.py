@@ -17,6 +17,7 @@ from actors.attention import AttentionMetadata, attention
 from actors.checkpoint import Checkpoint
 from actors.config import ModelConfig
 from actors.distributed import SINGLE, TPGroup
+from actors.kv_cache import LayerCache
 from actors.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -58,7 +59,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                kv_cache: LayerCache | None) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.local_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -93,7 +94,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, f"{prefix}.mlp", int4_groups, tp, dtype, device)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: LayerCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, the residual stream before it); the next norm adds the two."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
@@ -114,7 +115,7 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+                kv_caches: list[LayerCache] | None) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, meta, kv_caches[i] if kv_caches is not None else None)
@@ -142,7 +143,7 @@ class CausalLM(nn.Module):
             self.lm_head.tie_to(self.model.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                kv_caches: list[LayerCache] | None = None) -> torch.Tensor:
         return self.model(input_ids, positions, meta, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

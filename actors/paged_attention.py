@@ -5,7 +5,9 @@ One program handles ``BLOCK_Q`` new tokens of one sequence for one KV head and a
 it (GQA): its ``BLOCK_Q * GROUP_PAD`` query rows are one matrix, so each key tile is loaded once per group and
 multiplied on tensor cores. Keys are walked in tiles of ``BLOCK_N`` with an online softmax (flash attention);
 the loop stops at the last key the tile's queries may see, so a decode step reads each sequence's cache once.
-Every bound is read on the device, which is what lets a decode step be captured in a CUDA graph.
+Every bound is read on the device, which is what lets a decode step be captured in a CUDA graph. An fp8 cache
+(``actors.kv_cache``) is read as fp8 and widened to q's dtype in registers, its per-key scales applied to the
+scores and probabilities of each tile.
 
 The kernel needs Triton; on a machine without it ``available()`` is false and attention falls back to the
 PyTorch path in ``actors.attention`` (which is also the reference the tests hold this kernel to).
@@ -16,6 +18,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from actors.kv_cache import LayerCache
 
 try:
     import triton
@@ -41,9 +45,10 @@ if triton is not None:
 
     @triton.jit
     def _attend_key_tile(
-        q, q_pos, m_i, l_i, acc, n0, kv_end, seq, kv_head, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-        scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, window,
-        d, d_valid, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr,
+        q, q_pos, m_i, l_i, acc, n0, kv_end, seq, kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+        block_tables_ptr, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        window, d, d_valid, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr,
+        num_kv_heads, FP8: tl.constexpr,
     ):
         """One key tile [n0, n0 + BLOCK_N) of the online softmax: returns the updated (m_i, l_i, acc)."""
         n = n0 + tl.arange(0, BLOCK_N)
@@ -51,10 +56,15 @@ if triton is not None:
         page = tl.load(block_tables_ptr + seq * stride_bt + n // PAGE, mask=n_valid, other=0).to(tl.int64)
         k_offsets = page * stride_kb + (n % PAGE) * stride_ks + kv_head * stride_kh
         k = tl.load(k_cache_ptr + k_offsets[None, :] + d[:, None], mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        if FP8:  # scales (blocks, PAGE, num_kv_heads), one per key and head
+            scale_offsets = (page * PAGE + n % PAGE) * num_kv_heads + kv_head
+            k = k.to(q.dtype)
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
+        if FP8:
+            s = s * tl.load(k_scale_ptr + scale_offsets, mask=n_valid, other=0.0)[None, :]
         s = s * scale_log2
         allowed = (n[None, :] <= q_pos[:, None]) & n_valid[None, :]
         if SLIDING:
@@ -67,23 +77,28 @@ if triton is not None:
         l_i = l_i * alpha + tl.sum(p, 1)
         v_offsets = page * stride_vb + (n % PAGE) * stride_vs + kv_head * stride_vh
         v = tl.load(v_cache_ptr + v_offsets[:, None] + d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        if FP8:
+            pv = (p * tl.load(v_scale_ptr + scale_offsets, mask=n_valid, other=0.0)[None, :]).to(q.dtype)
+            v = v.to(q.dtype)
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            pv = p.to(v.dtype)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pv, v)
         return m_new, l_i, acc
 
     # Integers that change from step to step are not specialised on, so no step waits for a recompilation.
     @triton.jit(do_not_specialize=["first_seq", "stride_bt", "window"])
     def _paged_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
+        q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
         part_acc_ptr, part_ml_ptr, first_seq, scale_log2,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         window,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
-        IEEE: tl.constexpr, PIPELINED: tl.constexpr, SPLITS: tl.constexpr,
+        IEEE: tl.constexpr, PIPELINED: tl.constexpr, SPLITS: tl.constexpr, FP8: tl.constexpr,
     ):
         seq = first_seq + tl.program_id(0)
         # Decode launches split each sequence's keys SPLITS ways (axis 1); other launches tile queries on it.
@@ -123,16 +138,16 @@ if triton is not None:
         if PIPELINED:  # compiled: a for loop over tl.range is what Triton software-pipelines (num_stages)
             for n0 in tl.range(kv_start, kv_end, BLOCK_N):
                 m_i, l_i, acc = _attend_key_tile(
-                    q, q_pos, m_i, l_i, acc, n0, kv_end, seq, kv_head, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-                    scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, window,
-                    d, d_valid, BLOCK_N, PAGE, SLIDING, IEEE)
+                    q, q_pos, m_i, l_i, acc, n0, kv_end, seq, kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr,
+                    v_scale_ptr, block_tables_ptr, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                    stride_vh, stride_bt, window, d, d_valid, BLOCK_N, PAGE, SLIDING, IEEE, tl.num_programs(2), FP8)
         else:  # Triton's CPU interpreter cannot range() over a loaded bound
             n0 = kv_start
             while n0 < kv_end:
                 m_i, l_i, acc = _attend_key_tile(
-                    q, q_pos, m_i, l_i, acc, n0, kv_end, seq, kv_head, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-                    scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, window,
-                    d, d_valid, BLOCK_N, PAGE, SLIDING, IEEE)
+                    q, q_pos, m_i, l_i, acc, n0, kv_end, seq, kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr,
+                    v_scale_ptr, block_tables_ptr, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                    stride_vh, stride_bt, window, d, d_valid, BLOCK_N, PAGE, SLIDING, IEEE, tl.num_programs(2), FP8)
                 n0 += BLOCK_N
         if SPLITS > 1:  # partial results; _combine_splits normalises them
             part = (seq * (tl.num_programs(2) * GROUP) + head) * SPLITS + split
@@ -187,8 +202,7 @@ def _sm_count(index: int) -> int:
 
 def paged_attention(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    cache: LayerCache,
     cu_seqlens_q: torch.Tensor,
     context_lens: torch.Tensor,
     block_tables: torch.Tensor,
@@ -199,7 +213,8 @@ def paged_attention(
     out: torch.Tensor | None = None,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """q: (tokens, Hq, D), new keys already written to the caches (blocks, block_size, Hkv, D). Returns (tokens, Hq, D).
+    """q: (tokens, Hq, D), new keys already written to the layer's cache (``actors.kv_cache``: (blocks, block_size,
+    Hkv, D), in the model's dtype or fp8 with scales). Returns (tokens, Hq, D).
 
     ``seqs``: only sequences [first, end) (default all), whose rows are written into ``out`` (given, or a new tensor
     of which only those rows are set). Sequences are picked by an offset, not by slicing the tensors: a slice's
@@ -212,6 +227,7 @@ def paged_attention(
     so a CUDA graph captured with ``max_q_len=1`` serves every decode batch of its size.
     """
     assert triton is not None, "paged_attention needs Triton"
+    k_cache, v_cache = cache.k, cache.v
     tokens, num_heads, head_dim = q.shape
     first, end = seqs if seqs is not None else (0, context_lens.numel())
     num_kv_heads = k_cache.shape[2]
@@ -234,7 +250,8 @@ def paged_attention(
         part_ml = torch.empty(rows, 2, dtype=torch.float32, device=q.device)
     grid = (end - first, splits if splits > 1 else triton.cdiv(max_q_len, block_q), num_kv_heads)
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, part_acc, part_ml, first,
+        q, k_cache, v_cache, cache.k_scale if cache.quantized else k_cache, cache.v_scale if cache.quantized else v_cache,
+        out, cu_seqlens_q, context_lens, block_tables, part_acc, part_ml, first,
         scale * 1.4426950408889634,  # softmax in base 2
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -243,7 +260,7 @@ def paged_attention(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=launch["key_tile"],
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE=k_cache.shape[1],
         SLIDING=sliding_window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda, SPLITS=splits,
-        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+        FP8=cache.quantized, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     if splits > 1:
         _combine_splits[(end - first, num_heads)](

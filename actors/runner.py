@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from actors import paged_attention
+from actors import kv_cache, paged_attention
 from actors.attention import AttentionMetadata, StepParts
 from actors.config import EngineConfig
 from actors.cuda_graphs import DecodeGraphs
@@ -64,9 +64,11 @@ class StepInput:
                    max(lengths), max(lengths), torch.tensor(cu[1:] - 1), StepParts.of(lengths, [0] * len(lengths)))
 
 
-def kv_block_bytes(loaded: LoadedModel, tp: TPGroup, block_size: int, dtype: torch.dtype) -> int:
+def kv_block_bytes(loaded: LoadedModel, tp: TPGroup, block_size: int, dtype: torch.dtype,
+                   kv_cache_dtype: str = "auto") -> int:
     cfg = loaded.config
-    return 2 * cfg.num_layers * block_size * (cfg.num_kv_heads // tp.size) * cfg.head_dim * dtype.itemsize
+    return kv_cache.block_bytes(cfg.num_layers, block_size, cfg.num_kv_heads // tp.size, cfg.head_dim, dtype,
+                                kv_cache_dtype)
 
 
 def cpu_kv_cache_memory() -> int:
@@ -83,8 +85,9 @@ class ModelRunner:
         self.block_size = config.block_size
         self.dtype = self.model.model.embed_tokens.weight.dtype
         self.use_triton = device.type == "cuda" and paged_attention.available()
-        block_bytes = kv_block_bytes(loaded, tp, self.block_size, self.dtype)
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        kv_cache.check_supported(config.kv_cache_dtype, device)
+        block_bytes = kv_block_bytes(loaded, tp, self.block_size, self.dtype, config.kv_cache_dtype)
+        self.kv_caches: list[kv_cache.LayerCache] = []
         self.graphs: DecodeGraphs | None = None
         self.activation_peak = 0
         if config.kv_cache_memory:
@@ -114,11 +117,15 @@ class ModelRunner:
                 self.graphs = None
                 torch.cuda.synchronize(device)
 
-    def _allocate_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _allocate_cache(self, num_blocks: int) -> list[kv_cache.LayerCache]:
         attn = self.model.model.layers[0].self_attn
-        shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.model.model.layers]
+        return kv_cache.allocate(len(self.model.model.layers), num_blocks, self.block_size, attn.num_kv_heads,
+                                 attn.head_dim, self.dtype, self.config.kv_cache_dtype, self.device)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of this rank's KV cache, every layer, scales included."""
+        return sum(c.nbytes for c in self.kv_caches)
 
     def _plan_gpu_kv_memory(self, block_bytes: int) -> int:
         """KV bytes = total x utilization - what is in use now (weights, CUDA context, other processes) - the

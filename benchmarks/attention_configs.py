@@ -23,11 +23,11 @@ from tests.actors.test_paged_attention import make_case  # noqa: E402
 
 
 def time_us(q_lens: list[int], ctx: list[int], launch: dict, key: str) -> float:
-    q, k, v, (kc, vc), meta = make_case(q_lens, ctx, 32, 8, 128, torch.bfloat16, "cuda")
+    q, k, v, cache, meta = make_case(q_lens, ctx, 32, 8, 128, torch.bfloat16, "cuda")
     saved = dict(getattr(pa, key))
     getattr(pa, key).update(launch)
     try:
-        fn = lambda: pa.paged_attention(q, kc, vc, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,  # noqa: E731
+        fn = lambda: pa.paged_attention(q, cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,  # noqa: E731
                                         max(q_lens), 128 ** -0.5)
         return triton.testing.do_bench(fn, warmup=10, rep=50) * 1000
     finally:

@@ -101,12 +101,12 @@ def decode_key_splits() -> list[dict]:
     # sequences, context, query heads, KV heads: 8B shapes, and a 70B rank at T=4 (64 / 4 and 8 / 4 heads)
     for seqs, ctx, hq, hkv in ((32, 4100, 32, 8), (128, 1060, 32, 8), (256, 600, 32, 8), (8, 4100, 32, 8),
                                (32, 4100, 16, 2)):
-        q, k, v, (kc, vc), meta = make_case([1] * seqs, [ctx] * seqs, hq, hkv, 128, torch.bfloat16, "cuda")
+        q, k, v, cache, meta = make_case([1] * seqs, [ctx] * seqs, hq, hkv, 128, torch.bfloat16, "cuda")
         auto = decode_splits(seqs, hkv, q.device)
         row = {"decode": f"{seqs} seqs x {ctx} tokens, {hq}/{hkv} heads", "splits": auto}
         for n in sorted({1, auto, 4}):
             us = triton.testing.do_bench(lambda n=n: paged_attention(
-                q, kc, vc, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, 1, 128 ** -0.5, splits=n),
+                q, cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, 1, 128 ** -0.5, splits=n),
                 warmup=10, rep=100) * 1000
             row[f"{n} split(s) us"] = round(us, 1)
             row[f"{n} split(s) GB/s"] = round(seqs * ctx * hkv * 128 * 2 * 2 / us / 1e3)

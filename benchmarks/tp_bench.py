@@ -71,7 +71,7 @@ def _rank_main(layout: Layout, replica: int, rank: int, port: int, args: dict, b
         runner = ModelRunner(loaded, tp, device, cfg, max_len)
         info = {"replica": replica, "rank": rank, "weights_gib": weights / GiB, "ready_s": time.perf_counter() - start,
                 "read_s": loaded.load_s, "convert_s": loaded.convert_s, "layout": loaded.layout,
-                "kv_cache_gib": sum(k.nbytes + v.nbytes for k, v in runner.kv_caches) / GiB,
+                "kv_cache_gib": runner.kv_cache_bytes / GiB,
                 "cuda_graphs": runner.graphs is not None, "device": torch.cuda.get_device_name(device)}
         print(f"{layout} replica {replica} rank {rank}: ready in {info['ready_s']:.1f} s", flush=True)
         if rank > 0:

@@ -30,10 +30,13 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 WORKLOADS = {"decode-heavy": (128, 32, 2048), "prefill-heavy": (32, 4096, 32), "mixed": (1000, 1024, 128)}
 SYSTEMS = ("shardgen-int4-tiled", "shardgen-int4-preshuffled", "shardgen-int4-plain", "shardgen-bf16", "hf-bf16",
            "hf-int4-preshuffled")
-# Run only when named, for comparisons: the int4 preshuffled engine with one feature off (its EngineConfig field).
+# Run only when named, for comparisons: a shardgen system (the name's prefix) with one EngineConfig field changed.
 ENGINE_VARIANTS = {"shardgen-int4-tiled-no-overlap": {"overlap_decode": False},
                    "shardgen-int4-tiled-one-attention-launch": {"attention_by_parts": False},
-                   "shardgen-int4-tiled-cudnn-prompts": {"cudnn_prompts": True}}
+                   "shardgen-int4-tiled-cudnn-prompts": {"cudnn_prompts": True},
+                   "shardgen-int4-preshuffled-fp8-kv": {"kv_cache_dtype": "fp8"},
+                   "shardgen-int4-tiled-fp8-kv": {"kv_cache_dtype": "fp8"},
+                   "shardgen-bf16-fp8-kv": {"kv_cache_dtype": "fp8"}}
 EXTRA_SYSTEMS = tuple(ENGINE_VARIANTS)
 GiB = 2**30
 
@@ -163,7 +166,7 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
 
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    if system == "shardgen-bf16":
+    if system.startswith("shardgen-bf16"):
         loaded = random_bf16_model()
     else:
         layout = next(name for name in ("int4-tiled", "int4-preshuffled", "int4-plain") if name in system)
@@ -178,7 +181,7 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     ready_s = time.perf_counter() - start
     engine = Engine(runner, engine_cfg, max_len, set())
     notes = {"layout": loaded.layout, "read_s": round(loaded.load_s, 2), "convert_s": round(loaded.convert_s, 2),
-             "kv_cache_gib": round(runner.num_blocks * runner.kv_caches[0][0][0].nbytes * 2 * len(runner.kv_caches) / GiB, 2),
+             "kv_cache_gib": round(runner.kv_cache_bytes / GiB, 2), "kv_cache_dtype": engine_cfg.kv_cache_dtype,
              "activation_peak_gib": round(runner.activation_peak / GiB, 2), "cuda_graphs": runner.graphs is not None}
     warm_up(engine, config.max_num_batched_tokens)
     results = []

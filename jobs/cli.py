@@ -97,6 +97,9 @@ def run(
     kv_cache_gb: Optional[float] = typer.Option(None, help="KV cache per rank in GiB; default: sized from free memory."),
     gpu_memory_utilization: float = typer.Option(0.9, help="Share of each GPU's memory for weights, activations and KV cache."),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Run decode steps eagerly, without CUDA graphs."),
+    kv_cache_dtype: str = typer.Option("auto", help="KV cache elements: auto (the model's dtype) or fp8 (e4m3 with a "
+                                                    "scale per token and head: ~2x the tokens, GPUs of compute "
+                                                    "capability 8.9+ or the CPU)."),
     int4_layout: str = typer.Option("auto", help="int4 weights on the GPU: auto (int4-preshuffled on SM90+, "
                                                  "else int4-plain), int4-preshuffled (fbgemm), int4-plain, or "
                                                  "int4-tiled (shardgen's own Triton kernels, SM80+; faster per "
@@ -134,7 +137,8 @@ def run(
             engine=EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len,
                                 kv_cache_memory=int(kv_cache_gb * 2**30) if kv_cache_gb else None,
-                                gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=not enforce_eager),
+                                gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=not enforce_eager,
+                                kv_cache_dtype=kv_cache_dtype),
         )
         from pipeline.run import run as run_pipeline
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from actors import int4
+from actors import int4, kv_cache
 from actors.attention import AttentionMetadata
 from actors.checkpoint import Checkpoint, PlannedTensor, save_checkpoint
 from actors.config import QuantConfig
@@ -100,21 +100,22 @@ def shardgen_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_paged(model, prompts: list[list[int]], new_tokens: int, block_size: int = 4,
-                 forced: list[list[int]] | None = None) -> list[list[int]]:
+                 forced: list[list[int]] | None = None, kv_cache_dtype: str = "auto",
+                 logits_out: list[torch.Tensor] | None = None) -> list[list[int]]:
     """Greedy decoding through a paged KV cache: one prefill of all prompts, then batched decode steps.
 
     Returns each step's argmax. With ``forced``, those tokens are fed instead of the argmax
-    (teacher forcing), so every step is compared on the same context.
+    (teacher forcing), so every step is compared on the same context. ``logits_out`` collects each step's
+    logits (B, V).
     """
     attn = model.model.layers[0].self_attn
     b = len(prompts)
     max_len = max(len(p) for p in prompts) + new_tokens
     blocks_per_seq = -(-max_len // block_size)
-    shape = (b * blocks_per_seq, block_size, attn.num_kv_heads, attn.head_dim)
     weight = model.model.embed_tokens.weight
     dev = weight.device
-    caches = [(torch.zeros(shape, dtype=weight.dtype, device=dev), torch.zeros(shape, dtype=weight.dtype, device=dev))
-              for _ in model.model.layers]
+    caches = kv_cache.allocate(len(model.model.layers), b * blocks_per_seq, block_size, attn.num_kv_heads,
+                               attn.head_dim, weight.dtype, kv_cache_dtype, dev)
     # Hand out blocks in reverse so block order differs from sequence order.
     tables = torch.arange(b * blocks_per_seq).flip(0).view(b, blocks_per_seq)
     seqs = [list(p) for p in prompts]
@@ -135,6 +136,8 @@ def greedy_paged(model, prompts: list[list[int]], new_tokens: int, block_size: i
         with torch.no_grad():
             hidden = model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta, caches)
             logits = model.compute_logits(hidden[cu[1:] - 1])
+        if logits_out is not None:
+            logits_out.append(logits)
         return logits.argmax(-1).tolist()
 
     predicted = [[t] for t in step([list(p) for p in prompts])]

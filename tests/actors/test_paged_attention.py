@@ -11,7 +11,9 @@ import sys
 import pytest
 import torch
 
+from actors import kv_cache
 from actors.attention import AttentionMetadata, attention
+from actors.kv_cache import LayerCache
 
 pytest.importorskip("triton")
 
@@ -35,8 +37,8 @@ DECODE_CASES = [name for name, case in CASES.items() if set(case[0]) == {1}]
 
 
 def make_case(q_lens: list[int], ctx_lens: list[int], hq: int, hkv: int, d: int, dtype: torch.dtype,
-              device: str = "cpu", block_size: int = 16, seed: int = 0):
-    """Random q/k/v, a cache whose blocks are shuffled, and the metadata of that batch."""
+              device: str = "cpu", block_size: int = 16, seed: int = 0, kv_cache_dtype: str = "auto"):
+    """Random q/k/v, a cache whose blocks are shuffled (in ``dtype``, or fp8 with scales), and the batch's metadata."""
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-c // block_size) for c in ctx_lens) + 3
     order = torch.randperm(num_blocks, generator=g).tolist()
@@ -54,46 +56,66 @@ def make_case(q_lens: list[int], ctx_lens: list[int], hq: int, hkv: int, d: int,
     t = sum(q_lens)
     r = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
     q, k, v = r(t, hq, d), r(t, hkv, d), r(t, hkv, d)
-    k_cache, v_cache = r(num_blocks, block_size, hkv, d), r(num_blocks, block_size, hkv, d)
+    shape = (num_blocks, block_size, hkv, d)
+    if kv_cache_dtype == "fp8":  # values of varied magnitude per token, as real keys have
+        rows = lambda: r(num_blocks * block_size, hkv, d) * torch.rand(num_blocks * block_size, hkv, 1, generator=g) * 8  # noqa: E731
+        (kc, ks), (vc, vs) = kv_cache.quantize(rows()), kv_cache.quantize(rows())
+        cache = LayerCache(kc.view(shape), vc.view(shape), ks.view(shape[:-1]), vs.view(shape[:-1]))
+    else:
+        cache = LayerCache(r(*shape), r(*shape))
     meta = AttentionMetadata(cu, torch.tensor(ctx_lens, dtype=torch.int32), max(q_lens), max(ctx_lens),
                              torch.tensor(slots), block_tables)
     move = lambda x: x.to(device)  # noqa: E731
     meta = AttentionMetadata(move(meta.cu_seqlens_q), move(meta.context_lens), meta.max_q_len, meta.max_context_len,
                              move(meta.slot_mapping), move(meta.block_tables))
-    return move(q), move(k), move(v), (move(k_cache), move(v_cache)), meta
+    return move(q), move(k), move(v), cache_to(cache, device), meta
+
+
+def cache_to(cache: LayerCache, device: str, float32: bool = False) -> LayerCache:
+    """A copy of the cache on ``device``; ``float32``: an unquantized cache widened (the reference's precision)."""
+    if cache.quantized:
+        return LayerCache(*(t.to(device).clone() for t in (cache.k, cache.v, cache.k_scale, cache.v_scale)))
+    widen = (lambda t: t.float()) if float32 else (lambda t: t)  # noqa: E731
+    return LayerCache(widen(cache.k).to(device).clone(), widen(cache.v).to(device).clone())
+
+
+def write_new_keys(k: torch.Tensor, v: torch.Tensor, cache: LayerCache, slots: torch.Tensor) -> None:
+    """What the engine's store does before attention, in PyTorch (the Triton store has its own test)."""
+    from actors.fused_ops import _store_kv_torch
+
+    _store_kv_torch(k, v, cache, slots)
 
 
 def kernel_vs_reference(name: str, dtype: torch.dtype, device: str = "cpu", by_parts: bool = False,
-                        splits: int | None = None) -> float:
+                        splits: int | None = None, kv_cache_dtype: str = "auto") -> float:
     """Largest |kernel - reference| over the case's outputs, relative to the largest reference value. ``by_parts``:
     through ``attention_by_parts``, one launch per kind of sequence (on a CPU, or in float32, paged launches only).
-    ``splits``: a decode case's keys split that many ways per sequence."""
+    ``splits``: a decode case's keys split that many ways per sequence. ``kv_cache_dtype="fp8"``: both read the same
+    fp8 cache, the reference dequantizing it in float32."""
     from actors.attention import StepParts, attention_by_parts
     from actors.paged_attention import paged_attention
 
     q_lens, ctx_lens, hq, hkv, d, window = CASES[name]
-    q, k, v, (k_cache, v_cache), meta = make_case(q_lens, ctx_lens, hq, hkv, d, dtype, device)
+    q, k, v, cache, meta = make_case(q_lens, ctx_lens, hq, hkv, d, dtype, device, kv_cache_dtype=kv_cache_dtype)
     scale = d ** -0.5
-    ref = _torch_path_on_cpu(q, k, v, k_cache, v_cache, meta, scale, window)
-    # The kernel reads the new keys from the cache: write them as the engine does.
-    k_cache.view(-1, hkv, d)[meta.slot_mapping] = k
-    v_cache.view(-1, hkv, d)[meta.slot_mapping] = v
+    ref = _torch_path_on_cpu(q, k, v, cache, meta, scale, window)
+    write_new_keys(k, v, cache, meta.slot_mapping)  # the kernel reads the new keys from the cache
     if by_parts:
         parts = StepParts.of(q_lens, [c - n for n, c in zip(q_lens, ctx_lens)])
         meta = AttentionMetadata(meta.cu_seqlens_q, meta.context_lens, meta.max_q_len, meta.max_context_len,
                                  meta.slot_mapping, meta.block_tables, parts)
-        out = attention_by_parts(q, k, v, (k_cache, v_cache), meta, scale, window)
+        out = attention_by_parts(q, k, v, cache, meta, scale, window)
     else:
-        out = paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
+        out = paged_attention(q, cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
                               meta.max_q_len, scale, window, splits=splits)
     return float((out.float().cpu() - ref.cpu()).abs().max() / ref.abs().max())
 
 
-def _torch_path_on_cpu(q, k, v, k_cache, v_cache, meta, scale, window) -> torch.Tensor:
+def _torch_path_on_cpu(q, k, v, cache, meta, scale, window) -> torch.Tensor:
     cpu = lambda x: x.float().cpu().clone()  # noqa: E731
     m = AttentionMetadata(meta.cu_seqlens_q.cpu(), meta.context_lens.cpu(), meta.max_q_len, meta.max_context_len,
                           meta.slot_mapping.cpu(), meta.block_tables.cpu())
-    return attention(cpu(q), cpu(k), cpu(v), m, scale, (cpu(k_cache), cpu(v_cache)), window)
+    return attention(cpu(q), cpu(k), cpu(v), m, scale, cache_to(cache, "cpu", float32=True), window)
 
 
 def _interpret(dtype: str) -> dict[str, float]:
@@ -102,6 +124,9 @@ def _interpret(dtype: str) -> dict[str, float]:
             f"e = {{n + by: kernel_vs_reference(n, torch.{dtype}, by_parts=bool(by)) "
             f"for n in CASES for by in ('', ' (by parts)')}}; "
             f"e.update({{n + ' (4 splits)': kernel_vs_reference(n, torch.{dtype}, splits=4) for n in DECODE_CASES}}); "
+            f"e.update({{n + ' (fp8 cache)': kernel_vs_reference(n, torch.{dtype}, kv_cache_dtype='fp8') for n in CASES}}); "
+            f"e.update({{n + ' (fp8 cache, 4 splits)': kernel_vs_reference(n, torch.{dtype}, splits=4, kv_cache_dtype='fp8') "
+            f"for n in DECODE_CASES}}); "
             f"print(json.dumps(e))")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
@@ -130,6 +155,16 @@ def test_one_launch_per_kind_of_sequence_matches_the_pytorch_path(float32_errors
     assert float32_errors[name + " (by parts)"] < 1e-5, float32_errors
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_reads_an_fp8_cache_as_the_pytorch_path_dequantizes_it(float32_errors, name):
+    assert float32_errors[name + " (fp8 cache)"] < 1e-5, float32_errors
+
+
+@pytest.mark.parametrize("name", DECODE_CASES)
+def test_split_decode_reads_an_fp8_cache_as_the_pytorch_path_dequantizes_it(float32_errors, name):
+    assert float32_errors[name + " (fp8 cache, 4 splits)"] < 1e-5, float32_errors
+
+
 def test_a_step_splits_into_decode_rows_chunks_and_uncached_sequences():
     from actors.attention import StepParts
 
@@ -151,10 +186,10 @@ def test_kernel_matches_the_pytorch_path_in_float16():
 
 def test_reference_notices_a_wrong_block_table():
     """The comparison is sensitive: a table entry pointing at another sequence's block changes the output."""
-    q, k, v, (k_cache, v_cache), meta = make_case([1, 1], [40, 40], 4, 2, 16, torch.float32)
-    right = attention(q, k, v, meta, 0.25, (k_cache.clone(), v_cache.clone()))
+    q, k, v, cache, meta = make_case([1, 1], [40, 40], 4, 2, 16, torch.float32)
+    right = attention(q, k, v, meta, 0.25, cache_to(cache, "cpu"))
     swapped = meta.block_tables.clone()
     swapped[0, 0] = swapped[1, 0]
     wrong_meta = AttentionMetadata(meta.cu_seqlens_q, meta.context_lens, 1, 40, meta.slot_mapping, swapped)
-    wrong = attention(q, k, v, wrong_meta, 0.25, (k_cache.clone(), v_cache.clone()))
+    wrong = attention(q, k, v, wrong_meta, 0.25, cache_to(cache, "cpu"))
     assert (right - wrong).abs().max() > 1e-2

@@ -29,6 +29,7 @@ def _rank_main(rank: int, world: int, port: int, path: str, out: str, int4_layou
         result = {
             "logits": shardgen_logits(model, IDS),
             "greedy": greedy_paged(model, PROMPTS, new_tokens=8),
+            "greedy_fp8_kv": greedy_paged(model, PROMPTS, new_tokens=8, kv_cache_dtype="fp8"),
             "shapes": shapes,
             "layout": loaded.layout,
         }
@@ -69,6 +70,7 @@ def test_tp_logits_and_greedy_tokens_equal_tp1(tmp_path, family, world, override
     single = load_model(path).model
     want_logits = shardgen_logits(single, IDS)
     want_greedy = greedy_paged(single, PROMPTS, new_tokens=8)
+    want_greedy_fp8 = greedy_paged(single, PROMPTS, new_tokens=8, kv_cache_dtype="fp8")
     with torch.no_grad():
         hf_logits = reference(IDS).logits
     out = tmp_path / "out"
@@ -80,6 +82,7 @@ def test_tp_logits_and_greedy_tokens_equal_tp1(tmp_path, family, world, override
         assert ((r["logits"] - want_logits).abs().max() / scale).item() < 1e-5, f"rank {rank}"
         assert ((r["logits"] - hf_logits).abs().max() / scale).item() < 1e-4, f"rank {rank} vs transformers"
         assert r["greedy"] == want_greedy
+        assert r["greedy_fp8_kv"] == want_greedy_fp8  # each rank's heads scaled as at TP=1
     # Each rank holds exactly its 1/T slice of every sharded parameter.
     full = {n: tuple(p.shape) for n, p in single.named_parameters()}
     shapes = ranks[0]["shapes"]

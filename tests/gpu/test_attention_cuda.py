@@ -44,16 +44,16 @@ def by_parts(meta: AttentionMetadata, q_lens: list[int], ctx: list[int]) -> Atte
 @pytest.mark.parametrize("name", list(STEP_CASES))
 def test_a_step_attended_by_parts_matches_the_pytorch_path(name):
     q_lens, ctx, hq, hkv, d, window = STEP_CASES[name]
-    q, k, v, (kc, vc), meta = make_case(q_lens, ctx, hq, hkv, d, torch.bfloat16, "cuda")
+    q, k, v, cache, meta = make_case(q_lens, ctx, hq, hkv, d, torch.bfloat16, "cuda")
     assert flash_supports(q), "this torch build has no FlashAttention varlen kernel for bf16 on this GPU"
-    ref = _torch_path_on_cpu(q, k, v, kc, vc, meta, d ** -0.5, window)
-    out = attention(q, k, v, by_parts(meta, q_lens, ctx), d ** -0.5, (kc, vc), window)
+    ref = _torch_path_on_cpu(q, k, v, cache, meta, d ** -0.5, window)
+    out = attention(q, k, v, by_parts(meta, q_lens, ctx), d ** -0.5, cache, window)
     err = float((out.float().cpu() - ref).abs().max() / ref.abs().max())
     print(f"{name}: max error {err:.2e} of the largest output")
     assert err < 2e-2
     # The decode steps that follow read these sequences' keys and values from the cache.
-    assert torch.equal(kc.view(-1, hkv, d)[meta.slot_mapping], k)
-    assert torch.equal(vc.view(-1, hkv, d)[meta.slot_mapping], v)
+    assert torch.equal(cache.k.view(-1, hkv, d)[meta.slot_mapping], k)
+    assert torch.equal(cache.v.view(-1, hkv, d)[meta.slot_mapping], v)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -64,10 +64,10 @@ def test_the_interpreter_cases_by_parts_compiled(name):
 
 def test_float32_takes_the_paged_kernel_for_whole_prompts_too():
     lens = [3, 90]
-    q, k, v, (kc, vc), meta = make_case(lens, lens, 8, 2, 64, torch.float32, "cuda")
+    q, k, v, cache, meta = make_case(lens, lens, 8, 2, 64, torch.float32, "cuda")
     assert not flash_supports(q)
-    ref = _torch_path_on_cpu(q, k, v, kc, vc, meta, 0.125, None)
-    out = attention(q, k, v, by_parts(meta, lens, lens), 0.125, (kc, vc))
+    ref = _torch_path_on_cpu(q, k, v, cache, meta, 0.125, None)
+    out = attention(q, k, v, by_parts(meta, lens, lens), 0.125, cache)
     assert float((out.cpu() - ref).abs().max() / ref.abs().max()) < 1e-4
 
 

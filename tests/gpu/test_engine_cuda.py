@@ -42,7 +42,7 @@ def test_kv_cache_is_sized_from_memory_left_after_weights_and_measured_activatio
     e = engine(path, gpu_memory_utilization=0.5)
     r = e.runner
     total = torch.cuda.get_device_properties(0).total_memory
-    kv = sum(k.nbytes + v.nbytes for k, v in r.kv_caches)
+    kv = r.kv_cache_bytes
     print(f"activation peak {r.activation_peak / 2**20:.1f} MiB, KV cache {kv / 2**30:.2f} GiB "
           f"({r.num_blocks} blocks), allocated {torch.cuda.memory_allocated() / 2**30:.2f} of {total / 2**30:.1f} GiB")
     assert r.activation_peak > 0
