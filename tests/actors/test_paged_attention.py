@@ -93,29 +93,43 @@ def kernel_vs_reference(name: str, dtype: torch.dtype, device: str = "cpu", by_p
     ``splits``: a decode case's keys split that many ways per sequence. ``kv_cache_dtype="fp8"``: both read the same
     fp8 cache, the reference dequantizing it in float32."""
     from actors.attention import StepParts, attention_by_parts
+    from actors.fresh_attention import flash_supports
     from actors.paged_attention import paged_attention
 
     q_lens, ctx_lens, hq, hkv, d, window = CASES[name]
     q, k, v, cache, meta = make_case(q_lens, ctx_lens, hq, hkv, d, dtype, device, kv_cache_dtype=kv_cache_dtype)
     scale = d ** -0.5
-    ref = _torch_path_on_cpu(q, k, v, cache, meta, scale, window)
+    before = cache_to(cache, "cpu")  # _torch_path_on_cpu copies it again: it stores into its cache
     write_new_keys(k, v, cache, meta.slot_mapping)  # the kernel reads the new keys from the cache
+    # An fp8 reference re-quantizes the stored keys, to the same fp8 values (CPU and GPU round some ties apart).
+    k_ref, v_ref = new_keys_as_stored(cache, meta.slot_mapping) if cache.quantized else (k, v)
+    ref = _torch_path_on_cpu(q, k_ref, v_ref, before, meta, scale, window)
     if by_parts:
         parts = StepParts.of(q_lens, [c - n for n, c in zip(q_lens, ctx_lens)])
         meta = AttentionMetadata(meta.cu_seqlens_q, meta.context_lens, meta.max_q_len, meta.max_context_len,
                                  meta.slot_mapping, meta.block_tables, parts)
         out = attention_by_parts(q, k, v, cache, meta, scale, window)
+        if cache.quantized and parts.fresh < len(q_lens) and flash_supports(q):
+            # Sequences with nothing cached went through FlashAttention on their own unquantized keys.
+            exact = _torch_path_on_cpu(q, k, v, before, meta, scale, window)
+            ref[parts.fresh_row:] = exact[parts.fresh_row:]
     else:
         out = paged_attention(q, cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
                               meta.max_q_len, scale, window, splits=splits)
     return float((out.float().cpu() - ref.cpu()).abs().max() / ref.abs().max())
 
 
+def new_keys_as_stored(cache: LayerCache, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new keys and values dequantized from an fp8 cache, in float32."""
+    rows = lambda t: t.view(-1, *t.shape[2:])[slots].float()  # noqa: E731
+    return rows(cache.k) * rows(cache.k_scale)[..., None], rows(cache.v) * rows(cache.v_scale)[..., None]
+
+
 def _torch_path_on_cpu(q, k, v, cache, meta, scale, window) -> torch.Tensor:
     cpu = lambda x: x.float().cpu().clone()  # noqa: E731
     m = AttentionMetadata(meta.cu_seqlens_q.cpu(), meta.context_lens.cpu(), meta.max_q_len, meta.max_context_len,
                           meta.slot_mapping.cpu(), meta.block_tables.cpu())
-    return attention(cpu(q), cpu(k), cpu(v), m, scale, cache_to(cache, "cpu", float32=True), window)
+    return attention(cpu(q), cpu(k), cpu(v), m, scale, cache_to(cache, "cpu", float32=True), window)  # a copy
 
 
 def _interpret(dtype: str) -> dict[str, float]:

@@ -11,8 +11,10 @@ import torch
 from tests.actors.test_paged_attention import (
     CASES,
     _torch_path_on_cpu,
+    cache_to,
     kernel_vs_reference,
     make_case,
+    new_keys_as_stored,
     write_new_keys,
 )
 
@@ -52,8 +54,10 @@ def test_llama8b_shaped_decode_batch(kv_cache_dtype):
 
     ctx = torch.randint(1, 2100, (128,), generator=torch.Generator().manual_seed(3)).tolist()
     q, k, v, cache, meta = make_case([1] * 128, ctx, 32, 8, 128, torch.bfloat16, "cuda", kv_cache_dtype=kv_cache_dtype)
-    ref = _torch_path_on_cpu(q, k, v, cache, meta, 128 ** -0.5, None)
+    before = cache_to(cache, "cpu")
     write_new_keys(k, v, cache, meta.slot_mapping)
+    ref = _torch_path_on_cpu(q, *(new_keys_as_stored(cache, meta.slot_mapping) if cache.quantized else (k, v)),
+                             before, meta, 128 ** -0.5, None)
     out = paged_attention(q, cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, 1, 128 ** -0.5)
     err = ((out.float().cpu() - ref).abs().max() / ref.abs().max()).item()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
