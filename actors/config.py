@@ -221,6 +221,8 @@ def _parse_quant(qc: dict[str, Any] | None, source: str) -> QuantConfig | None:
 
 # KV cache element types: the model's dtype, or float8 e4m3 with a scale per token and head (actors/kv_cache.py).
 KV_CACHE_DTYPES = ("auto", "fp8")
+# How the scheduler admits sequences (actors/scheduler.py).
+ADMISSIONS = ("greedy", "projected")
 
 
 @dataclass(frozen=True)
@@ -244,8 +246,13 @@ class EngineConfig:
     # tok/s; H200: 33,478 vs 24,412, issue 16).
     cudnn_prompts: bool = False
     kv_cache_dtype: str = "auto"
+    # Admit sequences by what their next chunk needs (greedy, preempting when the cache runs out) or only while the
+    # cache can hold every running sequence at its length limit (projected; actors/scheduler.py).
+    admission: str = "greedy"
 
     def __post_init__(self) -> None:
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSIONS)}, got {self.admission!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.max_num_seqs < 1:

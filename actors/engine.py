@@ -53,7 +53,8 @@ class Engine:
         self.runner = runner
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=runner.num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len))
+            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
+            admission=config.admission))
         self.eos_token_ids = set(eos_token_ids)
         self.detokenize = detokenize
         self.stats = EngineStats()

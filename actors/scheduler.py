@@ -6,6 +6,12 @@ sequences mid-prefill and then from the waiting queue, up to ``max_num_seqs``
 running sequences. Sequences leave as they finish and new ones join on the next
 step. When the cache runs out, the most recently admitted sequence is preempted
 (its blocks freed, recomputed later).
+
+Admission (``SchedulerConfig.admission``): ``greedy`` admits whatever the next chunk fits in, and relies on
+preemption when sequences outgrow the cache; ``projected`` admits a sequence only if the cache can also hold every
+running sequence at its length limit (prompt + max_new_tokens, or max_model_len), so nothing admitted is preempted
+for lack of blocks. Long fixed-length outputs (the throughput workload) recompute less with ``projected``; outputs
+that stop far before their limit fill the cache less.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from actors.config import ADMISSIONS
 from actors.sequence import FINISH_ERROR, Sequence, Status
 
 
@@ -23,8 +30,10 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
+    admission: str = "greedy"
 
     def __post_init__(self) -> None:
+        assert self.admission in ADMISSIONS, self.admission
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("--max-num-seqs and the token budget per step must be >= 1")
         if self.num_blocks * self.block_size < self.max_model_len:
@@ -103,7 +112,8 @@ class Scheduler:
             budget -= n
             i += 1
 
-        # Then new sequences while there is room.
+        # Then new sequences while there is room; ``projected``: room for every running sequence to finish, too.
+        reserved = sum(self._blocks_to_finish(s) for s in self.running) if cfg.admission == "projected" else 0
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             seq = self.waiting[0]
             needed_total = -(-len(seq.tokens) // cfg.block_size)
@@ -118,6 +128,10 @@ class Scheduler:
             need = self.blocks.blocks_needed(seq, seq.num_computed + n, cfg.block_size)
             if need > len(self.blocks.free):
                 break
+            if cfg.admission == "projected":
+                if reserved + self._blocks_to_finish(seq) > len(self.blocks.free):
+                    break
+                reserved += self._blocks_to_finish(seq) - need
             self.waiting.popleft()
             self.blocks.allocate(seq, need)
             seq.status = Status.RUNNING
@@ -143,6 +157,11 @@ class Scheduler:
         for seq, n in zip(seqs, need):
             self.blocks.allocate(seq, n)
         return ScheduledBatch(list(seqs), [1] * len(seqs))
+
+    def _blocks_to_finish(self, seq: Sequence) -> int:
+        """Blocks ``seq`` still lacks to reach its length limit (prompt + max_new_tokens, at most max_model_len)."""
+        final = min(seq.num_prompt + seq.params.max_new_tokens, self.config.max_model_len)
+        return max(0, -(-final // self.config.block_size) - len(seq.block_table))
 
     def _reserve(self, seq: Sequence, n: int, scheduled: list[Sequence]) -> bool:
         """Make sure ``seq`` has blocks for ``n`` more tokens, preempting the newest others if needed."""

@@ -26,7 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from jobs.bench import LLAMA_8B, LLAMA_70B, WORKLOADS, warm_up, workload_prompts, write_checkpoint  # noqa: E402
+from jobs.bench import (  # noqa: E402
+    DEFAULT_WORKLOADS,
+    LLAMA_8B,
+    LLAMA_70B,
+    WORKLOADS,
+    warm_up,
+    workload_prompts,
+    write_checkpoint,
+)
 
 SHAPES = {"8b": LLAMA_8B, "70b": LLAMA_70B}
 GiB = 2**30
@@ -154,7 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     parser.add_argument("--layouts", default="1x2,2x1", help="Comma-separated RxT (replicas x tensor-parallel ranks).")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS))
     parser.add_argument("--scale", type=float, default=1.0, help="Fraction of each workload's prompts.")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)

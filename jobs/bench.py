@@ -27,7 +27,11 @@ LLAMA_70B = dict(LLAMA_8B, hidden_size=8192, intermediate_size=28672, num_hidden
                  num_key_value_heads=8)
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
-WORKLOADS = {"decode-heavy": (128, 32, 2048), "prefill-heavy": (32, 4096, 32), "mixed": (1000, 1024, 128)}
+# (prompts, prompt tokens, generated tokens). throughput: TensorRT-LLM's published H200 shape (128 in / 2048 out), run
+# when named, with --max-num-seqs as high as the cache holds.
+WORKLOADS = {"decode-heavy": (128, 32, 2048), "prefill-heavy": (32, 4096, 32), "mixed": (1000, 1024, 128),
+             "throughput": (2048, 128, 2048)}
+DEFAULT_WORKLOADS = ("decode-heavy", "prefill-heavy", "mixed")
 SYSTEMS = ("shardgen-int4-tiled", "shardgen-int4-preshuffled", "shardgen-int4-plain", "shardgen-bf16", "hf-bf16",
            "hf-int4-preshuffled")
 # Run only when named, for comparisons: a shardgen system (the name's prefix) with one EngineConfig field changed.
@@ -36,7 +40,11 @@ ENGINE_VARIANTS = {"shardgen-int4-tiled-no-overlap": {"overlap_decode": False},
                    "shardgen-int4-tiled-cudnn-prompts": {"cudnn_prompts": True},
                    "shardgen-int4-preshuffled-fp8-kv": {"kv_cache_dtype": "fp8"},
                    "shardgen-int4-tiled-fp8-kv": {"kv_cache_dtype": "fp8"},
-                   "shardgen-bf16-fp8-kv": {"kv_cache_dtype": "fp8"}}
+                   "shardgen-bf16-fp8-kv": {"kv_cache_dtype": "fp8"},
+                   "shardgen-int4-preshuffled-projected-admission": {"admission": "projected"},
+                   "shardgen-int4-preshuffled-fp8-kv-projected-admission": {"kv_cache_dtype": "fp8",
+                                                                            "admission": "projected"},
+                   "shardgen-bf16-projected-admission": {"admission": "projected"}}
 EXTRA_SYSTEMS = tuple(ENGINE_VARIANTS)
 GiB = 2**30
 
@@ -45,7 +53,7 @@ GiB = 2**30
 class BenchConfig:
     """What to run. ``scale`` shrinks every workload's prompt count (a quick check of the whole bench)."""
 
-    workloads: tuple[str, ...] = tuple(WORKLOADS)
+    workloads: tuple[str, ...] = DEFAULT_WORKLOADS
     systems: tuple[str, ...] = SYSTEMS
     scale: float = 1.0
     max_num_seqs: int = 256

@@ -165,9 +165,12 @@ BENCH_EXAMPLE = ("Example: shardgen bench --workloads decode-heavy --systems sha
 
 @app.command(epilog=BENCH_EXAMPLE)
 def bench(
-    workloads: str = typer.Option("decode-heavy,prefill-heavy,mixed", help="Comma-separated workloads."),
+    workloads: str = typer.Option("decode-heavy,prefill-heavy,mixed", help="Comma-separated workloads (also "
+                                  "throughput: 2,048 prompts x 128 in / 2,048 out, with a high --max-num-seqs)."),
     systems: str = typer.Option("shardgen-int4-tiled,shardgen-int4-preshuffled,shardgen-bf16,hf-bf16,hf-int4-preshuffled",
                                 help="Comma-separated systems (also shardgen-int4-plain); and, for comparison, "
+                                     "shardgen-int4-preshuffled-fp8-kv, shardgen-int4-tiled-fp8-kv and "
+                                     "shardgen-bf16-fp8-kv (an fp8 KV cache), "
                                      "shardgen-int4-tiled-no-overlap (every engine step synchronous), "
                                      "shardgen-int4-tiled-one-attention-launch (a step's attention in one paged-kernel "
                                      "launch, not one per kind of sequence) and shardgen-int4-tiled-cudnn-prompts "

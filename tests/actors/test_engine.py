@@ -122,6 +122,18 @@ def test_a_small_cache_preempts_and_still_gives_the_same_tokens(model):
     assert [g.token_ids for g in got] == [r.token_ids for r in roomy]
 
 
+def test_projected_admission_fills_the_cache_without_preempting_and_gives_the_same_tokens(model):
+    _, loaded = model
+    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=30)) for i, p in enumerate(prompts([20, 25, 18, 22, 9]))]
+    roomy = make_engine(loaded, max_num_seqs=5).generate(reqs)
+    tight = make_engine(loaded, kv_tokens=128, max_num_seqs=5, max_model_len=128, admission="projected")
+    got = tight.generate(reqs)
+    assert tight.scheduler.num_preemptions == 0
+    assert [g.token_ids for g in got] == [r.token_ids for r in roomy]
+    # 32 blocks of 4: two sequences at their limit (14 blocks each) fit, a third does not
+    assert max(tight.stats.running_per_step) == 2
+
+
 def test_seeded_sampling_depends_only_on_seed_and_position():
     logits = torch.randn(3, 50)
     params = [SamplingParams(temperature=0.9, top_p=0.8, seed=11), SamplingParams(temperature=1.2, top_k=5, seed=3),
