@@ -99,7 +99,7 @@ def kernel_vs_reference(name: str, dtype: torch.dtype, device: str = "cpu", by_p
     q_lens, ctx_lens, hq, hkv, d, window = CASES[name]
     q, k, v, cache, meta = make_case(q_lens, ctx_lens, hq, hkv, d, dtype, device, kv_cache_dtype=kv_cache_dtype)
     scale = d ** -0.5
-    before = cache_to(cache, "cpu")  # _torch_path_on_cpu copies it again: it stores into its cache
+    before = cache_to(cache, "cpu")
     write_new_keys(k, v, cache, meta.slot_mapping)  # the kernel reads the new keys from the cache
     # An fp8 reference re-quantizes the stored keys, to the same fp8 values (CPU and GPU round some ties apart).
     k_ref, v_ref = new_keys_as_stored(cache, meta.slot_mapping) if cache.quantized else (k, v)
@@ -111,7 +111,7 @@ def kernel_vs_reference(name: str, dtype: torch.dtype, device: str = "cpu", by_p
         out = attention_by_parts(q, k, v, cache, meta, scale, window)
         if cache.quantized and parts.fresh < len(q_lens) and flash_supports(q):
             # Sequences with nothing cached went through FlashAttention on their own unquantized keys.
-            exact = _torch_path_on_cpu(q, k, v, before, meta, scale, window)
+            exact = _torch_path_on_cpu(q, k, v, None, meta, scale, window)  # each on its own keys only
             ref[parts.fresh_row:] = exact[parts.fresh_row:]
     else:
         out = paged_attention(q, cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
@@ -129,7 +129,8 @@ def _torch_path_on_cpu(q, k, v, cache, meta, scale, window) -> torch.Tensor:
     cpu = lambda x: x.float().cpu().clone()  # noqa: E731
     m = AttentionMetadata(meta.cu_seqlens_q.cpu(), meta.context_lens.cpu(), meta.max_q_len, meta.max_context_len,
                           meta.slot_mapping.cpu(), meta.block_tables.cpu())
-    return attention(cpu(q), cpu(k), cpu(v), m, scale, cache_to(cache, "cpu", float32=True), window)  # a copy
+    cache = cache_to(cache, "cpu", float32=True) if cache is not None else None  # a copy: attention stores into it
+    return attention(cpu(q), cpu(k), cpu(v), m, scale, cache, window)
 
 
 def _interpret(dtype: str) -> dict[str, float]:
