@@ -184,7 +184,7 @@ def _normalize(table: pa.Table, prompt_column: str, id_column: str | None, posit
     override_values = {c: table.column(c).to_pylist() for c in overrides}
     for i, prompt in enumerate(prompt_values):
         ids.append(f"{positions[0]}:{positions[1] + i}" if id_values is None else _id_text(id_values[i]))
-        row = {c: override_values[c][i] for c in overrides if override_values[c][i] is not None}
+        row = {c: override_values[c][i] for c in overrides if not _unset(override_values[c][i])}
         if isinstance(prompt, str) or prompt is None:
             prompts.append(prompt)
         else:
@@ -195,6 +195,11 @@ def _normalize(table: pa.Table, prompt_column: str, id_column: str | None, posit
         rows.append(json.dumps(row, default=str))
     return pa.table({"id": pa.array(ids, pa.string()), "prompt": pa.array(prompts, pa.string()),
                      "row": pa.array(rows, pa.string())})
+
+
+def _unset(value: object) -> bool:
+    """A null or an empty cell (CSV has no null for text): the row takes the run's default for that column."""
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _id_text(value: object) -> str | None:

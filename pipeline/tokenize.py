@@ -76,7 +76,7 @@ class TokenizeStage:
         return list(toks), params, None
 
     def _params(self, row_id: str, row: dict) -> SamplingParams:
-        values = {k: row[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed") if k in row}
+        values = {k: _number(row[k]) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed") if k in row}
         for k in ("max_new_tokens", "top_k", "seed"):
             if k in values and not (isinstance(values[k], int) or (isinstance(values[k], float) and values[k].is_integer())):
                 raise ValueError(f"{k}: expected an integer, got {values[k]!r}")
@@ -94,6 +94,18 @@ class TokenizeStage:
         if problems:
             raise ValueError("; ".join(problems))
         return p
+
+
+def _number(value: object) -> object:
+    """A number written as text (a CSV column that also holds text) is that number; anything else is left as it is,
+    for the checks to name."""
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() else number
+    return value
 
 
 def _stop_list(value: object) -> tuple[str, ...]:
