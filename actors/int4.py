@@ -41,6 +41,8 @@ TILED_PACK = 64
 # fbgemm's bf16 x int4 GEMMs (plain and preshuffled) compute wrong results below this group size on CUDA:
 # relative error 0.45-0.64 at G=32 against 0.0024 at G=64..256 (benchmarks/int4_group_sizes.py, H100).
 MIN_CUDA_GROUP_SIZE = 64
+# Group sizes shardgen runs (torchao's Int4WeightOnlyConfig choices): all on the CPU, from MIN_CUDA_GROUP_SIZE on CUDA.
+GROUP_SIZES = (32, 64, 128, 256)
 
 
 def is_int4(t: torch.Tensor) -> bool:
@@ -391,6 +393,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], n)
+
+
+def check_group_size(group_size: int, source: str) -> None:
+    """Refuse a group size that none of shardgen's int4 kernels run, naming the ones each device runs."""
+    if group_size not in GROUP_SIZES:
+        cuda = [g for g in GROUP_SIZES if g >= MIN_CUDA_GROUP_SIZE]
+        raise ValueError(f"{source}: int4 group size {group_size} is not one shardgen runs; on the CPU: "
+                         f"{', '.join(map(str, GROUP_SIZES))}; on CUDA: {', '.join(map(str, cuda))}")
 
 
 def check_cuda_group_size(group_size: int) -> None:

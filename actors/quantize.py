@@ -46,8 +46,7 @@ def quantize_checkpoint(
     """Quantize the model in ``src`` into ``dst``. See the module docstring."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    if group_size < 2 or group_size % 2:
-        raise ValueError(f"--group-size must be an even number >= 2 (32, 64 or 128 are usual), got {group_size}")
+    int4.check_group_size(group_size, "--group-size")
     cfg = ModelConfig.from_dir(src)
     if cfg.quant is not None:
         raise ValueError(f"{src} is already quantized (config.json has a quantization_config); pass the float model")

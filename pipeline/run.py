@@ -156,6 +156,8 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     if device == "cuda" and options.tp * options.replicas > gpus:
         raise ValueError(f"--tp {options.tp} x --replicas {options.replicas} needs {options.tp * options.replicas} GPUs; "
                          f"the cluster has {gpus:g}; lower --replicas or --tp")
+    if config.quant:
+        int4.check_group_size(config.quant.group_size, f"{options.model}/config.json")
     if device == "cuda" and config.quant and options.int4_layout != int4.LAYOUT_TILED:
         int4.check_cuda_group_size(config.quant.group_size)
     if device == "cpu":

@@ -73,7 +73,9 @@ def test_quantize_keeps_layers_whose_k_is_not_a_multiple_of_g_in_float_and_says_
     [
         (None, ["quantize", "{tmp}/nope", "{tmp}/out"], "model directory {tmp}/nope does not exist"),
         ("float", ["quantize", "{tmp}/src", "{tmp}/src"], "is not empty; choose another output directory or pass --overwrite"),
-        ("float", ["quantize", "{tmp}/src", "{tmp}/out", "--group-size", "3"], "--group-size must be an even number"),
+        ("float", ["quantize", "{tmp}/src", "{tmp}/out", "--group-size", "3"], "--group-size: int4 group size 3 is not"),
+        ("float", ["quantize", "{tmp}/src", "{tmp}/out", "--group-size", "48"],
+         "int4 group size 48 is not one shardgen runs; on the CPU: 32, 64, 128, 256; on CUDA: 64, 128, 256"),
         ("int4", ["quantize", "{tmp}/int4", "{tmp}/out"], "already quantized"),
     ],
 )
