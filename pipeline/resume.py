@@ -238,9 +238,16 @@ def write_manifest(output: Path, fields: dict) -> None:
     os.replace(tmp, output / MANIFEST)
 
 
-def differences(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every setting that differs, nested ones by their dotted path (``sampling.seed``)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(differences(a, b, f"{prefix}{k}."))
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
 
 
 def plan_output(output: Path, fields: dict, overwrite: bool, part_files: list[Path]) -> list[Path]:
@@ -260,9 +267,9 @@ def plan_output(output: Path, fields: dict, overwrite: bool, part_files: list[Pa
         return []
     changed = differences(old, fields)
     if changed:
-        raise ValueError(f"--output {output} holds another run's output ({len(part_files)} part files; "
-                         f"{'; '.join(changed)}); rerun that run's command to resume it, pass --overwrite to "
-                         f"replace it, or choose another --output")
+        raise ValueError(f"--output {output} holds another run's output ({len(part_files)} part files; what differs, "
+                         f"that run -> this one: {'; '.join(changed)}); rerun that run's command to resume it, pass "
+                         f"--overwrite to replace it, or choose another --output")
     return part_files
 
 

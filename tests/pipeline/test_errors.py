@@ -186,7 +186,7 @@ CASES = [
     ("--max-num-seqs zero", lambda o, tmp: replace(o, engine=EngineConfig(max_num_seqs=0)), "--max-num-seqs must be >= 1"),
     # output
     ("output of another run", _output_of_another_run,
-     "holds another run's output (1 part files; sampling: "),
+     "holds another run's output (1 part files; what differs, that run -> this one: sampling.max_new_tokens: 7 -> 2); "),
     ("output not a shardgen run", _foreign_output, "is not empty and holds no shardgen run"),
     ("output is a file", _output_is_a_file, "is a file; give a directory"),
     # cluster

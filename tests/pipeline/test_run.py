@@ -116,7 +116,8 @@ def test_a_rerun_resumes_and_a_different_run_is_refused_without_overwrite(demo, 
     again = run(options)
     assert again.rows == 0 and again.resumed == 200
     other = replace(options, sampling=SamplingParams(max_new_tokens=3))
-    with pytest.raises(ValueError, match=r"holds another run's output \(\d+ part files; sampling: .* rerun that run's "
+    with pytest.raises(ValueError, match=r"holds another run's output \(\d+ part files; what differs, that run -> "
+                                         r"this one: sampling.max_new_tokens: \d+ -> 3\); rerun that run's "
                                          r"command to resume it, pass --overwrite to replace it"):
         run(other)
     assert run(replace(other, overwrite=True)).rows == 200
