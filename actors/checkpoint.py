@@ -220,6 +220,9 @@ def _int4_names(meta: dict[str, str], keys: set[str]) -> Iterator[tuple[str, dic
 
 
 def _find_weight_files(model_dir: Path, allow_pickle: bool) -> list[Path]:
+    if model_dir.is_file():
+        raise FileNotFoundError(f"{model_dir} is a file; give the model's directory (the folder holding config.json "
+                                f"and *.safetensors)")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     if (model_dir / INDEX_FILE).is_file():

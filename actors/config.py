@@ -81,6 +81,9 @@ class ModelConfig:
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         """Read ``config.json`` of a Hugging Face style model directory."""
         path = Path(model_dir) / "config.json"
+        if Path(model_dir).is_file():
+            raise FileNotFoundError(f"{model_dir} is a file; give the model's directory (the folder holding "
+                                    f"config.json and *.safetensors)")
         if not Path(model_dir).is_dir():
             raise FileNotFoundError(f"model directory {model_dir} does not exist; check the path")
         if not path.is_file():

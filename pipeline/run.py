@@ -153,6 +153,9 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     gpus = ray.cluster_resources().get("GPU", 0)
     if device == "auto":
         device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus == 0:
+        raise ValueError("--device cuda: the cluster has no CUDA GPU; use --device cpu (or auto), or attach to a "
+                         "cluster with GPUs through --address")
     if device == "cuda" and options.tp * options.replicas > gpus:
         raise ValueError(f"--tp {options.tp} x --replicas {options.replicas} needs {options.tp * options.replicas} GPUs; "
                          f"the cluster has {gpus:g}; lower --replicas or --tp")

@@ -127,6 +127,7 @@ def test_run_with_no_arguments_runs_the_embedded_demo_and_prints_a_summary(tmp_p
          "has no column 'text' (columns found: ['id', 'prompt', 'max_new_tokens'])"),
         (["run", "--model", "{demo}", "--input", "{prompts}"], "pass --output DIR"),
         (["inspect", "{tmp}"], "config.json is missing"),
+        (["inspect", "{prompts}"], "{prompts} is a file; give the model's directory"),
     ],
 )
 def test_run_and_inspect_errors_name_what_to_fix(tmp_path, args, message):

@@ -190,8 +190,8 @@ CASES = [
     ("output not a shardgen run", _foreign_output, "is not empty and holds no shardgen run"),
     ("output is a file", _output_is_a_file, "is a file; give a directory"),
     # cluster
-    ("more GPUs than the cluster has", _option(device="cuda", tp=2, replicas=2),
-     "--tp 2 x --replicas 2 needs 4 GPUs; the cluster has 0"),
+    ("cuda on a cluster without GPUs", _option(device="cuda", tp=2, replicas=2),
+     "--device cuda: the cluster has no CUDA GPU; use --device cpu"),
 ]
 
 
