@@ -140,6 +140,11 @@ def run(
                                 gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=not enforce_eager,
                                 kv_cache_dtype=kv_cache_dtype),
         )
+        from actors.config import ModelConfig
+        from pipeline.read import input_files
+
+        ModelConfig.from_dir(options.model)  # paths checked before torch and Ray load (seconds): refused at once
+        input_files(options.input)
         from pipeline.run import run as run_pipeline
 
         run_pipeline(options, echo=typer.echo)

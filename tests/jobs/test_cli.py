@@ -150,3 +150,18 @@ def test_inspect_describes_the_checkpoint(tmp_path):
     assert "LlamaForCausalLM, 8 layers, hidden 256" in r.stdout
     assert "plain int4, group size 128; 56 int4 weights" in r.stdout
     assert "valid --tp: [1, 2]" in r.stdout
+
+
+@pytest.mark.parametrize("bad", ["model", "input"])
+def test_a_wrong_model_or_input_path_is_refused_before_torch_and_ray_load(tmp_path, bad):
+    """Loading torch and Ray takes seconds; a mistyped path must not wait for them."""
+    from jobs.demo import demo_assets
+
+    model, prompts = demo_assets()
+    args = ["--model", str(tmp_path if bad == "model" else model), "--input",
+            str(tmp_path / "missing.jsonl" if bad == "input" else prompts), "--output", str(tmp_path / "o")]
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom jobs.cli import app\n"
+            f"r = CliRunner().invoke(app, ['run', *{args!r}])\n"
+            "print(r.exit_code, sorted({'torch', 'ray'} & set(sys.modules)))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.stdout.strip().splitlines()[-1] == "2 []", done.stdout + done.stderr
