@@ -146,37 +146,43 @@ class ModelConfig:
             raw=raw,
         )
 
-    def check_tp(self, tp_size: int) -> None:
-        """Refuse a tensor-parallel degree this model cannot be split into."""
+    def tp_problems(self, tp_size: int, int4_groups: dict[str, int] | None = None) -> list[str]:
+        """Why this model cannot be split over ``tp_size`` ranks (empty: it can).
+
+        ``int4_groups``: the checkpoint's int4 modules and their group sizes (``loader.int4_groups``); a
+        row-parallel int4 layer (o_proj, down_proj) needs K/T to be a multiple of its G, a float one does not.
+        None: every layer taken as int4 at the config's group size (no checkpoint at hand)."""
+        out = []
+        if self.num_heads % tp_size or self.num_kv_heads % tp_size:
+            out.append(f"does not divide the attention heads ({self.num_heads}) and KV heads ({self.num_kv_heads})")
+        if self.intermediate_size % tp_size:
+            out.append(f"does not divide intermediate_size {self.intermediate_size}")
+        if out or self.quant is None:
+            return out
+        row_parallel = {"o_proj": self.num_heads * self.head_dim, "down_proj": self.intermediate_size}
+        for kind, k in row_parallel.items():
+            if int4_groups is None:
+                groups = {self.quant.group_size}
+            else:
+                groups = {g for name, g in int4_groups.items() if name.endswith(f".{kind}")}
+            for g in sorted(groups):
+                if (k // tp_size) % g:
+                    out.append(f"{kind}: row-parallel int4 slice K/T = {k}/{tp_size} = {k // tp_size} is not a "
+                               f"multiple of the group size G = {g}")
+        return out
+
+    def check_tp(self, tp_size: int, int4_groups: dict[str, int] | None = None) -> None:
+        """Refuse a tensor-parallel degree this model cannot be split into, naming why and the valid ones."""
         if tp_size < 1:
             raise ValueError(f"--tp must be >= 1, got {tp_size}")
-        valid = self.valid_tp_sizes()
-        if self.num_heads % tp_size or self.num_kv_heads % tp_size:
-            raise ValueError(
-                f"--tp {tp_size} does not divide the attention heads ({self.num_heads}) and KV heads "
-                f"({self.num_kv_heads}); shardgen splits KV heads across ranks and does not replicate them. "
-                f"Valid --tp for this model: {valid}"
-            )
-        if self.intermediate_size % tp_size:
-            raise ValueError(f"--tp {tp_size} does not divide intermediate_size {self.intermediate_size}; valid --tp: {valid}")
-        if self.quant is not None:
-            from actors.int4 import check_shardable
+        problems = self.tp_problems(tp_size, int4_groups)
+        if problems:
+            heads = " (shardgen splits KV heads across ranks and does not replicate them)" if "heads" in problems[0] else ""
+            raise ValueError(f"--tp {tp_size} {'; '.join(problems)}{heads}. Valid --tp for this model: "
+                             f"{self.valid_tp_sizes(int4_groups)}")
 
-            g = self.quant.group_size
-            check_shardable("o_proj", (self.hidden_size, self.num_heads * self.head_dim), 1, tp_size, g)
-            check_shardable("down_proj", (self.hidden_size, self.intermediate_size), 1, tp_size, g)
-
-    def valid_tp_sizes(self, limit: int = 64) -> list[int]:
-        out = []
-        for t in range(1, limit + 1):
-            if self.num_heads % t or self.num_kv_heads % t or self.intermediate_size % t:
-                continue
-            if self.quant is not None:
-                g = self.quant.group_size
-                if (self.num_heads * self.head_dim // t) % g or (self.intermediate_size // t) % g:
-                    continue
-            out.append(t)
-        return out
+    def valid_tp_sizes(self, int4_groups: dict[str, int] | None = None, limit: int = 64) -> list[int]:
+        return [t for t in range(1, limit + 1) if not self.tp_problems(t, int4_groups)]
 
 
 def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:

@@ -55,10 +55,9 @@ def load_model(
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
     config = ModelConfig.from_dir(model_dir)
-    config.check_tp(tp.size)
     start = time.perf_counter()
     with Checkpoint(model_dir, allow_pickle) as ckpt:
-        model = CausalLM(config, tp, dtype, device, int4_groups(ckpt))
+        model = CausalLM(config, tp, dtype, device, int4_groups(ckpt))  # checks --tp against each layer's format
         model.load_weights(ckpt)
     loaded = time.perf_counter()
     quantized = any(int4.is_int4(p) for p in model.parameters())
@@ -79,9 +78,9 @@ def check_checkpoint(model_dir: str | Path, tp_size: int = 1, allow_pickle: bool
     """Check, before any worker starts, that every rank of ``--tp tp_size`` finds each tensor it needs with the
     shape config.json implies: the ranks' own weight loaders run on the meta device, so only headers are read."""
     config = ModelConfig.from_dir(model_dir)
-    config.check_tp(tp_size)
     with Checkpoint(model_dir, allow_pickle) as ckpt:
         groups = int4_groups(ckpt)
+        config.check_tp(tp_size, groups)
         for rank in sorted({0, tp_size - 1}):  # the last rank's vocab shard may be shorter
             CausalLM(config, TPGroup(rank, tp_size), torch.float32, "meta", groups).load_weights(_HeadersOnly(ckpt))
     return config

@@ -132,8 +132,8 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", int4_groups: dict[str, int] | None = None) -> None:
         super().__init__()
-        cfg.check_tp(tp.size)
         int4_groups = int4_groups or {}
+        cfg.check_tp(tp.size, int4_groups)
         self.config, self.tp = cfg, tp
         self.model = DecoderModel(cfg, int4_groups, tp, dtype, device)
         if cfg.tie_word_embeddings and "lm_head" in int4_groups:

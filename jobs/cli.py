@@ -231,7 +231,12 @@ def inspect(
     typer.echo(f"quantization: {quant}; {int4_n} int4 weights (group sizes {groups or '-'}), "
                f"{len(entries) - int4_n} float tensors")
     typer.echo(f"size on disk: {size / 2**30:.3f} GiB in {len(files)} safetensors file(s)")
-    typer.echo(f"valid --tp: {cfg.valid_tp_sizes()}")
+    groups_by_module = {e.name.rsplit(".", 1)[0]: e.group_size for e in entries if e.is_int4}
+    valid = cfg.valid_tp_sizes(groups_by_module)
+    typer.echo(f"valid --tp: {valid}")
+    for t in range(2, max(valid + [8]) + 1):  # why each small --tp that is not valid is not
+        if t not in valid:
+            typer.echo(f"  --tp {t}: {'; '.join(cfg.tp_problems(t, groups_by_module))}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from actors.checkpoint import Checkpoint
+from actors.config import ModelConfig
 from actors.loader import load_model
 from tests.helpers import dequantized_reference, hf_model, save_hf, shardgen_logits
 
@@ -165,3 +166,19 @@ def test_a_wrong_model_or_input_path_is_refused_before_torch_and_ray_load(tmp_pa
             "print(r.exit_code, sorted({'torch', 'ray'} & set(sys.modules)))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.stdout.strip().splitlines()[-1] == "2 []", done.stdout + done.stderr
+
+
+def test_layers_kept_in_float_do_not_limit_tp_and_inspect_says_why_a_tp_is_invalid(tmp_path):
+    """hidden 64 at G=128: o_proj (K=64) stays float, down_proj (K=256) is int4. --tp 2 splits o_proj's K to 32,
+    which only an int4 o_proj would refuse; --tp 4 splits down_proj's K to 64 < G."""
+    src = save_hf(hf_model("llama", hidden_size=64, intermediate_size=256, num_key_value_heads=4), tmp_path / "src")
+    r = shardgen("quantize", str(src), str(tmp_path / "int4"), "--group-size", "128")
+    assert r.returncode == 0 and "o_proj.weight (K=64" in r.stdout, r.stdout + r.stderr
+    r = shardgen("inspect", str(tmp_path / "int4"))
+    assert r.returncode == 0, r.stderr
+    assert "valid --tp: [1, 2]" in r.stdout
+    assert "--tp 4: down_proj: row-parallel int4 slice K/T = 256/4 = 64 is not a multiple of the group size G = 128" in r.stdout
+    assert "--tp 3: does not divide the attention heads (4) and KV heads (4)" in r.stdout
+    with Checkpoint(tmp_path / "int4") as ckpt:
+        groups = {e.name.rsplit(".", 1)[0]: e.group_size for e in ckpt.entries.values() if e.is_int4}
+    ModelConfig.from_dir(tmp_path / "int4").check_tp(2, groups)  # what shardgen run checks
