@@ -228,6 +228,13 @@ def _parse_quant(qc: dict[str, Any] | None, source: str) -> QuantConfig | None:
     return QuantConfig(group_size=int(data.get("group_size", 128)))
 
 
+def resolved_dtype_name(dtype: str, device_type: str) -> str:
+    """``--dtype auto`` is bfloat16 on CUDA and float32 on CPU; other names are themselves."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device_type == "cuda" else "float32"
+
+
 # KV cache element types: the model's dtype, or float8 e4m3 with a scale per token and head (actors/kv_cache.py).
 KV_CACHE_DTYPES = ("auto", "fp8")
 # How the scheduler admits sequences (actors/scheduler.py).

@@ -10,7 +10,7 @@ import torch
 
 from actors import int4
 from actors.checkpoint import Checkpoint, TensorEntry
-from actors.config import ModelConfig
+from actors.config import ModelConfig, resolved_dtype_name
 from actors.distributed import SINGLE, TPGroup
 from actors.model import CausalLM
 
@@ -29,8 +29,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch
     """``auto`` is bfloat16 on CUDA and float32 on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    dtype = resolved_dtype_name(dtype, torch.device(device).type)
     choices = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if dtype not in choices:
         raise ValueError(f"--dtype {dtype!r} is not one of auto, {', '.join(choices)}")

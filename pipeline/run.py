@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from actors import int4
+from actors.config import resolved_dtype_name
 from pipeline import detokenize, generate, read, resume, tokenize, write
 from pipeline.options import RunOptions
 
@@ -200,7 +201,7 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     quant = f"torchao int4 plain, group size {config.quant.group_size}" if config.quant else "none"
     sink = write.ParquetSink(options.output, write.run_metadata(
         version=_version(), model=str(options.model), quantization=quant, tp=options.tp, replicas=options.replicas,
-        device=device, dtype=options.dtype, sampling_defaults=asdict(options.sampling)))
+        device=device, dtype=resolved_dtype_name(options.dtype, device), sampling_defaults=asdict(options.sampling)))
     try:
         ds.write_datasink(sink)
     except Exception as e:  # a stage gave up (a replica that keeps failing, say): say why, keep what was written

@@ -56,6 +56,10 @@ def test_every_id_exactly_once_with_two_replicas_and_with_tp2(demo, tmp_path):
     print(f"R=2xT=1 vs R=1xT=2 greedy completions identical for {same}/200 rows; "
           f"{a.generated_tokens / a.wall_s:.0f} and {b.generated_tokens / b.wall_s:.0f} generated tokens/s")
     assert same == 200
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(next((tmp_path / "r1t2").glob("part-*.parquet"))).metadata
+    assert meta[b"shardgen.dtype"] == b"float32" and meta[b"shardgen.tp"] == b"2"  # what ran, not "auto"
 
 
 @pytest.mark.parametrize("family,tp", [("llama", 1), ("llama", 2), ("qwen3", 1), ("qwen3", 2)])
