@@ -177,7 +177,8 @@ class ModelConfig:
             raise ValueError(f"--tp must be >= 1, got {tp_size}")
         problems = self.tp_problems(tp_size, int4_groups)
         if problems:
-            heads = " (shardgen splits KV heads across ranks and does not replicate them)" if "heads" in problems[0] else ""
+            split_heads = self.num_heads % tp_size or self.num_kv_heads % tp_size
+            heads = " (shardgen splits KV heads across ranks and does not replicate them)" if split_heads else ""
             raise ValueError(f"--tp {tp_size} {'; '.join(problems)}{heads}. Valid --tp for this model: "
                              f"{self.valid_tp_sizes(int4_groups)}")
 

@@ -129,9 +129,10 @@ class Scheduler:
             if need > len(self.blocks.free):
                 break
             if cfg.admission == "projected":
-                if reserved + self._blocks_to_finish(seq) > len(self.blocks.free):
+                to_finish = self._blocks_to_finish(seq)
+                if reserved + to_finish > len(self.blocks.free):
                     break
-                reserved += self._blocks_to_finish(seq) - need
+                reserved += to_finish - need
             self.waiting.popleft()
             self.blocks.allocate(seq, need)
             seq.status = Status.RUNNING

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from train_demo_model import agreement, encode, perplexity, read, source_files, windows  # noqa: E402
+from train_demo_model import agreement, encode, greedy, perplexity, read, source_files, windows  # noqa: E402
 
 BLOCK_SIZE = 16
 
@@ -53,24 +53,6 @@ def cached_logits_fn(model, device: torch.device, kv_cache_dtype: str):
             return model.compute_logits(hidden).view(b, length, -1)
 
     return logits_of
-
-
-def greedy(model_dir: Path, device: str, layout: str, prompts: list[list[int]], new_tokens: int,
-           kv_cache_dtype: str) -> list[list[int]]:
-    from actors.config import EngineConfig
-    from actors.distributed import SINGLE
-    from actors.engine import Engine
-    from actors.loader import load_model
-    from actors.runner import ModelRunner
-    from actors.sequence import Request, SamplingParams
-
-    cfg = EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096, kv_cache_memory=2**28,
-                       kv_cache_dtype=kv_cache_dtype)
-    loaded = load_model(model_dir, SINGLE, device, int4_layout=layout)
-    runner = ModelRunner(loaded, SINGLE, torch.device(device), cfg, 1024)
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    done = Engine(runner, cfg, 1024, set()).generate([Request(str(i), p, params) for i, p in enumerate(prompts)])
-    return [c.token_ids for c in done]
 
 
 def main() -> None:
@@ -102,7 +84,8 @@ def main() -> None:
     results["fp8_increase"] = round(ppl["fp8"] / ppl["auto"] - 1, 5)
     rows = [json.loads(line) for line in prompts_file.read_text().splitlines()]
     ids = [tok(r["prompt"])["input_ids"] for r in rows]
-    runs = {kv: greedy(model_dir, a.device, a.int4_layout, ids, 48, kv) for kv in ("auto", "fp8")}
+    runs = {kv: greedy(model_dir, a.device, ids, 48, int4_layout=a.int4_layout, kv_cache_dtype=kv)
+            for kv in ("auto", "fp8")}
     results["greedy fp8 vs auto"] = agreement(runs["auto"], runs["fp8"])
     print(json.dumps(results, indent=1))
     a.results_dir.mkdir(parents=True, exist_ok=True)

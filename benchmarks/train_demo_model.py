@@ -144,7 +144,8 @@ def demo_prompts(held: list[Path], n: int = 200) -> list[dict]:
     return [{"id": f"demo-{k:04d}", "prompt": p, "max_new_tokens": 48} for k, p in enumerate(prompts)]
 
 
-def greedy(model_dir: Path, device: str, prompts: list[list[int]], new_tokens: int, dtype: str = "auto") -> list[list[int]]:
+def greedy(model_dir: Path, device: str, prompts: list[list[int]], new_tokens: int, dtype: str = "auto",
+           int4_layout: str = "auto", kv_cache_dtype: str = "auto") -> list[list[int]]:
     from actors.config import EngineConfig
     from actors.distributed import SINGLE
     from actors.engine import Engine
@@ -152,8 +153,10 @@ def greedy(model_dir: Path, device: str, prompts: list[list[int]], new_tokens: i
     from actors.runner import ModelRunner
     from actors.sequence import Request, SamplingParams
 
-    cfg = EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096, kv_cache_memory=2**28)
-    runner = ModelRunner(load_model(model_dir, SINGLE, device, dtype), SINGLE, torch.device(device), cfg, 1024)
+    cfg = EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096, kv_cache_memory=2**28,
+                       kv_cache_dtype=kv_cache_dtype)
+    loaded = load_model(model_dir, SINGLE, device, dtype, int4_layout=int4_layout)
+    runner = ModelRunner(loaded, SINGLE, torch.device(device), cfg, 1024)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     done = Engine(runner, cfg, 1024, set()).generate([Request(str(i), p, params) for i, p in enumerate(prompts)])
     return [c.token_ids for c in done]
