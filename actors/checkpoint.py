@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from actors import int4
+from actors.config import check_model_dir
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -220,11 +221,7 @@ def _int4_names(meta: dict[str, str], keys: set[str]) -> Iterator[tuple[str, dic
 
 
 def _find_weight_files(model_dir: Path, allow_pickle: bool) -> list[Path]:
-    if model_dir.is_file():
-        raise FileNotFoundError(f"{model_dir} is a file; give the model's directory (the folder holding config.json "
-                                f"and *.safetensors)")
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    check_model_dir(model_dir)
     if (model_dir / INDEX_FILE).is_file():
         return _files_from_index(model_dir, model_dir / INDEX_FILE)
     if (model_dir / SINGLE_FILE).is_file():

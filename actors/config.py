@@ -81,11 +81,7 @@ class ModelConfig:
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         """Read ``config.json`` of a Hugging Face style model directory."""
         path = Path(model_dir) / "config.json"
-        if Path(model_dir).is_file():
-            raise FileNotFoundError(f"{model_dir} is a file; give the model's directory (the folder holding "
-                                    f"config.json and *.safetensors)")
-        if not Path(model_dir).is_dir():
-            raise FileNotFoundError(f"model directory {model_dir} does not exist; check the path")
+        check_model_dir(Path(model_dir))
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: a shardgen model directory needs config.json, tokenizer files and *.safetensors")
         try:
@@ -227,6 +223,15 @@ def _parse_quant(qc: dict[str, Any] | None, source: str) -> QuantConfig | None:
             f"and converts each rank's slice itself"
         )
     return QuantConfig(group_size=int(data.get("group_size", 128)))
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Refuse a model path that is a file or does not exist, saying which."""
+    if model_dir.is_file():
+        raise FileNotFoundError(f"{model_dir} is a file; give the model's directory (the folder holding config.json "
+                                f"and *.safetensors)")
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist; check the path")
 
 
 def resolved_dtype_name(dtype: str, device_type: str) -> str:
