@@ -133,6 +133,31 @@ def unpack_tiled(words: torch.Tensor) -> torch.Tensor:
     return (u - 8).to(torch.int8).reshape(n, -1)
 
 
+def pack_fp8act(t: Int4Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The byte layout of shardgen's W4A8 kernels (actors/w4a8.py): (bytes uint8 (N, K/2), scale (K/G, N),
+    zero (K/G, N)).
+
+    Per weight row, each block of 128 consecutive k is 64 bytes: byte j holds k = j in its low nibble and
+    k = 64 + j in its high one, stored unsigned as u = q + 8. A kernel makes the block's two fp8 halves (BLOCK_N,
+    64) with one AND and one shift (a nibble alone in a byte is the e4m3 number u * 2**-9), and multiplies each by a
+    contiguous run of 64 columns of x. Scale and zero point are the checkpoint's own.
+    """
+    n, k = t.shape
+    if k % 128 != 0:
+        raise ValueError(f"the W4A8 int4 layout needs K ({k}) to be a multiple of 128")
+    u = (unpack(t.qdata) + 8).to(torch.uint8).reshape(n, k // 128, 2, 64)
+    packed = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, k // 2)
+    return packed.contiguous(), t.scale.contiguous(), t.zero_point.contiguous()
+
+
+def unpack_fp8act(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) W4A8 bytes -> int8 (N, K) values in [-8, 7]: the inverse of ``pack_fp8act``'s packing."""
+    n = packed.shape[0]
+    blocks = packed.reshape(n, -1, 1, 64)
+    u = torch.cat((blocks & 0xF, blocks >> 4), dim=2)
+    return (u.to(torch.int16) - 8).to(torch.int8).reshape(n, -1)
+
+
 # ----------------------------------------------------------------------- tensor parallel
 
 
