@@ -5,7 +5,7 @@
 
 import typer
 
-from jobs.cli import run
+from jobs.cli import run, run_then_exit
 
 if __name__ == "__main__":
-    typer.run(run)
+    run_then_exit(lambda: typer.run(run))

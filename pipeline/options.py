@@ -31,6 +31,7 @@ class RunOptions:
     int4_layout: str = "auto"
     kernel_cache_dir: Path | None = None
     allow_pickle: bool = False
+    verbose: bool = False  # Ray's own progress and log lines, which shardgen's progress line replaces
     sampling: SamplingParams = field(default_factory=SamplingParams)
     engine: EngineConfig = field(default_factory=EngineConfig)
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TextIO
 
 from actors import int4
 from actors.config import resolved_dtype_name
 from pipeline import detokenize, generate, read, resume, tokenize, write
+from pipeline.progress import Progress
 from pipeline.options import RunOptions
 
 # Rows a replica holds per sequence its engine runs at once: the waiting ones refill the engine while a batch's
@@ -109,12 +111,30 @@ def check_stages(stages: list[Stage], columns: tuple[str, ...], sink_reads: tupl
     assert not set(sink_reads) - have, f"the writer reads {set(sink_reads) - have}"
 
 
+# Loggers whose lines tell a shardgen user nothing (shown with --verbose): Ray Data's per-operator progress dump
+# every 10 s and its execution plan, and, on a local cluster that shardgen starts, the token-authentication notice.
+QUIET_LOGGERS = ("ray.data", "ray._private.authentication.authentication_token_setup")
+
+
+def quiet_ray() -> None:
+    """shardgen's progress line replaces Ray Data's progress output."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def connect(options: RunOptions) -> None:
     import ray
 
+    if not options.verbose:
+        quiet_ray()
     if ray.is_initialized():
         return
-    quiet = {"log_to_driver": False, "logging_level": "WARNING"}
+    quiet = {"log_to_driver": options.verbose, "logging_level": "INFO" if options.verbose else "WARNING"}
     if options.address:
         ray.init(address=options.address, **quiet)
         return
@@ -124,8 +144,9 @@ def connect(options: RunOptions) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, ranks + 3), include_dashboard=False, **quiet)
 
 
-def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
-    """Run the whole pipeline for ``options``; returns the summary that is also echoed.
+def run(options: RunOptions, echo: Callable[[str], None] = print, progress: TextIO | None = None) -> RunSummary:
+    """Run the whole pipeline for ``options``; returns the summary that is also echoed. ``progress``: where the
+    progress line goes (redrawn in place on a terminal), None for none.
 
     Everything a user can get wrong (checkpoint, input, output, options) is checked before any worker starts.
     Rerunning the same command on the same ``--output`` resumes: rows already written are skipped."""
@@ -173,7 +194,8 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
                        kernel_cache_dir=str(options.kernel_cache_dir) if options.kernel_cache_dir else None,
                        cpu_threads=max(1, cpus // (options.tp * options.replicas)), run_id=run_id,
                        allow_pickle=options.allow_pickle)
-    batch_size = options.batch_size or auto_batch_size(read.count_rows(files), options.replicas)
+    input_rows = read.count_rows(files)
+    batch_size = options.batch_size or auto_batch_size(input_rows, options.replicas)
     options = replace(options, model=Path(spec.model_dir), batch_size=batch_size)
     ds = read.read_prompts(options.input, options.prompt_column, options.id_column)
     if has_ids and not ids_checked:
@@ -202,12 +224,16 @@ def run(options: RunOptions, echo: Callable[[str], None] = print) -> RunSummary:
     sink = write.ParquetSink(options.output, write.run_metadata(
         version=_version(), model=str(options.model), quantization=quant, tp=options.tp, replicas=options.replicas,
         device=device, dtype=resolved_dtype_name(options.dtype, device), sampling_defaults=asdict(options.sampling)))
+    todo = input_rows - (finished.rows if finished else 0) if input_rows is not None else None
+    watch = Progress(options.output, todo, progress).start() if progress is not None else None
     try:
         ds.write_datasink(sink)
     except Exception as e:  # a stage gave up (a replica that keeps failing, say): say why, keep what was written
         raise RuntimeError(f"the job stopped: {root_cause(e)}. Rows written so far stay in {options.output}; rerun "
                            f"the same command to resume") from e
     finally:
+        if watch is not None:
+            watch.stop()
         release_replicas(run_id)
         if finished:
             finished.close()

@@ -114,6 +114,10 @@ def test_run_with_no_arguments_runs_the_embedded_demo_and_prints_a_summary(tmp_p
     assert "generated tokens/s" in r.stdout and "wall time" in r.stdout
     assert "--- demo-0000 ---\ndef __init__(self, optionalRelease" in r.stdout  # a sample completion follows
     assert (tmp_path / "demo-output").is_dir()
+    # one progress line of shardgen's own on stderr (redirected: whole lines), none of Ray Data's or Ray's notices
+    assert "shardgen: rows 200/200 (100%)" in r.stderr.splitlines()[-1], r.stderr[-2000:]
+    assert "logging_progress" not in r.stderr and "Running Dataset" not in r.stderr, r.stderr[-2000:]
+    assert "Token authentication" not in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
