@@ -313,9 +313,14 @@ def linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torc
         _dot_kernel[grid](x, words, scale, zero, part, m, n, x.stride(0), n, stride_split, GROUP=group_size,
                           BLOCK_M=config.block_m, **tiles)
     if split > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, m * n, SPLIT_K=split, BLOCK=block)
+        sum_splits(part, out)
     return out
+
+
+def sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
+    """out = the sum over split-K partials ``part`` (S, M, N) float32, in out's dtype (one launch)."""
+    numel, block = out.numel(), 1024
+    _sum_splits_kernel[(triton.cdiv(numel, block),)](part, out, numel, SPLIT_K=part.shape[0], BLOCK=block)
 
 
 def dequantize_into(words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,

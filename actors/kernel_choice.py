@@ -35,7 +35,7 @@ INTERPRETER_CONFIGS = {"1": KernelConfig("gemv", block_n=32, block_k=64, chunk=6
                        "4096": KernelConfig("dequant")}
 
 
-def _splits(programs: int, k: int, block_k: int, n_sm: int) -> list[int]:
+def split_factors(programs: int, k: int, block_k: int, n_sm: int) -> list[int]:
     """Split-K factors worth trying: 1, and more while the grid is under two waves of the GPU's SMs."""
     out = []
     for s in (1, 2, 4, 8, 16):
@@ -92,13 +92,13 @@ def candidates(m: int, n: int, k: int, n_sm: int = 132) -> list[KernelConfig]:
     if m <= 4:
         for bn, bk, chunk, warps in ((64, 256, 128, 4), (128, 256, 128, 4), (128, 512, 128, 8), (256, 256, 128, 8),
                                      (128, 256, 64, 4)):
-            for s in _splits(_cdiv(n, bn) * m, k, bk, n_sm):
+            for s in split_factors(_cdiv(n, bn) * m, k, bk, n_sm):
                 out.append(KernelConfig("gemv", block_n=bn, block_k=bk, chunk=chunk, split_k=s, num_warps=warps))
     # (kernel, its tiles, pipeline depths, the largest BLOCK_M x BLOCK_N that 4 warps take)
     for kernel, tiles, depths, four_warps in (("dot", _dot_tiles(m), (3,), 4096), ("dotk", _dotk_tiles(m), (3, 4), 4096),
                                               ("dott", _dott_tiles(m), (3, 4), 8192)):
         for bm, bn, bk in tiles:
-            for s in _splits(_cdiv(n, bn) * _cdiv(m, bm), k, bk, n_sm):
+            for s in split_factors(_cdiv(n, bn) * _cdiv(m, bm), k, bk, n_sm):
                 out += [KernelConfig(kernel, block_m=bm, block_n=bn, block_k=bk, split_k=s,
                                      num_warps=4 if bm * bn <= four_warps else 8, num_stages=stages) for stages in depths]
     if m >= 64:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Iterator
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -11,9 +13,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.sequence import Completion, Request
 from actors.worker import ReplicaSpec, ShardWorker
 
-# Rank 0 serves several Ray Data batches at once (each blocks in generate while the engine runs).
+# Rank 0 serves several Ray Data batches at once (each waits in collect while the engine runs).
 RANK0_CONCURRENCY = 64
 HEALTH_CHECK_S = 10.0  # while a batch runs, every worker is pinged this often
+POLL_S = 1.0  # how long one collect waits for a completion: the caller sees time pass at least this often
 PING_TIMEOUT_S = 60.0
 
 
@@ -56,10 +59,23 @@ class Replica:
     def layout(self) -> str:
         return self.info[0]["layout"]
 
-    def generate(self, requests: list[Request]) -> list[Completion]:
-        """Run requests on rank 0's engine. Raises ``ReplicaFailed`` if any worker dies meanwhile: every wait is
-        bounded by a health check, so a rank lost inside a collective cannot hang the batch."""
-        ref = self.workers[0].generate.remote(requests)
+    def stream(self, requests: list[Request], poll_s: float = POLL_S) -> Iterator[list[tuple[int, Completion]]]:
+        """Run requests on rank 0's engine, yielding (index, completion) lists as they finish, an empty one at least
+        every ``poll_s`` seconds (so the caller can flush or stop on time). Raises ``ReplicaFailed`` if any worker
+        dies meanwhile: every wait is bounded by a health check, so a rank lost inside a collective (rank 0 still
+        answers, its engine hangs) cannot hang the batch."""
+        group = self._get(self.workers[0].submit.remote(requests))
+        checked = time.monotonic()
+        while True:
+            done, finished = self._get(self.workers[0].collect.remote(group, poll_s))
+            if time.monotonic() - checked >= HEALTH_CHECK_S:
+                self.check_alive()
+                checked = time.monotonic()
+            yield done
+            if finished:
+                return
+
+    def _get(self, ref: ray.ObjectRef) -> object:
         while True:
             ready, _ = ray.wait([ref], timeout=HEALTH_CHECK_S)
             if ready:

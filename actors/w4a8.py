@@ -26,9 +26,13 @@ first, so that both operands reach the tensor cores as plain pipelined loads, wa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from actors import int4_kernels
+from actors.kernel_choice import split_factors
 
 try:
     import triton
@@ -159,15 +163,6 @@ if triton is not None:
                                          GROUP, K_SPAN)
         _store(acc, xs_ptr, out_ptr, offs_m, mask_m, offs_n, mask_n, stride_om, stride_split, pid_k, SPLIT_K)
 
-    @triton.jit
-    def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offs < numel
-        acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
 
 def quantize_rows(x: torch.Tensor) -> Fp8Input:
     """Each row of ``x`` (..., K) to e4m3 with its own float32 scale (absmax / 448), and the rows' sums of the fp8
@@ -217,8 +212,7 @@ def linear(x: Fp8Input, weight: torch.Tensor, scale: torch.Tensor, zero: torch.T
                                BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, K_SPAN=k // split,
                                num_warps=config.num_warps, num_stages=config.num_stages)
     if split > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, m * n, SPLIT_K=split, BLOCK_SIZE=block)
+        int4_kernels.sum_splits(part, out)
     return out.view(*x.shape[:-1], n)
 
 
@@ -230,7 +224,7 @@ def candidates(m: int, n: int, k: int, n_sm: int = 132) -> list[Fp8Config]:
     for bm in sorted({min(pow2, 64), min(pow2, 128)} if m > 64 else {pow2}):
         for bn in (64, 128):
             for bk in (128, 256):
-                for s in _splits(_cdiv(n, bn) * _cdiv(m, bm), k, bk, n_sm):
+                for s in split_factors(math.ceil(n / bn) * math.ceil(m / bm), k, bk, n_sm):
                     warps = (4,) if bm * bn <= 64 * 128 else (8,)
                     out += [Fp8Config(bm, bn, bk, s, w, st) for w in warps for st in _depths(bk)]
     return [c for c in out if c.fits(m, n, k)]
@@ -238,12 +232,3 @@ def candidates(m: int, n: int, k: int, n_sm: int = 132) -> list[Fp8Config]:
 
 def _depths(block_k: int) -> tuple[int, ...]:
     return (3, 4) if block_k == BLOCK else (3,)
-
-
-def _splits(programs: int, k: int, block_k: int, n_sm: int) -> list[int]:
-    """Split-K factors worth trying: 1, and more while the grid is under two waves of the GPU's SMs."""
-    return [s for s in (1, 2, 4, 8) if k % (block_k * s) == 0 and (s == 1 or programs * (s // 2) < 2 * n_sm)]
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)

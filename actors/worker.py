@@ -12,9 +12,11 @@ importing torch, torchao and fbgemm before it could even ask for them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -48,6 +50,9 @@ class ShardWorker:
         self.engine: Engine | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Rank 0: requests handed out in groups, each group's futures and which of them were collected already.
+        self._groups: dict[int, tuple[list[Future], set[int]]] = {}
+        self._group_ids = itertools.count()
 
     def rendezvous_address(self) -> str:
         """Rank 0: where the other ranks find it (this node's IP and a free port)."""
@@ -109,10 +114,26 @@ class ShardWorker:
         """Liveness check of the replica (served while the engine runs)."""
         return self.rank
 
-    def generate(self, requests: list[Request]) -> list[Completion]:
-        """Rank 0: run requests through the engine (alongside any others in flight) and return them in order."""
-        assert self.engine is not None, "generate is served by rank 0"
-        return [f.result() for f in self.engine.add(requests)]
+    def submit(self, requests: list[Request]) -> int:
+        """Rank 0: add requests to the engine (alongside any others in flight); returns the group's id for
+        ``collect``."""
+        assert self.engine is not None, "requests are served by rank 0"
+        group = next(self._group_ids)
+        self._groups[group] = (self.engine.add(requests), set())
+        return group
+
+    def collect(self, group: int, wait_s: float) -> tuple[list[tuple[int, Completion]], bool]:
+        """Rank 0: the group's completions that finished since the last call, as (index, completion), waiting up
+        to ``wait_s`` for one; and whether the whole group is now collected (its id is then forgotten)."""
+        futures, collected = self._groups[group]
+        pending = [f for i, f in enumerate(futures) if i not in collected]
+        wait(pending, timeout=wait_s, return_when=FIRST_COMPLETED)
+        done = [(i, f.result()) for i, f in enumerate(futures) if i not in collected and f.done()]
+        collected.update(i for i, _ in done)
+        finished = len(collected) == len(futures)
+        if finished:
+            del self._groups[group]
+        return done, finished
 
     def stats(self) -> dict:
         assert self.engine is not None

@@ -146,6 +146,7 @@ def run(
     """Generate a completion for every row of a table of prompts; writes Parquet and prints a summary."""
     from actors.config import EngineConfig
     from actors.sequence import SamplingParams
+    from pipeline.interrupt import Interrupted
     from pipeline.options import RunOptions
 
     if (model is None) != (input is None):
@@ -183,6 +184,9 @@ def run(
         from pipeline.run import run as run_pipeline
 
         run_pipeline(options, echo=typer.echo, progress=sys.stderr)
+    except Interrupted as e:
+        typer.secho(f"shardgen: {e}", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=130)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
     if demo:

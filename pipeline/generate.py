@@ -1,17 +1,23 @@
 """Generate stage: a Ray Data actor pool of R replicas; each actor owns one replica (T ShardWorkers).
 
-Several batches are in flight per actor, so a replica's engine is refilled while
-the long tail of one batch finishes.
+Several batches are in flight per actor, so a replica's engine is refilled while the long tail of one batch
+finishes. A batch's rows reach the output when the whole batch is done, but rows finished earlier are not held that
+long: every ``Flush.seconds`` (or ``Flush.rows`` finished rows) the finished rows of all the batches in flight are
+detokenized and written as one part file from here, and left out of what their batches return. So what a run loses when it is stopped is bounded in time, whatever
+the batch size; on a stop (``RunControl``) each batch writes what is finished and returns.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 
-from actors.sequence import FINISH_ERROR, Request, SamplingParams
+from actors.sequence import FINISH_ERROR, Completion, Request, SamplingParams
 from actors.worker import ReplicaSpec
 
 READS = ("id", "prompt", "prompt_token_ids", "params", "error")
@@ -23,24 +29,74 @@ log = logging.getLogger(__name__)
 MAX_REPLICA_STARTS = 3  # a replica that fails this often (bad GPU, out of memory) stops the job
 
 
-class GenerateStage:
-    """One replica; if a worker dies, the replica is replaced and the batches it held are run again."""
+@dataclass(frozen=True)
+class Flush:
+    """Where and how often finished rows are written before their batch is done."""
 
-    def __init__(self, spec: ReplicaSpec) -> None:
+    output: Path
+    metadata: dict[str, str]  # the Parquet metadata of every part file (write.run_metadata)
+    model_dir: str  # for the detokenizer
+    seconds: float = 10.0
+    rows: int = 256
+    control: str | None = None  # the name of the run's RunControl actor, polled for a stop
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A batch being generated: its completions so far, and which of its finished rows are not written yet."""
+
+    batch: pa.Table
+    results: dict[int, Completion] = field(default_factory=dict)
+    unwritten: list[int] = field(default_factory=list)
+
+
+class GenerateStage:
+    """One replica; if a worker dies, the replica is replaced and the unfinished rows of its batches run again."""
+
+    def __init__(self, spec: ReplicaSpec, flush: Flush | None = None) -> None:
         from actors.replica import Replica
 
         self.spec = spec
+        self.flush = flush
         self.replica = Replica(spec)
         self.starts = 1
         self._lock = threading.Lock()  # several batches are in flight: one of them replaces the replica
+        self._detokenize = None
+        self._flush_lock = threading.Lock()  # the batches in flight and their finished, unwritten rows
+        self._in_flight: list[_InFlight] = []
+        self._oldest: float | None = None  # when the oldest unwritten finished row (of any batch) finished
+        self.stopping = threading.Event()
+        if flush is not None and flush.control is not None:
+            threading.Thread(target=self._watch_for_stop, args=(flush.control,), daemon=True).start()
 
-    def _generate(self, requests: list[Request]) -> list:
+    def _watch_for_stop(self, control_name: str) -> None:
+        import ray
+
+        control = ray.get_actor(control_name)
+        while not self.stopping.is_set():
+            try:
+                if ray.get(control.stopping.remote(), timeout=10):
+                    self.stopping.set()
+                    return
+            except Exception:  # the driver is gone: Ray tears this actor down too
+                return
+            time.sleep(0.5)
+
+    def _stream(self, requests: list[Request]):
+        """(index, completion) lists as they finish, across replacements of a failed replica (only the requests
+        not yet finished run again)."""
         from actors.replica import ReplicaFailed
 
-        while True:
+        left = dict(enumerate(requests))
+        while left:
             replica = self.replica
+            order = list(left)
             try:
-                return replica.generate(requests)
+                for done in replica.stream([left[i] for i in order]):
+                    found = [(order[j], c) for j, c in done]
+                    for i, _ in found:
+                        del left[i]
+                    yield found
             except ReplicaFailed as e:
                 self._replace(replica, e)
 
@@ -62,30 +118,85 @@ class GenerateStage:
             self.starts += 1
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = batch.column("id").to_pylist()
+        errors = batch.column("error").to_pylist()
         tokens = batch.column("prompt_token_ids").to_pylist()
         params = batch.column("params").to_pylist()
-        errors = batch.column("error").to_pylist()
+        ids = batch.column("id").to_pylist()
         todo = [i for i, e in enumerate(errors) if e is None]
         requests = [Request(ids[i], tokens[i], SamplingParams.from_json(params[i])) for i in todo]
-        results = dict(zip(todo, self._generate(requests))) if requests else {}
+        mine = _InFlight(batch, unwritten=[i for i, e in enumerate(errors) if e is not None])  # error rows: ready
+        with self._flush_lock:
+            self._in_flight.append(mine)
+            if mine.unwritten and self._oldest is None:
+                self._oldest = time.monotonic()
+        try:
+            for done in self._stream(requests) if requests else ():
+                with self._flush_lock:
+                    if done and self._oldest is None:
+                        self._oldest = time.monotonic()
+                    for j, completion in done:
+                        mine.results[todo[j]] = completion
+                        mine.unwritten.append(todo[j])
+                stop = self.stopping.is_set()
+                if self.flush is not None and (stop or self._flush_due()):
+                    self._flush_finished()
+                if stop:  # the run is stopping: what is finished is written; the rest is for the rerun
+                    return self._rows(batch, [], mine.results)
+        finally:
+            with self._flush_lock:
+                self._in_flight.remove(mine)
+                rows, mine.unwritten = sorted(mine.unwritten), []
+                if not any(f.unwritten for f in self._in_flight):
+                    self._oldest = None
+        return self._rows(batch, rows, mine.results)
+
+    def _flush_due(self) -> bool:
+        with self._flush_lock:
+            waiting = sum(len(f.unwritten) for f in self._in_flight)
+            return waiting > 0 and (waiting >= self.flush.rows or time.monotonic() - self._oldest >= self.flush.seconds)
+
+    def _flush_finished(self) -> None:
+        """Write the finished rows of every batch in flight as one part file (one file per flush, not per batch)."""
+        with self._flush_lock:
+            tables = [self._rows(f.batch, sorted(f.unwritten), f.results) for f in self._in_flight if f.unwritten]
+            for f in self._in_flight:
+                f.unwritten = []
+            self._oldest = None
+        if tables:
+            self._write(pa.concat_tables(tables))
+
+    def _rows(self, batch: pa.Table, rows: list[int], results: dict[int, Completion]) -> pa.Table:
+        """The output columns of ``rows`` of the batch: a completion, or the row's error."""
+        taken = batch.take(pa.array(rows, pa.int64()))
+        tokens = taken.column("prompt_token_ids").to_pylist()
+        errors = taken.column("error").to_pylist()
         out_ids, finish, prompt_n, completion_n, err = [], [], [], [], []
-        for i in range(len(ids)):
+        for k, i in enumerate(rows):
             r = results.get(i)
             out_ids.append(r.token_ids if r else [])
             finish.append(r.finish_reason if r else FINISH_ERROR)
-            prompt_n.append(r.prompt_tokens if r else len(tokens[i] or []))
+            prompt_n.append(r.prompt_tokens if r else len(tokens[k] or []))
             completion_n.append(len(r.token_ids) if r else 0)
-            err.append(r.error if r else errors[i])
+            err.append(r.error if r else errors[k])
         return pa.table({
-            "id": batch.column("id"), "prompt": batch.column("prompt"),
+            "id": taken.column("id"), "prompt": taken.column("prompt"),
             "completion_token_ids": pa.array(out_ids, pa.list_(pa.int32())),
             "prompt_tokens": pa.array(prompt_n, pa.int32()), "completion_tokens": pa.array(completion_n, pa.int32()),
             "finish_reason": pa.array(finish, pa.string()), "error": pa.array(err, pa.string()),
-            "params": batch.column("params"), "layout": pa.array([self.replica.layout] * len(ids), pa.string()),
+            "params": taken.column("params"), "layout": pa.array([self.replica.layout] * len(rows), pa.string()),
         })
 
+    def _write(self, rows: pa.Table) -> None:
+        """Detokenize and write finished rows now, as the detokenize stage and the sink would."""
+        from pipeline import write
+        from pipeline.detokenize import DetokenizeStage
+
+        if self._detokenize is None:
+            self._detokenize = DetokenizeStage(self.flush.model_dir)
+        write.write_part(self.flush.output, self._detokenize(rows), self.flush.metadata)
+
     def __del__(self) -> None:
+        self.stopping.set()
         replica = getattr(self, "replica", None)
         if replica is not None:
             try:

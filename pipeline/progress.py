@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-import pyarrow.parquet as pq
-
 from pipeline import write
 
 
@@ -28,7 +26,7 @@ class Progress:
         self.interactive = stream.isatty() if interactive is None else interactive
         self.interval_s = interval_s
         self.poll_s = poll_s
-        self.rows = self.tokens = 0
+        self.written = write.WriteStats()  # of the part files this run wrote
         self._seen: set[Path] = set(write.existing_output(output))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -70,12 +68,15 @@ class Progress:
             if path in self._seen:
                 continue
             try:
-                table = pq.read_table(path, columns=["completion_tokens"])
+                stats = write.read_stats(path)
             except (OSError, ValueError):  # vanished (an --overwrite elsewhere) or unreadable: counted if it returns
                 continue
             self._seen.add(path)
-            self.rows += table.num_rows
-            self.tokens += int(sum(v for v in table.column("completion_tokens").to_pylist() if v))
+            self.written.add(stats)
+
+    @property
+    def rows(self) -> int:
+        return self.written.rows
 
     def line(self) -> str:
         elapsed = max(time.perf_counter() - self._started, 1e-9)
@@ -87,7 +88,7 @@ class Progress:
             eta = f", ETA {_duration(left / rate)}" if rate > 0 and left > 0 else ""
         else:
             rows, eta = f"rows {self.rows:,}", ""
-        return f"shardgen: {rows}, {self.tokens / elapsed:,.0f} generated tok/s, {_duration(elapsed)} elapsed{eta}"
+        return f"shardgen: {rows}, {self.written.completion_tokens / elapsed:,.0f} generated tok/s, {_duration(elapsed)} elapsed{eta}"
 
 
 def _duration(seconds: float) -> str:

@@ -13,7 +13,7 @@ from typing import Callable, TextIO
 
 from actors import int4
 from actors.config import resolved_dtype_name
-from pipeline import detokenize, generate, read, resume, tokenize, write
+from pipeline import detokenize, generate, interrupt, read, resume, tokenize, write
 from pipeline.progress import Progress
 from pipeline.options import RunOptions
 
@@ -80,7 +80,7 @@ class RunSummary:
         ]
 
 
-def build_stages(options: RunOptions, spec) -> list[Stage]:
+def build_stages(options: RunOptions, spec, flush: generate.Flush) -> list[Stage]:
     from ray.data import ActorPoolStrategy
 
     model = str(options.model)
@@ -91,7 +91,7 @@ def build_stages(options: RunOptions, spec) -> list[Stage]:
             batch_format="pyarrow", batch_size=options.batch_size, compute=ActorPoolStrategy(min_size=1, max_size=4),
             num_cpus=1)),
         Stage("generate", generate.READS, generate.WRITES, lambda ds: ds.map_batches(
-            generate.GenerateStage, fn_constructor_args=(spec,), batch_format="pyarrow", batch_size=options.batch_size,
+            generate.GenerateStage, fn_constructor_args=(spec, flush), batch_format="pyarrow", batch_size=options.batch_size,
             compute=ActorPoolStrategy(size=options.replicas, max_tasks_in_flight_per_actor=in_flight,
                                       max_concurrent_calls_per_actor=in_flight),
             num_cpus=0)),
@@ -210,7 +210,13 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
          f"{time.perf_counter() - start:.1f} s (Ray's start {ray_up - ray_start:.1f} s)"
          + (f"; resuming: {finished.rows:,} rows already in {options.output}" if finished else ""))
 
-    stages = build_stages(options, spec)
+    quant = f"torchao int4 plain, group size {config.quant.group_size}" if config.quant else "none"
+    metadata = write.run_metadata(
+        version=_version(), model=str(options.model), quantization=quant, tp=options.tp, replicas=options.replicas,
+        device=device, dtype=resolved_dtype_name(options.dtype, device), sampling_defaults=asdict(options.sampling))
+    control = interrupt.start_control(run_id)
+    flush = generate.Flush(options.output.resolve(), metadata, spec.model_dir, control=interrupt.control_name(run_id))
+    stages = build_stages(options, spec, flush)
     # Blocks of one batch: a big input file would otherwise be one block, generated and written as one file
     # at its very end, so a lost driver would lose all of it. Small blocks stream through and land as they finish.
     stages.insert(0, Stage("batch", (), (), lambda ds: ds.repartition(target_num_rows_per_block=options.batch_size)))
@@ -220,14 +226,20 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
     check_stages(stages, read.WRITES, write.READS)
     for stage in stages:
         ds = stage.apply(ds)
-    quant = f"torchao int4 plain, group size {config.quant.group_size}" if config.quant else "none"
-    sink = write.ParquetSink(options.output, write.run_metadata(
-        version=_version(), model=str(options.model), quantization=quant, tp=options.tp, replicas=options.replicas,
-        device=device, dtype=resolved_dtype_name(options.dtype, device), sampling_defaults=asdict(options.sampling)))
+    sink = write.ParquetSink(options.output, metadata)
     todo = input_rows - (finished.rows if finished else 0) if input_rows is not None else None
+    before = set(write.existing_output(options.output))
     watch = Progress(options.output, todo, progress).start() if progress is not None else None
     try:
-        ds.write_datasink(sink)
+        with interrupt.stop_on_signals(control, lambda: len(write.existing_output(options.output)), echo) as stop:
+            ds.write_datasink(sink)
+            if stop.requested:  # the stages returned early and the dataset ran out before the drain stopped it
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        safe = write.rows_in(write.existing_output(options.output))
+        raise interrupt.Interrupted(
+            f"interrupted: {safe:,} rows are safe in {options.output} ({safe - write.rows_in(before):,} written by "
+            f"this run); rerun the same command to resume (finished rows are skipped)") from None
     except Exception as e:  # a stage gave up (a replica that keeps failing, say): say why, keep what was written
         raise RuntimeError(f"the job stopped: {root_cause(e)}. Rows written so far stay in {options.output}; rerun "
                            f"the same command to resume") from e
@@ -235,9 +247,13 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
         if watch is not None:
             watch.stop()
         release_replicas(run_id)
+        ray.kill(control)
         if finished:
             finished.close()
-    t = sink.totals
+    # counted from the files: rows written early by the generate stage never pass the sink
+    t = write.WriteStats()
+    for path in set(write.existing_output(options.output)) - before:
+        t.add(write.read_stats(path))
     summary = RunSummary(options.output, t.rows, t.errors, t.prompt_tokens, t.completion_tokens,
                          time.perf_counter() - start, t.files, device, _layout_of(options.output),
                          resumed=finished.rows if finished else 0)

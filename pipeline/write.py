@@ -46,13 +46,12 @@ def existing_output(output: Path) -> list[Path]:
 
 
 class ParquetSink(Datasink[WriteStats]):
-    """Each write task writes its blocks to ``part-<uuid>.parquet`` through a temporary name and a rename,
-    so a file in the output directory is always complete."""
+    """Each write task writes its blocks with ``write_part``. (The run's summary counts the files, not these
+    tasks' returns: the generate stage writes rows too.)"""
 
     def __init__(self, output: Path, metadata: dict[str, str]) -> None:
         self.output = Path(output)
         self.metadata = metadata
-        self.totals = WriteStats()
 
     def on_write_start(self, schema: object = None) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
@@ -60,28 +59,42 @@ class ParquetSink(Datasink[WriteStats]):
     def write(self, blocks: Iterable[pa.Table], ctx: object) -> WriteStats:
         stats = WriteStats()
         for block in blocks:
-            if block.num_rows == 0:
-                continue
-            layouts = sorted(set(block.column("layout").to_pylist()))
-            table = block.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
-            meta = {**self.metadata, "shardgen.hardware_layout": ",".join(layouts)}
-            table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
-            name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
-            tmp = self.output / f".{name}.tmp"
-            pq.write_table(table, tmp)
-            os.replace(tmp, self.output / name)
-            stats.add(WriteStats(
-                rows=table.num_rows,
-                errors=sum(r == "error" for r in table.column("finish_reason").to_pylist()),
-                prompt_tokens=sum(table.column("prompt_tokens").to_pylist()),
-                completion_tokens=sum(table.column("completion_tokens").to_pylist()),
-                files=1,
-            ))
+            stats.add(write_part(self.output, block, self.metadata))
         return stats
 
-    def on_write_complete(self, write_result) -> None:
-        for s in write_result.write_returns:
-            self.totals.add(s)
+
+def write_part(output: Path, block: pa.Table, metadata: dict[str, str]) -> WriteStats:
+    """Write one block of finished rows as ``part-<uuid>.parquet``, through a temporary name and a rename, so a
+    part file in the output directory is always complete (the generate stage's early flushes write this way too)."""
+    if block.num_rows == 0:
+        return WriteStats()
+    layouts = sorted(set(block.column("layout").to_pylist()))
+    table = block.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    meta = {**metadata, "shardgen.hardware_layout": ",".join(layouts)}
+    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
+    name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
+    tmp = Path(output) / f".{name}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, Path(output) / name)
+    return stats_of(table)
+
+
+def stats_of(table: pa.Table) -> WriteStats:
+    """Rows, error rows and tokens of a table of output rows, as one file."""
+    return WriteStats(rows=table.num_rows,
+                      errors=sum(r == "error" for r in table.column("finish_reason").to_pylist()),
+                      prompt_tokens=sum(v or 0 for v in table.column("prompt_tokens").to_pylist()),
+                      completion_tokens=sum(v or 0 for v in table.column("completion_tokens").to_pylist()), files=1)
+
+
+def rows_in(paths: Iterable[Path]) -> int:
+    """Rows of part files, from their footers."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+
+
+def read_stats(path: Path) -> WriteStats:
+    """``stats_of`` a part file, reading only the three columns it needs."""
+    return stats_of(pq.read_table(path, columns=["finish_reason", "prompt_tokens", "completion_tokens"]))
 
 
 def run_metadata(**fields: object) -> dict[str, str]:

@@ -1,32 +1,39 @@
-"""The generate stage's handling of replicas that fail (no Ray: the replica is replaced by a stand-in)."""
+"""The generate stage (no Ray: the replica is a stand-in): replicas that fail, and finished rows written before their
+batch is done."""
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import actors.replica
 from actors.replica import ReplicaFailed
 from actors.sequence import Completion, SamplingParams
 from actors.worker import ReplicaSpec
-from pipeline import generate
+from pipeline import generate, write
 from pipeline.generate import GenerateStage
 
 
 class FlakyReplica:
-    """Fails its first ``failures`` generate calls across all instances, then completes every request."""
+    """Finishes its requests one at a time; the first ``failures`` streams across all instances fail after
+    finishing ``fail_after`` requests."""
 
     made: list["FlakyReplica"] = []
     failures = 0
+    fail_after = 1
     layout = "cpu-dequantized"
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.killed = False
+        self.asked: list[list[str]] = []
         FlakyReplica.made.append(self)
 
-    def generate(self, requests):
-        if FlakyReplica.failures > 0:
-            FlakyReplica.failures -= 1
-            raise ReplicaFailed("a ShardWorker died: RayActorError")
-        return [Completion(r.request_id, [7, 8], "length", len(r.prompt_token_ids)) for r in requests]
+    def stream(self, requests):
+        self.asked.append([r.request_id for r in requests])
+        for j, r in enumerate(requests):
+            if j == FlakyReplica.fail_after and FlakyReplica.failures > 0:
+                FlakyReplica.failures -= 1
+                raise ReplicaFailed("a ShardWorker died: RayActorError")
+            yield [(j, Completion(r.request_id, [7, 8], "length", len(r.prompt_token_ids)))]
 
     def kill(self) -> None:
         self.killed = True
@@ -34,27 +41,57 @@ class FlakyReplica:
 
 @pytest.fixture
 def flaky(monkeypatch):
-    FlakyReplica.made = []
+    FlakyReplica.made, FlakyReplica.fail_after = [], 1
     monkeypatch.setattr(actors.replica, "Replica", FlakyReplica)
     return FlakyReplica
 
 
 def batch() -> pa.Table:
     params = SamplingParams(max_new_tokens=2).to_json()
-    return pa.table({"id": ["a", "b"], "prompt": ["x", None], "prompt_token_ids": [[1, 2], []],
-                     "params": [params, params], "error": [None, "prompt: empty or null"]})
+    return pa.table({"id": ["a", "b", "c"], "prompt": ["x", None, "z"], "prompt_token_ids": [[1, 2], [], [3]],
+                     "params": [params] * 3, "error": [None, "prompt: empty or null", None]})
 
 
-def test_a_failed_replica_is_replaced_and_the_batch_rerun(flaky):
+def test_a_failed_replica_is_replaced_and_only_its_unfinished_rows_rerun(flaky):
     flaky.failures = 1
     out = GenerateStage(ReplicaSpec("m"))(batch()).to_pylist()
-    assert [r["finish_reason"] for r in out] == ["length", "error"]
+    assert [(r["id"], r["finish_reason"]) for r in out] == [("a", "length"), ("b", "error"), ("c", "length")]
     assert out[0]["completion_token_ids"] == [7, 8] and out[1]["error"] == "prompt: empty or null"
     assert len(flaky.made) == 2 and flaky.made[0].killed and not flaky.made[1].killed
+    assert flaky.made[0].asked == [["a", "c"]] and flaky.made[1].asked == [["c"]]
+
+
+def flush_to(tmp_path, seconds: float) -> generate.Flush:
+    from jobs.demo import demo_assets
+
+    model, _ = demo_assets()
+    return generate.Flush(tmp_path, {"shardgen.version": "test"}, str(model), seconds=seconds)
+
+
+def test_finished_rows_are_written_before_their_batch_is_done_and_returned_once(flaky, tmp_path):
+    """With a flush due at every completion, each finished row lands in its own part file at once; the batch
+    returns only what is not written yet. Every row is in exactly one of the two."""
+    out = GenerateStage(ReplicaSpec("m"), flush_to(tmp_path, seconds=0))(batch())
+    files = write.existing_output(tmp_path)
+    written = pa.concat_tables([pq.read_table(f) for f in files])
+    assert len(files) == 2 and sorted(written.column("id").to_pylist() + out.column("id").to_pylist()) == ["a", "b", "c"]
+    assert out.num_rows == 0
+    completions = dict(zip(written.column("id").to_pylist(), written.column("completion").to_pylist()))
+    assert completions["b"] is None and isinstance(completions["a"], str) and isinstance(completions["c"], str)
+    assert written.schema.metadata[b"shardgen.version"] == b"test"
+
+
+def test_a_stop_writes_the_finished_rows_and_returns_nothing_else(flaky, tmp_path):
+    stage = GenerateStage(ReplicaSpec("m"), flush_to(tmp_path, seconds=3600))
+    stage.stopping.set()
+    out = stage(batch())
+    written = pa.concat_tables([pq.read_table(f) for f in write.existing_output(tmp_path)])
+    assert out.num_rows == 0
+    assert sorted(written.column("id").to_pylist()) == ["a", "b"]  # "c" never finished: the rerun makes it
 
 
 def test_a_replica_that_keeps_failing_stops_the_job_with_a_clear_message(flaky):
-    flaky.failures = 100
+    flaky.failures, flaky.fail_after = 100, 0
     stage = GenerateStage(ReplicaSpec("m"))
     with pytest.raises(RuntimeError, match=rf"a replica failed {generate.MAX_REPLICA_STARTS} times .*giving up"):
         stage(batch())

@@ -7,11 +7,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.progress import Progress, _duration
+from pipeline.write import WriteStats
 
 
 def part(output, name: str, tokens: list[int]) -> None:
     output.mkdir(exist_ok=True)
-    pq.write_table(pa.table({"completion_tokens": pa.array(tokens, pa.int32())}), output / f"part-{name}.parquet")
+    pq.write_table(pa.table({"completion_tokens": pa.array(tokens, pa.int32()),
+                             "prompt_tokens": pa.array([1] * len(tokens), pa.int32()),
+                             "finish_reason": pa.array(["length"] * len(tokens))}), output / f"part-{name}.parquet")
 
 
 def test_counts_only_the_part_files_written_after_it_started(tmp_path):
@@ -21,14 +24,14 @@ def test_counts_only_the_part_files_written_after_it_started(tmp_path):
     part(tmp_path, "b", [1, 0, 2])
     (tmp_path / ".part-c.parquet.tmp").write_bytes(b"half written")  # not a part file yet
     progress.poll()
-    assert (progress.rows, progress.tokens) == (5, 10)
+    assert (progress.rows, progress.written.completion_tokens, progress.written.files) == (5, 10, 2)
     progress.poll()  # nothing new: nothing counted twice
-    assert (progress.rows, progress.tokens) == (5, 10)
+    assert (progress.rows, progress.written.completion_tokens, progress.written.files) == (5, 10, 2)
 
 
 def test_line_says_rows_of_total_tokens_per_second_and_eta(tmp_path):
     progress = Progress(tmp_path, total_rows=200, stream=io.StringIO(), interactive=False)
-    progress.rows, progress.tokens = 50, 3000
+    progress.written = WriteStats(rows=50, completion_tokens=3000)
     progress._started = time.perf_counter() - 10
     line = progress.line()
     assert line.startswith("shardgen: rows 50/200 (25%), 300 generated tok/s, 10 s elapsed, ETA 30 s"), line
