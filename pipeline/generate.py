@@ -78,7 +78,9 @@ class GenerateStage:
                 if ray.get(control.stopping.remote(), timeout=10):
                     self.stopping.set()
                     return
-            except Exception:  # the driver is gone: Ray tears this actor down too
+            except ray.exceptions.GetTimeoutError:  # a busy node: ask again
+                continue
+            except ray.exceptions.RayActorError:  # the run is over: Ray tears this actor down too
                 return
             time.sleep(0.5)
 
