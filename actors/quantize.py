@@ -32,6 +32,7 @@ class QuantizeReport:
     bytes_in: int = 0
     bytes_out: int = 0
     seconds: float = 0.0
+    removed: list[str] = field(default_factory=list)  # an earlier checkpoint's files that --overwrite removed
 
 
 def quantize_checkpoint(
@@ -50,10 +51,15 @@ def quantize_checkpoint(
     cfg = ModelConfig.from_dir(src)
     if cfg.quant is not None:
         raise ValueError(f"{src} is already quantized (config.json has a quantization_config); pass the float model")
+    if dst.resolve() == src.resolve() or src.resolve().is_relative_to(dst.resolve()):
+        raise ValueError(f"{dst} {'is' if dst.resolve() == src.resolve() else 'holds'} the source model {src}; "
+                         f"write the int4 checkpoint to a directory of its own")
+    if dst.is_file():
+        raise ValueError(f"{dst} is a file; give a directory for the int4 checkpoint")
     if dst.exists() and any(dst.iterdir()):
         if not overwrite:
-            raise ValueError(f"{dst} is not empty; choose another output directory or pass --overwrite")
-        shutil.rmtree(dst)
+            raise ValueError(f"{dst} is not empty; choose another output directory or pass --overwrite (it removes "
+                             f"only the files of a checkpoint)")
     report = QuantizeReport(dst)
     with Checkpoint(src, allow_pickle) as ckpt:
         plan: list[PlannedTensor] = []
@@ -85,6 +91,12 @@ def quantize_checkpoint(
                 untie = cfg.tie_word_embeddings
         report.kept_dense = [t.name for t in plan if t.group_size is None]
         report.int4_weights = sum(t.group_size is not None for t in plan)
+        if not report.int4_weights:
+            raise ValueError(_nothing_to_quantize(src, group_size, [ckpt.entry(n).shape[1] for n in ckpt.names()
+                                                                    if _LAYER_LINEAR.match(n)
+                                                                    and len(ckpt.entry(n).shape) == 2]))
+        if overwrite:
+            report.removed = remove_checkpoint_files(dst, src)
         save_checkpoint(dst, plan, max_shard_bytes)
         report.bytes_out = sum(t.nbytes() for t in plan)
 
@@ -98,6 +110,25 @@ def quantize_checkpoint(
             shutil.copy2(path, dst / path.name)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _nothing_to_quantize(src: Path, group_size: int, ks: list[int]) -> str:
+    working = [g for g in int4.GROUP_SIZES if ks and all(k % g == 0 for k in ks)]
+    fix = (f"pass --group-size {max(working)}" if working else
+           f"no group size shardgen runs ({', '.join(map(str, int4.GROUP_SIZES))}) divides them")
+    return (f"{src}: no layer can be int4 at group size {group_size} (the decoder's linear layers have K = "
+            f"{sorted(set(ks)) or 'none'}, and K must be a multiple of G); {fix}")
+
+
+def remove_checkpoint_files(dst: Path, src: Path) -> list[str]:
+    """``--overwrite``: delete the files a quantize writes (weights, index, config.json, the files it copies from
+    ``src``), and nothing else; returns their names."""
+    copied = {p.name for p in src.iterdir() if p.is_file()}
+    gone = [p for p in dst.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name in copied
+                                                         or p.name in ("config.json", INDEX_FILE))]
+    for p in gone:
+        p.unlink()
+    return sorted(p.name for p in gone)
 
 
 def _reader(ckpt: Checkpoint, name: str):

@@ -135,6 +135,11 @@ class ShardWorker:
             del self._groups[group]
         return done, finished
 
+    def generated_tokens(self) -> int:
+        """Rank 0: tokens its engine has generated so far (served while the engine runs)."""
+        assert self.engine is not None
+        return self.engine.stats.generated_tokens
+
     def stats(self) -> dict:
         assert self.engine is not None
         s = self.engine.stats

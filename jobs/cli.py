@@ -10,6 +10,8 @@ from typing import Callable, Optional
 
 import typer
 
+from jobs.native_stderr import start_filter, stop_filter
+
 
 class _DropTorchaoCppNotice(logging.Filter):
     """torchao logs that its own C++ CPU ops are skipped; shardgen does not use them (int4 runs on fbgemm or dequantized)."""
@@ -28,6 +30,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a `ray job submit` entrypoint
 
 ALLOW_PICKLE_HELP = ("Also read .bin/.pt weights (with torch.load(weights_only=True)) if the model has no safetensors; "
                      "off by default because unpickling untrusted files can run code.")
@@ -63,6 +67,7 @@ def quick_exit(code: int) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    stop_filter()
     os._exit(code)
 
 
@@ -80,10 +85,10 @@ def _fail(message: str) -> None:
 def quantize(
     src: Path = typer.Argument(..., help="Float (bf16/fp16/fp32) Hugging Face model directory with *.safetensors."),
     dst: Path = typer.Argument(..., help="Output directory for the plain int4 checkpoint."),
-    group_size: int = typer.Option(128, help="int4 group size G along K (32, 64, 128)."),
+    group_size: int = typer.Option(128, help="int4 group size G along K (32, 64, 128, 256; CUDA runs 64 and up)."),
     quantize_lm_head: bool = typer.Option(False, help="Quantize lm_head too (kept in the float dtype by default)."),
     max_shard_size_gb: float = typer.Option(5.0, help="Largest safetensors shard to write, in GiB."),
-    overwrite: bool = typer.Option(False, help="Replace DST if it is not empty."),
+    overwrite: bool = typer.Option(False, help="Replace the checkpoint in DST (only its files are removed)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Quantize a local float model to shardgen's plain int4 checkpoint, one tensor at a time."""
@@ -93,6 +98,9 @@ def quantize(
         r = quantize_checkpoint(src, dst, group_size, quantize_lm_head, int(max_shard_size_gb * 2**30), overwrite, allow_pickle)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    if r.removed:
+        typer.echo(f"--overwrite: removed {len(r.removed)} file(s) of the earlier checkpoint in {r.output} "
+                   f"({', '.join(r.removed[:6])}{', ...' if len(r.removed) > 6 else ''})")
     for name in r.unquantizable:
         typer.secho(f"kept in float, cannot be grouped: {name}", fg=typer.colors.YELLOW)
     typer.echo(
@@ -119,12 +127,13 @@ def run(
     seed: Optional[int] = typer.Option(None, help="Makes sampling reproducible: each row's seed derives from it and the row id."),
     ignore_eos: bool = typer.Option(False, help="Keep generating past EOS (fixed-length outputs, for benchmarks)."),
     prompt_column: str = typer.Option("prompt", help="Column holding the prompt text."),
-    id_column: str = typer.Option("id", help="Column holding a unique row id; if absent, ids are <file>:<row>."),
+    id_column: Optional[str] = typer.Option(None, help="Column holding a unique row id, in every input file (default: "
+                                                       "id when every file has it; else ids are <file>:<row>)."),
     chat: bool = typer.Option(False, help="Prompts are JSON lists of {role, content}; apply the tokenizer's chat template."),
     device: str = typer.Option("auto", help="auto (cuda if the cluster has GPUs), cpu or cuda."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
-    batch_size: Optional[int] = typer.Option(None, help="Rows per Ray Data batch [default: 256, or fewer so each "
-                                                        "replica gets at least 4 batches of a small input]."),
+    batch_size: Optional[int] = typer.Option(None, help="Rows per Ray Data batch (default: 256, or fewer so each "
+                                                        "replica gets at least 4 batches of a small input)."),
     max_num_seqs: int = typer.Option(256, help="Most sequences a replica's engine runs at once."),
     max_num_batched_tokens: int = typer.Option(8192, help="Most tokens in one engine step (prefill chunks plus decodes)."),
     max_model_len: Optional[int] = typer.Option(None, help="Longest prompt + completion; default: the model's max_position_embeddings."),
@@ -139,7 +148,7 @@ def run(
                                                  "int4-tiled (shardgen's own Triton kernels, SM80+; faster per "
                                                  "linear at small batches, slower end to end so far)."),
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to attach to; default: start a local one."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier run's output (only shardgen's own files are removed)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     verbose: bool = typer.Option(False, "--verbose", help="Show Ray's own progress and log lines too."),
 ) -> None:
@@ -163,6 +172,10 @@ def run(
             typer.echo(f"shardgen: running the embedded demo model ({model}) on {input}")
         if output is None:
             _fail("pass --output DIR for the Parquet files")
+        if RAY_JOB_ENV in os.environ and not output.is_absolute():
+            _fail(f"--output {output} is relative, and a Ray job runs in a temporary copy of its --working-dir "
+                  f"({Path.cwd()}): the files would be lost with it. Give an absolute path on storage the "
+                  f"cluster's nodes share, e.g. --output {Path('/mnt/shared') / output}")
         options = RunOptions(
             model=model, input=input, output=output, tp=tp, replicas=replicas, device=device, dtype=dtype,
             prompt_column=prompt_column, id_column=id_column, chat=chat, batch_size=batch_size, overwrite=overwrite,
@@ -176,13 +189,13 @@ def run(
                                 gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=not enforce_eager,
                                 kv_cache_dtype=kv_cache_dtype),
         )
-        from actors.config import ModelConfig
-        from pipeline.read import input_files
+        from pipeline.checks import check_files
 
-        ModelConfig.from_dir(options.model)  # paths checked before torch and Ray load (seconds): refused at once
-        input_files(options.input)
+        check_files(options)  # files checked before torch and Ray load (seconds): refused at once
         from pipeline.run import run as run_pipeline
 
+        if not verbose:
+            start_filter()  # Ray's C++ noise; run_then_exit stops the filter
         run_pipeline(options, echo=typer.echo, progress=sys.stderr)
     except Interrupted as e:
         typer.secho(f"shardgen: {e}", fg=typer.colors.YELLOW, err=True)
@@ -197,7 +210,9 @@ def _show_samples(output: Path, count: int = 3) -> None:
     """A few prompts and their completions, so a first run shows what the model does."""
     import pyarrow.dataset as pads
 
-    rows = pads.dataset(output, format="parquet").to_table(columns=["id", "prompt", "completion"]).sort_by("id")
+    from pipeline.write import existing_output
+
+    rows = pads.dataset([str(p) for p in existing_output(output)], format="parquet").to_table(columns=["id", "prompt", "completion"]).sort_by("id")
     for row in rows.slice(0, count).to_pylist():
         typer.echo(f"\n--- {row['id']} ---\n{row['prompt']}", nl=False)
         typer.secho(row["completion"] or "", fg=typer.colors.GREEN)
@@ -270,12 +285,34 @@ def inspect(
     typer.echo(f"quantization: {quant}; {int4_n} int4 weights (group sizes {groups or '-'}), "
                f"{len(entries) - int4_n} float tensors")
     typer.echo(f"size on disk: {size / 2**30:.3f} GiB in {len(files)} safetensors file(s)")
+    problems = run_problems(model, allow_pickle, sorted(set(groups) | ({cfg.quant.group_size} if cfg.quant else set())))
+    if problems:
+        for problem in problems:
+            typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
     groups_by_module = {e.name.rsplit(".", 1)[0]: e.group_size for e in entries if e.is_int4}
     valid = cfg.valid_tp_sizes(groups_by_module)
     typer.echo(f"valid --tp: {valid}")
     for t in range(2, max(valid + [8]) + 1):  # why each small --tp that is not valid is not
         if t not in valid:
             typer.echo(f"  --tp {t}: {'; '.join(cfg.tp_problems(t, groups_by_module))}")
+
+
+def run_problems(model: Path, allow_pickle: bool, group_sizes: list[int]) -> list[str]:
+    """What ``shardgen run`` would refuse in this model directory (the same checks, at --tp 1)."""
+    from actors import int4
+    from actors.loader import check_checkpoint
+    from actors.tokenizer import check_tokenizer_files
+
+    checks = [lambda: check_checkpoint(model, 1, allow_pickle), lambda: check_tokenizer_files(model)]
+    checks += [lambda g=g: int4.check_group_size(g, f"{model}") for g in group_sizes]
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except (ValueError, FileNotFoundError) as e:
+            problems.append(str(e))
+    return problems
 
 
 if __name__ == "__main__":

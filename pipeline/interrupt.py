@@ -23,10 +23,18 @@ class Interrupted(RuntimeError):
 
 
 class RunControl:
-    """A Ray actor per run that the generate stages poll: has the run been asked to stop?"""
+    """A Ray actor per run that the generate stages poll (has the run been asked to stop?) and tell how many tokens
+    their engines generated (for the progress line)."""
 
     def __init__(self) -> None:
         self._stopping = False
+        self._generated: dict[str, int] = {}
+
+    def report(self, stage: str, generated_tokens: int) -> None:
+        self._generated[stage] = generated_tokens
+
+    def generated(self) -> int:
+        return sum(self._generated.values())
 
     def stop(self) -> None:
         self._stopping = True

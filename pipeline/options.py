@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from actors.config import EngineConfig
 from actors.sequence import SamplingParams
 
 DEVICES = ("auto", "cpu", "cuda")
+REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://, gs://, hf://, https:// ...
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LAYOUTS = ("auto", "int4-tiled", "int4-preshuffled", "int4-plain")  # actors.int4.LAYOUT_CHOICES (not imported: torchao is slow)
 
@@ -23,7 +25,7 @@ class RunOptions:
     device: str = "auto"
     dtype: str = "auto"
     prompt_column: str = "prompt"
-    id_column: str = "id"
+    id_column: str | None = None  # None: "id" when every input file has it, else ids are <file>:<row>
     chat: bool = False
     batch_size: int | None = None  # None: pipeline.run.auto_batch_size
     overwrite: bool = False
@@ -49,7 +51,11 @@ class RunOptions:
             problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.int4_layout not in LAYOUTS:
             problems.append(f"--int4-layout must be one of {', '.join(LAYOUTS)}, got {self.int4_layout!r}")
-        if not self.prompt_column or not self.id_column:
+        for flag, path in (("--model", self.model), ("--input", self.input), ("--output", self.output)):
+            if REMOTE.match(str(path)):  # Path("s3://b/x") is "s3:/b/x"
+                problems.append(f"{flag} {str(path).replace(':/', '://', 1)}: shardgen reads and writes local paths only (a shared file system "
+                                f"on a cluster); copy the files from object storage first")
+        if not self.prompt_column or self.id_column == "":
             problems.append("--prompt-column and --id-column must not be empty")
         for problem in self.sampling.problems():  # "top_p must be ..." -> "--top-p must be ..."
             name, rest = problem.split(" ", 1)

@@ -1,16 +1,21 @@
 """Read stage: prompts from Parquet, JSONL or CSV (a file or a directory of them) into Ray Data.
 
 Writes the columns ``id`` (string), ``prompt`` (string or null) and ``row``
-(JSON: the row's per-row overrides and anything wrong with its prompt), so
-every block has one schema whatever the files held.
+(JSON: the row's per-row overrides and anything wrong with it), so every block
+has one schema whatever the files held.
 
-With an id column, Ray Data's own readers read the files in parallel. Without
-one, each file is read in order so the id ``<file>:<row>`` is stable across runs.
+Every file is read by shardgen's own reader, one Ray task a file, streaming in
+chunks. The id and prompt columns are read as text exactly as written (a CSV id
+``007`` stays ``007``, a JSON number keeps its digits), and the per-row columns
+as text too, for the tokenize stage to give their declared types (a cell it
+cannot read becomes that row's error, not the file's). Without an id column,
+each row's id is ``<file relative to --input>:<row>``, stable across runs.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +23,8 @@ import pyarrow as pa
 
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv"}
 OVERRIDE_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+DEFAULT_ID_COLUMN = "id"
+READ_ERROR = "read_error"  # a key of ``row``: what made the row unreadable (the tokenize stage reports it)
 READS: tuple[str, ...] = ()
 WRITES = ("id", "prompt", "row")
 
@@ -39,168 +46,261 @@ def input_files(path: Path) -> list[Path]:
     return files
 
 
-def peek_columns(file: Path) -> list[str]:
-    """Column names of one input file, read cheaply (schema or first record only)."""
-    fmt = FORMATS[file.suffix.lower()]
+def format_of(file: Path) -> str:
+    return FORMATS[file.suffix.lower()]
+
+
+@dataclass(frozen=True)
+class FileSchema:
+    """What a cheap look at one input file tells: its columns and whether it holds any row."""
+
+    columns: list[str]
+    has_rows: bool
+
+
+def peek(file: Path) -> FileSchema:
+    """Columns and emptiness of one input file: the Parquet footer, the CSV header and first record, or the first
+    JSONL record."""
+    fmt = format_of(file)
     try:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            return list(pq.read_schema(file).names)
-        with open(file, encoding="utf-8") as f:
-            first = f.readline()
-        if not first.strip():
-            return []
-        if fmt == "csv":
-            import csv
+            meta = pq.ParquetFile(file).metadata
+            return FileSchema(list(meta.schema.to_arrow_schema().names), meta.num_rows > 0)
+        with open(file, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: Excel starts its CSVs with a BOM
+            if fmt == "csv":
+                import csv
 
-            return next(csv.reader([first]))
-        record = json.loads(first)
-        return list(record) if isinstance(record, dict) else []
-    except (OSError, ValueError, pa.ArrowException) as e:
+                records = csv.reader(f)
+                header = next(records, [])
+                return FileSchema(header, any(any(cell.strip() for cell in r) for r in records))
+            first = next((line for line in f if line.strip()), "")
+    except (OSError, UnicodeDecodeError, pa.ArrowException) as e:
         raise ValueError(f"cannot read {file} as {fmt} ({e}); check the file") from e
+    if not first:
+        return FileSchema([], False)
+    if first.lstrip().startswith("["):
+        raise ValueError(f"{file} holds a JSON array; shardgen reads JSON Lines (one object per line): write each "
+                         f"row as its own line, e.g. with `jq -c '.[]' {file.name} > {file.stem}.jsonl`")
+    try:
+        record = json.loads(first)
+    except ValueError as e:
+        raise ValueError(f"cannot read {file} as json (line 1: {e}); check the file") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"cannot read {file} as json (line 1 is not a JSON object); write one object per line")
+    return FileSchema(list(record), True)
 
 
-def check_columns(files: list[Path], prompt_column: str) -> list[str]:
-    """The first file's columns, after checking the prompt column is among them (before any cluster starts)."""
-    columns = peek_columns(files[0])
-    if prompt_column not in columns:
-        raise ValueError(f"{files[0]} has no column {prompt_column!r} (columns found: {columns}); "
-                         f"pass --prompt-column with one of them")
-    return columns
+def check_inputs(files: list[Path], prompt_column: str, id_column: str | None) -> str | None:
+    """Look at every input file before any worker starts; returns the id column to read (None: ids are
+    ``<file>:<row>``).
+
+    Refuses an input without rows, a file with rows that lacks the prompt column, and ids that only some files
+    have: ``id_column`` None takes ``id`` when every file has it; a named id column must be in every file."""
+    schemas = {f: peek(f) for f in files}
+    with_rows = [f for f in files if schemas[f].has_rows]
+    if not with_rows:
+        where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
+        raise ValueError(f"--input {where} has no rows; give prompts, one row each")
+    for f in with_rows:
+        if prompt_column not in schemas[f].columns:
+            raise ValueError(f"{f} has no column {prompt_column!r} (columns found: {schemas[f].columns}); "
+                             f"pass --prompt-column with one of them")
+    wanted = id_column or DEFAULT_ID_COLUMN
+    lacking = [f for f in with_rows if wanted not in schemas[f].columns]
+    if id_column is None and len(lacking) == len(with_rows):
+        return None
+    if lacking:
+        having = len(with_rows) - len(lacking)
+        named = ", ".join(str(f) for f in lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
+        found = f"columns found: {schemas[lacking[0]].columns}"
+        if not having:
+            raise ValueError(f"--id-column {wanted!r} is not in {named} ({found}); pass --id-column with one of "
+                             f"them, or leave it out for <file>:<row> ids")
+        raise ValueError(f"the id column {wanted!r} is missing from {named} ({found}) but {having} other file(s) "
+                         f"have it; either every input file has the id column or none does: add it to them, or pass "
+                         f"--id-column with a column every file has")
+    return wanted
 
 
 def estimate_rows(files: list[Path]) -> int:
     """Rows in the input: exact for Parquet (from the footers), an upper bound for text files."""
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(f).metadata.num_rows if FORMATS[f.suffix.lower()] == "parquet" else f.stat().st_size // 16
+    return sum(pq.ParquetFile(f).metadata.num_rows if format_of(f) == "parquet" else f.stat().st_size // 16
                for f in files)
 
 
-COUNT_TEXT_BYTES = 64 * 2**20  # text inputs up to this size have their lines counted (a fraction of a second)
+COUNT_TEXT_BYTES = 64 * 2**20  # text inputs up to this size have their rows counted (a fraction of a second)
 
 
 def count_rows(files: list[Path]) -> int | None:
-    """Rows in the input where cheap to know: Parquet from its footers, JSONL/CSV by their lines while the text
-    files total at most ``COUNT_TEXT_BYTES``; None for bigger text inputs (for sizing batches, not for checks)."""
+    """Rows in the input where cheap to know: Parquet from its footers, JSONL by its lines and CSV by its records
+    (a quoted cell may span lines) while the text files total at most ``COUNT_TEXT_BYTES``; None for bigger text
+    inputs (for sizing batches and the progress line, not for checks)."""
     import pyarrow.parquet as pq
 
-    text = [f for f in files if FORMATS[f.suffix.lower()] != "parquet"]
+    text = [f for f in files if format_of(f) != "parquet"]
     if sum(f.stat().st_size for f in text) > COUNT_TEXT_BYTES:
         return None
     try:
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files if f not in text)
         for f in text:
-            with open(f, "rb") as fh:
-                lines = sum(1 for line in fh if line.strip())
-            rows += max(0, lines - 1) if FORMATS[f.suffix.lower()] == "csv" else lines  # a CSV's header
-    except (OSError, pa.ArrowException):  # a file the read stage will name, with what is wrong with it
+            if format_of(f) == "csv":
+                # a column no file has: converts nothing, but has a row per record
+                rows += sum(len(errors) for _, errors in _csv_chunks(f, ["\0count"]))
+            else:
+                with open(f, "rb") as fh:
+                    rows += sum(1 for line in fh if line.strip())
+    except (OSError, ValueError, pa.ArrowException):  # the read stage names what is wrong with it
         return None
     return rows
 
 
-def read_prompts(path: Path, prompt_column: str, id_column: str):
-    """A Ray Dataset of (id, prompt, row) for every row of every input file."""
+def read_prompts(files: list[Path], root: Path, prompt_column: str, id_column: str | None):
+    """A Ray Dataset of (id, prompt, row) for every row of every input file: one read task a file, streaming.
+    ``root``: the directory ids without an id column are relative to."""
     import ray.data
 
-    files = input_files(path)
-    columns = check_columns(files, prompt_column)
-    root = path if path.is_dir() else path.parent
-    has_ids = id_column in columns
-    if has_ids:
-        by_format: dict[str, list[str]] = {}
-        for f in files:
-            by_format.setdefault(FORMATS[f.suffix.lower()], []).append(str(f))
-        readers = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv}
-        parts = [readers[fmt](paths) for fmt, paths in by_format.items()]
-        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        ds = ds.map_batches(_normalize, batch_format="pyarrow", batch_size=None,
-                            fn_kwargs={"prompt_column": prompt_column, "id_column": id_column, "positions": None})
-    else:
-        items = [{"file": str(f), "name": str(f.relative_to(root))} for f in files]
-        ds = ray.data.from_items(items).map_batches(
-            _read_files_in_order, batch_format="pyarrow", batch_size=1,
-            fn_kwargs={"prompt_column": prompt_column})
-    return ds
+    items = [{"file": str(f), "name": str(f.relative_to(root))} for f in files]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _read_files, batch_format="pyarrow", batch_size=1,
+        fn_kwargs={"prompt_column": prompt_column, "id_column": id_column})
 
 
-def _read_files_in_order(batch: pa.Table, prompt_column: str) -> Iterator[pa.Table]:
+def _read_files(batch: pa.Table, prompt_column: str, id_column: str | None) -> Iterator[pa.Table]:
     for file, name in zip(batch.column("file").to_pylist(), batch.column("name").to_pylist()):
-        start = 0
-        for table in _iter_file(Path(file)):
-            yield _normalize(table, prompt_column, None, positions=(name, start))
-            start += table.num_rows
+        yield from read_file(Path(file), name, prompt_column, id_column)
 
 
-def check_id_column(files: list[Path], id_column: str) -> None:
-    """With ids in the first file, every file needs the id column (each file's schema or first record)."""
-    for file in files[1:]:
-        columns = peek_columns(file)
-        if id_column not in columns:
-            raise ValueError(f"{file} has no id column {id_column!r} (columns found: {columns}); every input file "
-                             f"needs it, or pass --id-column with a column they all have")
+def read_file(file: Path, name: str, prompt_column: str, id_column: str | None) -> Iterator[pa.Table]:
+    """One input file as (id, prompt, row) tables, in order."""
+    start = 0
+    wanted = [prompt_column, *OVERRIDE_COLUMNS] + ([id_column] if id_column else [])
+    for columns, errors in iter_chunks(file, wanted):
+        table = _normalize(columns, errors, format_of(file), prompt_column, id_column, (name, start))
+        start += table.num_rows
+        yield table
 
 
 def iter_ids(file: Path, id_column: str) -> Iterator[list[str | None]]:
-    """The ids of one input file in chunks, as the pipeline reads them (text; None where missing). The file must have
-    the column (``check_id_column``)."""
-    if FORMATS[file.suffix.lower()] == "parquet":
-        import pyarrow.parquet as pq
-
-        for b in pq.ParquetFile(file).iter_batches(batch_size=65536, columns=[id_column]):
-            yield [_id_text(v) for v in b.column(0).to_pylist()]
-        return
-    for table in _iter_file(file):  # check_id_column saw the column in the file's first record
-        yield [_id_text(v) for v in table.column(id_column).to_pylist()]
+    """The ids of one input file in chunks, exactly as the pipeline reads them (None where missing). Unreadable
+    lines are left out: their rows are named by their place, unique by construction."""
+    for columns, errors in iter_chunks(file, [id_column]):
+        yield [_id_text(v) for v, err in zip(columns[id_column], errors) if not err]
 
 
-def _iter_file(file: Path, chunk_rows: int = 8192) -> Iterator[pa.Table]:
-    fmt = FORMATS[file.suffix.lower()]
+def iter_chunks(file: Path, wanted: list[str], chunk_rows: int = 8192
+                ) -> Iterator[tuple[dict[str, list], list[str | None]]]:
+    """``(columns, errors)`` chunks of one file: the ``wanted`` columns as Python values (text in CSV, JSON numbers
+    as written, Parquet's own types; a column the file lacks is absent or all null), and per row what made it
+    unreadable (None for a good row)."""
+    fmt = format_of(file)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        for b in pq.ParquetFile(file).iter_batches(batch_size=chunk_rows):
-            yield pa.Table.from_batches([b])
+        pf = pq.ParquetFile(file)
+        present = [c for c in wanted if c in pf.schema_arrow.names]
+        for b in pf.iter_batches(batch_size=chunk_rows, columns=present):
+            yield {c: b.column(c).to_pylist() for c in present}, [None] * b.num_rows
     elif fmt == "csv":
-        import pyarrow.csv as pcsv
-
-        for b in pcsv.open_csv(file):
-            yield pa.Table.from_batches([b])
+        yield from _csv_chunks(file, wanted)
     else:
-        import pyarrow.json as pjson
-
-        table = pjson.read_json(file)
-        for offset in range(0, table.num_rows, chunk_rows):
-            yield table.slice(offset, chunk_rows)
+        yield from _json_chunks(file, wanted, chunk_rows)
 
 
-def _normalize(table: pa.Table, prompt_column: str, id_column: str | None, positions: tuple[str, int] | None) -> pa.Table:
+def _csv_chunks(file: Path, wanted: list[str]) -> Iterator[tuple[dict[str, list], list]]:
+    """The wanted columns as text (CSV has no types, and inferring them turns the id ``007`` into 7; a wanted
+    column the file lacks is all null). The other columns are not converted at all, so no cell of theirs can
+    fail the file."""
+    import pyarrow.csv as pcsv
+
+    try:
+        reader = pcsv.open_csv(file, parse_options=pcsv.ParseOptions(newlines_in_values=True),
+                               convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in wanted},
+                                                                   include_columns=wanted,
+                                                                   include_missing_columns=True))
+        for b in reader:
+            yield {c: b.column(c).to_pylist() for c in wanted}, [None] * b.num_rows
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"cannot read {file} as csv ({e}); check the file") from e
+
+
+class _JsonNumber(str):
+    """A JSON number kept as written (``1e3`` stays ``1e3``): an id is its text; a number column is converted by the
+    tokenize stage; a prompt that is a number is an error row."""
+
+
+def _json_chunks(file: Path, wanted: list[str], chunk_rows: int) -> Iterator[tuple[dict[str, list], list]]:
+    """JSON Lines, a line at a time: a line that is not a JSON object is an error row naming its line, and the
+    file's other rows go on. Blank lines are not rows."""
+    columns: dict[str, list] = {c: [] for c in wanted}
+    errors: list[str | None] = []
+    with open(file, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            record, error = _json_record(raw, number)
+            for c in wanted:
+                columns[c].append(record.get(c))
+            errors.append(error)
+            if len(errors) == chunk_rows:
+                yield columns, errors
+                columns, errors = {c: [] for c in wanted}, []
+    if errors:
+        yield columns, errors
+
+
+def _json_record(raw: bytes, number: int) -> tuple[dict, str | None]:
+    try:
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        record = json.loads(line, parse_int=_JsonNumber, parse_float=_JsonNumber)
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError both are
+        return {}, f"line {number}: not a JSON object ({e})"
+    if not isinstance(record, dict):
+        return {}, f"line {number}: not a JSON object (a {type(record).__name__})"
+    return record, None
+
+
+def _normalize(columns: dict[str, list], errors: list[str | None], fmt: str, prompt_column: str,
+               id_column: str | None, positions: tuple[str, int]) -> pa.Table:
     ids, prompts, rows = [], [], []
-    names = set(table.column_names)
-    overrides = [c for c in OVERRIDE_COLUMNS if c in names]
-    prompt_values = table.column(prompt_column).to_pylist()
-    id_values = table.column(id_column).to_pylist() if id_column else None
-    override_values = {c: table.column(c).to_pylist() for c in overrides}
+    overrides = [c for c in OVERRIDE_COLUMNS if c in columns]
+    prompt_values = columns.get(prompt_column) or [None] * len(errors)
+    id_values = columns.get(id_column) if id_column else None
     for i, prompt in enumerate(prompt_values):
-        ids.append(f"{positions[0]}:{positions[1] + i}" if id_values is None else _id_text(id_values[i]))
-        row = {c: override_values[c][i] for c in overrides if not _unset(override_values[c][i])}
-        if isinstance(prompt, str) or prompt is None:
+        row_id = _id_text(id_values[i]) if id_values is not None else None
+        ids.append(row_id if row_id is not None or id_column else f"{positions[0]}:{positions[1] + i}")
+        if errors[i]:
+            if ids[-1] is None:  # an unreadable line has no id of its own: name it by its place
+                ids[-1] = f"{positions[0]}:{positions[1] + i}"
+            prompts.append(None)
+            rows.append(json.dumps({READ_ERROR: f"{positions[0]} {errors[i]}"}))
+            continue
+        row = {c: columns[c][i] for c in overrides if not _unset(columns[c][i], c, fmt)}
+        if isinstance(prompt, str) and not isinstance(prompt, _JsonNumber) or prompt is None:
             prompts.append(prompt)
         else:
             # Chat messages arrive as lists of records; anything else is reported by the tokenize stage.
             row["prompt_json"] = json.dumps(prompt, default=str)
-            row["prompt_type"] = type(prompt).__name__
+            row["prompt_type"] = "number" if isinstance(prompt, _JsonNumber) else type(prompt).__name__
             prompts.append(None)
         rows.append(json.dumps(row, default=str))
     return pa.table({"id": pa.array(ids, pa.string()), "prompt": pa.array(prompts, pa.string()),
                      "row": pa.array(rows, pa.string())})
 
 
-def _unset(value: object) -> bool:
-    """A null or an empty cell (CSV has no null for text): the row takes the run's default for that column."""
-    return value is None or (isinstance(value, str) and not value.strip())
+def _unset(value: object, column: str, fmt: str) -> bool:
+    """A null or an empty cell: the row takes the run's default for that column. A blank cell too in CSV, which has
+    no null for text, and in number columns; elsewhere a blank stop (``"\\n"``) is a stop string."""
+    if value is None or value == "":
+        return True
+    return isinstance(value, str) and not value.strip() and (fmt == "csv" or column != "stop")
 
 
 def _id_text(value: object) -> str | None:
-    return None if value is None else str(value)
+    """An id as text; None for a missing or empty one."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    return None if value is None or value == "" else str(value)

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "_shardgen_run.json"
+PART_PREFIX = "part-"  # pipeline.write names its files so (not imported: write imports Ray Data)
 ROWS_PER_SHARD = 5_000_000
 MAX_SHARDS = 16
 LOCAL_ID_CHECK_BYTES = 16 * 2**20  # inputs up to this size have their ids checked in the driver (~60 MB of ids at most)
@@ -163,7 +164,7 @@ def check_unique_ids_locally(files: list[Path], id_column: str) -> None:
 
 def _refuse_nulls(nulls: int, id_column: str) -> None:
     if nulls:
-        raise ValueError(f"the id column {id_column!r} is null in {nulls:,} row(s); give every row an id, "
+        raise ValueError(f"the id column {id_column!r} is null or empty in {nulls:,} row(s); give every row an id, "
                          f"or pass --id-column with a column that has none missing")
 
 
@@ -250,20 +251,60 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def check_locations(output: Path, input: Path, model: Path) -> None:
+    """Refuse an ``--output`` that would overwrite or feed on what the run reads: the input itself, a directory that
+    holds the input or the model, or a directory inside the input directory (a rerun, the documented way to resume,
+    would read its part files as prompts)."""
+    out, inp, mod = output.resolve(), input.resolve(), model.resolve()
+    if out == inp or inp.is_relative_to(out):
+        raise ValueError(f"--output {output} {'is' if out == inp else 'holds'} the input {input}; choose an output "
+                         f"directory of its own, e.g. {inp.parent / (inp.stem + '-out')}")
+    if inp.is_dir() and out.is_relative_to(inp):
+        raise ValueError(f"--output {output} is inside the input directory {input}: a rerun would read its part files "
+                         f"as prompts; choose a directory outside it, e.g. {inp.parent / (inp.name + '-out')}")
+    if mod.is_relative_to(out):
+        raise ValueError(f"--output {output} {'is' if out == mod else 'holds'} the model {model}; choose an output "
+                         f"directory of its own")
+
+
+def shardgen_files(output: Path) -> list[Path]:
+    """What shardgen writes in an output directory: part files, their temporary names, the run record."""
+    if not output.is_dir():
+        return []
+    names = (f"{PART_PREFIX}*.parquet", f".{PART_PREFIX}*.tmp", MANIFEST, f".{MANIFEST}.tmp")
+    return sorted({p for pattern in names for p in output.glob(pattern) if p.is_file()})
+
+
+def clear_output(output: Path) -> str | None:
+    """``--overwrite``: delete what an earlier run wrote in ``output`` and nothing else; says what went (None if
+    nothing did)."""
+    gone = shardgen_files(output)
+    for p in gone:
+        p.unlink()
+    if not gone:
+        return None
+    parts = sum(p.name.startswith(PART_PREFIX) for p in gone)
+    others = sum(1 for _ in output.iterdir())
+    kept = f"; {others} other entr{'y' if others == 1 else 'ies'} left as they were" if others else ""
+    return (f"--overwrite: removed {len(gone)} file(s) of an earlier run from {output} ({parts} part files"
+            f"{', ' + MANIFEST if (output / MANIFEST) in gone else ''}){kept}")
+
+
 def plan_output(output: Path, fields: dict, overwrite: bool, part_files: list[Path]) -> list[Path]:
     """What to do with ``--output``: returns the finished part files to resume from (none for a fresh start).
 
     An output written by the same run (same manifest) is resumed; one written by anything else is refused
-    unless ``overwrite``, which starts afresh (the caller clears the directory)."""
+    unless ``overwrite``, which starts afresh (the caller removes the earlier run's files, ``clear_output``)."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; give a directory")
     if overwrite or not output.exists():
         return []
-    if not output.is_dir():
-        raise ValueError(f"--output {output} is a file; give a directory")
     old = read_manifest(output)
     if old is None:
         if part_files or any(output.iterdir()):
             raise ValueError(f"--output {output} is not empty and holds no shardgen run ({len(part_files)} part files, "
-                             f"no {MANIFEST}); choose another --output, or pass --overwrite to replace it")
+                             f"no {MANIFEST}); choose another --output, or pass --overwrite to write there (it "
+                             f"removes only shardgen's own files)")
         return []
     changed = differences(old, fields)
     if changed:
@@ -275,7 +316,7 @@ def plan_output(output: Path, fields: dict, overwrite: bool, part_files: list[Pa
 
 def remove_partial_writes(output: Path) -> int:
     """Delete temporary files of writes a killed run left behind; returns how many."""
-    partial = list(output.glob(".part-*.tmp")) if output.is_dir() else []
+    partial = list(output.glob(f".{PART_PREFIX}*.tmp")) if output.is_dir() else []
     for f in partial:
         f.unlink(missing_ok=True)
     return len(partial)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
@@ -13,7 +12,7 @@ from typing import Callable, TextIO
 
 from actors import int4
 from actors.config import resolved_dtype_name
-from pipeline import detokenize, generate, interrupt, read, resume, tokenize, write
+from pipeline import checks, detokenize, generate, interrupt, read, resume, tokenize, write
 from pipeline.progress import Progress
 from pipeline.options import RunOptions
 
@@ -141,7 +140,28 @@ def connect(options: RunOptions) -> None:
     ranks = options.tp * options.replicas
     # A local cluster (its workers inherit this process's environment): enough logical CPUs for every
     # rank plus the CPU stages.
-    ray.init(num_cpus=max(os.cpu_count() or 1, ranks + 3), include_dashboard=False, **quiet)
+    ray.init(num_cpus=max(os.cpu_count() or 1, ranks + STAGE_CPUS), include_dashboard=False, **quiet)
+
+
+# Logical CPUs the Ray Data stages hold besides the ranks: a tokenize and a detokenize actor (1 CPU each, held for
+# the whole run) and one CPU for the read, batch and write tasks.
+STAGE_CPUS = 3
+
+
+def check_cluster(resources: dict[str, float], device: str, tp: int, replicas: int) -> None:
+    """Refuse a cluster too small for the run, before anything waits on it: each rank takes 1 CPU (and 1 GPU on
+    cuda), and the stages ``STAGE_CPUS`` more. Without this check the run waits for resources that never come."""
+    ranks = tp * replicas
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if device == "cuda" and ranks > gpus:
+        raise ValueError(f"--tp {tp} x --replicas {replicas} needs {ranks} GPUs; the cluster has {gpus:g}; lower "
+                         f"--replicas or --tp")
+    need = ranks + STAGE_CPUS
+    if cpus < need:
+        raise ValueError(f"the Ray cluster has {cpus:g} CPUs; this run needs {need} ({ranks} for --tp {tp} x "
+                         f"--replicas {replicas}, one a rank, and {STAGE_CPUS} for reading, tokenizing, detokenizing "
+                         f"and writing); start the head with more logical CPUs (ray start --head --num-cpus={need}), "
+                         f"add a node, or lower --replicas or --tp")
 
 
 def run(options: RunOptions, echo: Callable[[str], None] = print, progress: TextIO | None = None) -> RunSummary:
@@ -152,19 +172,15 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
     Rerunning the same command on the same ``--output`` resumes: rows already written are skipped."""
     import ray
 
-    from actors.loader import check_checkpoint
     from actors.worker import ReplicaSpec
 
     start = time.perf_counter()
-    config = check_checkpoint(options.model, options.tp, options.allow_pickle)
-    files = read.input_files(options.input)
-    columns = read.check_columns(files, options.prompt_column)
-    has_ids = options.id_column in columns  # without, ids are <file>:<row>, unique by construction
-    if has_ids:
-        read.check_id_column(files, options.id_column)
-    ids_checked = has_ids and sum(f.stat().st_size for f in files) <= resume.LOCAL_ID_CHECK_BYTES
+    plan = checks.check_files(options)
+    files, id_column = plan.files, plan.id_column  # id_column None: ids are <file>:<row>
+    config = checks.check_model(options)
+    ids_checked = id_column is not None and sum(f.stat().st_size for f in files) <= resume.LOCAL_ID_CHECK_BYTES
     if ids_checked:
-        resume.check_unique_ids_locally(files, options.id_column)
+        resume.check_unique_ids_locally(files, id_column)
     existing = write.existing_output(options.output)
     fields = run_manifest(options)
     done_files = resume.plan_output(options.output, fields, options.overwrite, existing)
@@ -178,9 +194,7 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
     if device == "cuda" and gpus == 0:
         raise ValueError("--device cuda: the cluster has no CUDA GPU; use --device cpu (or auto), or attach to a "
                          "cluster with GPUs through --address")
-    if device == "cuda" and options.tp * options.replicas > gpus:
-        raise ValueError(f"--tp {options.tp} x --replicas {options.replicas} needs {options.tp * options.replicas} GPUs; "
-                         f"the cluster has {gpus:g}; lower --replicas or --tp")
+    check_cluster(ray.cluster_resources(), device, options.tp, options.replicas)
     if config.quant:
         int4.check_group_size(config.quant.group_size, f"{options.model}/config.json")
     if device == "cuda" and config.quant and options.int4_layout != int4.LAYOUT_TILED:
@@ -197,11 +211,13 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
     input_rows = read.count_rows(files)
     batch_size = options.batch_size or auto_batch_size(input_rows, options.replicas)
     options = replace(options, model=Path(spec.model_dir), batch_size=batch_size)
-    ds = read.read_prompts(options.input, options.prompt_column, options.id_column)
-    if has_ids and not ids_checked:
-        resume.check_unique_ids(ds, options.id_column, read.estimate_rows(files))
-    if options.overwrite and options.output.exists():
-        shutil.rmtree(options.output)
+    ds = read.read_prompts(files, plan.root, options.prompt_column, id_column)
+    if id_column is not None and not ids_checked:
+        resume.check_unique_ids(ds, id_column, read.estimate_rows(files))
+    if options.overwrite:
+        cleared = resume.clear_output(options.output)
+        if cleared:
+            echo(f"shardgen: {cleared}")
     resume.remove_partial_writes(options.output)
     resume.write_manifest(options.output, fields)
     finished = resume.FinishedIds.load(done_files) if done_files else None
@@ -229,7 +245,10 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
     sink = write.ParquetSink(options.output, metadata)
     todo = input_rows - (finished.rows if finished else 0) if input_rows is not None else None
     before = set(write.existing_output(options.output))
-    watch = Progress(options.output, todo, progress).start() if progress is not None else None
+    watch = None
+    if progress is not None:
+        watch = Progress(options.output, todo, progress,
+                         tokens=lambda: ray.get(control.generated.remote(), timeout=5)).start()
     try:
         with interrupt.stop_on_signals(control, lambda: len(write.existing_output(options.output)), echo) as stop:
             ds.write_datasink(sink)

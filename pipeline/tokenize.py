@@ -14,6 +14,7 @@ import json
 import pyarrow as pa
 
 from actors.sequence import SamplingParams
+from pipeline.read import READ_ERROR
 
 READS = ("id", "prompt", "row")
 WRITES = ("id", "prompt", "prompt_token_ids", "params", "error")
@@ -52,6 +53,8 @@ class TokenizeStage:
     def _one(self, row_id: str | None, prompt: str | None, row: dict) -> tuple[list[int], SamplingParams | None, str | None]:
         if row_id is None:
             return [], None, "id: the id column is null"
+        if READ_ERROR in row:
+            return [], None, row[READ_ERROR]
         try:
             params = self._params(row_id, row)
         except ValueError as e:
@@ -109,11 +112,14 @@ def _number(value: object) -> object:
 
 
 def _stop_list(value: object) -> tuple[str, ...]:
-    if isinstance(value, str):  # CSV cannot hold lists: accept a JSON list written as text
+    """A list of stop strings, or one string (as vLLM and the OpenAI API take it). CSV cannot hold lists: a cell that
+    is a JSON list is that list."""
+    if isinstance(value, str):
         try:
-            value = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            raise ValueError(f'stop: expected a list of strings (in CSV, a JSON list like ["\\n\\n"]), got {value!r}') from None
+            parsed = None
+        value = parsed if isinstance(parsed, list) else [value]
     if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
         raise ValueError(f"stop: expected a list of non-empty strings, got {value!r}")
     return tuple(value)

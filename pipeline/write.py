@@ -13,6 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
 
+from pipeline.resume import PART_PREFIX
+
 READS = ("id", "prompt", "completion", "completion_token_ids", "prompt_tokens", "completion_tokens",
          "finish_reason", "error", "layout")
 OUTPUT_SCHEMA = pa.schema([
@@ -25,7 +27,6 @@ OUTPUT_SCHEMA = pa.schema([
     ("finish_reason", pa.string()),
     ("error", pa.string()),
 ])
-PART_PREFIX = "part-"
 
 
 @dataclass
@@ -80,10 +81,12 @@ def write_part(output: Path, block: pa.Table, metadata: dict[str, str]) -> Write
 
 
 def stats_of(table: pa.Table) -> WriteStats:
-    """Rows, error rows and tokens of a table of output rows, as one file."""
-    return WriteStats(rows=table.num_rows,
-                      errors=sum(r == "error" for r in table.column("finish_reason").to_pylist()),
-                      prompt_tokens=sum(v or 0 for v in table.column("prompt_tokens").to_pylist()),
+    """Rows, error rows and tokens of a table of output rows, as one file. An error row's prompt was not run: its
+    tokens do not count toward throughput."""
+    finish = table.column("finish_reason").to_pylist()
+    prompt = table.column("prompt_tokens").to_pylist()
+    return WriteStats(rows=table.num_rows, errors=sum(r == "error" for r in finish),
+                      prompt_tokens=sum(n or 0 for n, r in zip(prompt, finish) if r != "error"),
                       completion_tokens=sum(v or 0 for v in table.column("completion_tokens").to_pylist()), files=1)
 
 

@@ -73,7 +73,12 @@ def test_quantize_keeps_layers_whose_k_is_not_a_multiple_of_g_in_float_and_says_
     "setup,args,message",
     [
         (None, ["quantize", "{tmp}/nope", "{tmp}/out"], "model directory {tmp}/nope does not exist"),
-        ("float", ["quantize", "{tmp}/src", "{tmp}/src"], "is not empty; choose another output directory or pass --overwrite"),
+        ("float", ["quantize", "{tmp}/src", "{tmp}/src", "--overwrite"], "{tmp}/src is the source model {tmp}/src; write"),
+        ("float", ["quantize", "{tmp}/src", "{tmp}", "--overwrite"], "{tmp} holds the source model {tmp}/src; write"),
+        ("float", ["quantize", "{tmp}/src", "{tmp}/src/config.json"], "config.json is a file; give a directory"),
+        ("small", ["quantize", "{tmp}/src", "{tmp}/out"], "no layer can be int4 at group size 128 (the decoder's linear "
+                                                          "layers have K = [64, 96], and K must be a multiple of G); "
+                                                          "pass --group-size 32"),
         ("float", ["quantize", "{tmp}/src", "{tmp}/out", "--group-size", "3"], "--group-size: int4 group size 3 is not"),
         ("float", ["quantize", "{tmp}/src", "{tmp}/out", "--group-size", "48"],
          "int4 group size 48 is not one shardgen runs; on the CPU: 32, 64, 128, 256; on CUDA: 64, 128, 256"),
@@ -82,21 +87,27 @@ def test_quantize_keeps_layers_whose_k_is_not_a_multiple_of_g_in_float_and_says_
 )
 def test_quantize_errors_name_what_to_fix(tmp_path, setup, args, message):
     if setup:
-        src = save_hf(hf_model("llama"), tmp_path / "src")
+        small = {"hidden_size": 64, "intermediate_size": 96} if setup == "small" else {}
+        src = save_hf(hf_model("llama", **small), tmp_path / "src")
         if setup == "int4":
             shardgen("quantize", str(src), str(tmp_path / "int4"), "--group-size", "32")
     r = shardgen(*[a.format(tmp=tmp_path) for a in args])
     assert r.returncode == 2
     assert message.format(tmp=tmp_path) in r.stderr
     assert "Traceback" not in r.stderr
+    assert (tmp_path / "src" / "config.json").is_file() if setup else True  # the source model is untouched
 
 
-def test_quantize_overwrite_replaces_the_output(tmp_path):
+def test_quantize_overwrite_replaces_the_checkpoint_and_nothing_else(tmp_path):
     src = save_hf(hf_model("llama"), tmp_path / "src")
     dst = tmp_path / "out"
     shutil.copytree(src, dst)
+    (dst / "README.md").write_text("the user's notes")
     r = shardgen("quantize", str(src), str(dst), "--group-size", "32", "--overwrite")
     assert r.returncode == 0, r.stderr
+    assert f"--overwrite: removed 3 file(s) of the earlier checkpoint in {dst} (config.json, generation_config.json, " \
+           "model.safetensors)" in r.stdout
+    assert (dst / "README.md").read_text() == "the user's notes"
     with Checkpoint(dst) as ckpt:
         assert ckpt.entry("model.layers.0.self_attn.q_proj.weight").is_int4
 
@@ -118,6 +129,7 @@ def test_run_with_no_arguments_runs_the_embedded_demo_and_prints_a_summary(tmp_p
     assert "shardgen: rows 200/200 (100%)" in r.stderr.splitlines()[-1], r.stderr[-2000:]
     assert "logging_progress" not in r.stderr and "Running Dataset" not in r.stderr, r.stderr[-2000:]
     assert "Token authentication" not in r.stderr, r.stderr[-2000:]
+    assert "constructor arguments in the object store" not in r.stderr, r.stderr[-2000:]  # Ray's C++ noise
 
 
 @pytest.mark.parametrize(
@@ -157,6 +169,35 @@ def test_inspect_describes_the_checkpoint(tmp_path):
     assert "valid --tp: [1, 2]" in r.stdout
 
 
+def _wrong_shape(model: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.norm.weight"] = torch.ones(7)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def _group_size_48(model: Path) -> None:
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["quantization_config"]["quant_type"]["default"]["_data"]["group_size"] = 48
+    (model / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_wrong_shape, "model.norm.weight has shape (7,) in the checkpoint, but config.json implies (256,)"),
+    (lambda m: (m / "tokenizer.json").unlink(), "has no tokenizer files"),
+    (_group_size_48, "int4 group size 48 is not one shardgen runs"),
+])
+def test_inspect_refuses_what_run_refuses(tmp_path, edit, message):
+    from jobs.demo import demo_assets
+
+    model = Path(shutil.copytree(demo_assets()[0], tmp_path / "model"))
+    edit(model)
+    r = shardgen("inspect", str(model))
+    assert r.returncode == 2 and message in r.stderr, r.stdout + r.stderr
+    assert "valid --tp" not in r.stdout and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("bad", ["model", "input"])
 def test_a_wrong_model_or_input_path_is_refused_before_torch_and_ray_load(tmp_path, bad):
     """Loading torch and Ray takes seconds; a mistyped path must not wait for them."""
@@ -172,10 +213,27 @@ def test_a_wrong_model_or_input_path_is_refused_before_torch_and_ray_load(tmp_pa
     assert done.stdout.strip().splitlines()[-1] == "2 []", done.stdout + done.stderr
 
 
+def test_a_relative_output_in_a_ray_job_is_refused_naming_where_it_would_go(tmp_path):
+    """Under `ray job submit` the command runs in a copy of the working directory that Ray deletes later."""
+    from jobs.demo import demo_assets
+
+    model, prompts = demo_assets()
+    env = dict(os.environ, RAY_JOB_CONFIG_JSON_ENV_VAR='{"metadata": {}}')
+    exe = Path(sys.executable).parent / "shardgen"
+    r = subprocess.run([str(exe), "run", "--model", str(model), "--input", str(prompts), "--output", "rel-out"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"--output rel-out is relative, and a Ray job runs in a temporary copy of its --working-dir ({tmp_path})" \
+        in r.stderr and not (tmp_path / "rel-out").exists()
+
+
 def test_layers_kept_in_float_do_not_limit_tp_and_inspect_says_why_a_tp_is_invalid(tmp_path):
     """hidden 64 at G=128: o_proj (K=64) stays float, down_proj (K=256) is int4. --tp 2 splits o_proj's K to 32,
     which only an int4 o_proj would refuse; --tp 4 splits down_proj's K to 64 < G."""
+    from jobs.demo import build_byte_tokenizer
+
     src = save_hf(hf_model("llama", hidden_size=64, intermediate_size=256, num_key_value_heads=4), tmp_path / "src")
+    build_byte_tokenizer(src)  # quantize copies it; inspect, as run, needs one
     r = shardgen("quantize", str(src), str(tmp_path / "int4"), "--group-size", "128")
     assert r.returncode == 0 and "o_proj.weight (K=64" in r.stdout, r.stdout + r.stderr
     r = shardgen("inspect", str(tmp_path / "int4"))

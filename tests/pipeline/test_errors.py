@@ -24,7 +24,7 @@ from jobs.demo import demo_assets
 from pipeline import resume
 from pipeline.options import RunOptions
 from pipeline.run import run, run_manifest
-from tests.helpers import int4_checkpoint
+from tests.helpers import model_with_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +104,25 @@ def _foreign_output(o: RunOptions, tmp: Path) -> RunOptions:
     return replace(o, output=tmp / "out")
 
 
+def _output_holding_the_input(o: RunOptions, tmp: Path) -> RunOptions:
+    (tmp / "out").mkdir()
+    shutil.copy(o.input, tmp / "out" / "prompts.jsonl")
+    return replace(o, input=tmp / "out" / "prompts.jsonl", overwrite=True)
+
+
+def _parquet(columns: dict) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink)
+    return sink.getvalue().to_pybytes()
+
+
 def _output_is_a_file(o: RunOptions, tmp: Path) -> RunOptions:
     (tmp / "out").write_text("")
     return replace(o, output=tmp / "out")
 
 
 def _groups_split_by_tp(o: RunOptions, tmp: Path) -> RunOptions:
-    _, model = int4_checkpoint("llama", tmp, group_size=128)  # o_proj K = 128: at --tp 2 a rank holds 64 columns
+    _, model = model_with_tokenizer("llama", tmp, group_size=128)  # o_proj K = 128: at --tp 2 a rank holds 64 columns
     return replace(o, model=model, tp=2)
 
 
@@ -138,15 +150,30 @@ CASES = [
     ("input missing", _option(input=Path("/nonexistent/prompts.jsonl")), "--input /nonexistent/prompts.jsonl does not exist"),
     ("input empty directory", _input("", None), "is an empty directory; put .parquet, .jsonl or .csv files in it"),
     ("input unknown extension", _input("p.txt", b"hello\n"), "--input holds files of unknown type (p.txt)"),
-    ("input empty file", _input("p.jsonl", b""), "has no column 'prompt' (columns found: [])"),
+    ("input empty jsonl", _input("p.jsonl", b""), "p.jsonl has no rows; give prompts, one row each"),
+    ("input jsonl of blank lines", _input("p.jsonl", b"\n  \n"), "p.jsonl has no rows"),
+    ("input header-only csv", _input("p.csv", b"id,prompt\n"), "p.csv has no rows"),
+    ("input parquet of 0 rows", _input("p.parquet", _parquet({"id": pa.array([], pa.string()),
+                                                              "prompt": pa.array([], pa.string())})),
+     "p.parquet has no rows"),
+    ("input directory of empty files", _files({"a.jsonl": b"", "b.csv": b"prompt\n"}), "(2 files) has no rows"),
+    ("input a json array", _input("p.json", b'[{"prompt": "x"}]'),
+     "holds a JSON array; shardgen reads JSON Lines (one object per line)"),
+    ("input a later file lacks the prompt column", _files({"a.jsonl": b'{"prompt": "x"}\n', "b.csv": b"text\nhi\n"}),
+     "b.csv has no column 'prompt' (columns found: ['text']); pass --prompt-column"),
     ("input corrupt parquet", _input("p.parquet", b"PAR1 not really"), "cannot read"),
     ("input broken json", _input("p.jsonl", b"{id: 1,\n"), "as json"),
     ("ids repeated", _input("p.jsonl", b"".join(json.dumps({"id": i, "prompt": "x"}).encode() + b"\n" for i in "abacbd")),
      "the id column 'id' repeats ids, e.g. ['a', 'b']; every row needs its own id"),
     ("ids missing in some rows", _input("p.jsonl", b'{"id": "a", "prompt": "x"}\n{"prompt": "y"}\n{"id": null, "prompt": "z"}\n'),
-     "the id column 'id' is null in 2 row(s); give every row an id"),
+     "the id column 'id' is null or empty in 2 row(s); give every row an id"),
     ("a later file lacks the id column", _files({"a.jsonl": b'{"id": "a", "prompt": "x"}\n', "b.jsonl": b'{"prompt": "y"}\n'}),
-     "b.jsonl has no id column 'id' (columns found: ['prompt']); every input file needs it"),
+     "b.jsonl (columns found: ['prompt']) but 1 other file(s) have it; either every input file has the id column"),
+    ("the first file lacks the id column", _files({"a.jsonl": b'{"prompt": "x"}\n', "b.jsonl": b'{"id": "b", "prompt": "y"}\n'}),
+     "the id column 'id' is missing from"),
+    ("--id-column not in the input", _option(id_column="nope"),
+     "--id-column 'nope' is not in"),
+    ("ids empty in a csv", _input("p.csv", b"id,prompt\na,x\n,y\n"), "the id column 'id' is null or empty in 1 row(s)"),
     ("prompt column missing", _option(prompt_column="text"),
      "has no column 'text' (columns found: ['id', 'prompt', 'max_new_tokens']); pass --prompt-column"),
     # checkpoint
@@ -163,6 +190,11 @@ CASES = [
     ("safetensors truncated", _model(_truncate), "is not a readable safetensors file"),
     ("tensor missing", _model(lambda m: rewrite_weights(m, lambda t: t.pop("model.norm.weight"))),
      "lacks 1 tensor(s) the model needs, e.g. ['model.norm.weight']"),
+    ("tokenizer files missing", _model(lambda m: [(m / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")]),
+     "has no tokenizer files (one of tokenizer.json, tokenizer.model"),
+    ("--chat without a chat template", _option(chat=True), "--chat: the tokenizer in"),
+    ("--max-model-len above the model's positions", lambda o, tmp: replace(o, engine=EngineConfig(max_model_len=10**6)),
+     "--max-model-len 1000000 is above the model's max_position_embeddings"),
     ("tensor of the wrong shape", _model(lambda m: rewrite_weights(m, lambda t: t.update({"model.norm.weight": torch.ones(7)}))),
      "model.norm.weight has shape (7,) in the checkpoint, but config.json implies (256,)"),
     ("pickle weights only", _model(_pickle_only), "holds only pickle weights (pytorch_model.bin)"),
@@ -176,6 +208,8 @@ CASES = [
     ("--temperature negative", _option(sampling=SamplingParams(temperature=-1)), "--temperature must be"),
     ("--max-new-tokens zero", _option(sampling=SamplingParams(max_new_tokens=0)), "--max-new-tokens must be"),
     ("--tp zero", _option(tp=0), "--tp must be >= 1, got 0"),
+    ("--input on object storage", _option(input=Path("s3://bucket/prompts.jsonl")),
+     "--input s3://bucket/prompts.jsonl: shardgen reads and writes local paths only"),
     ("--replicas zero", _option(replicas=0), "--replicas must be >= 1, got 0"),
     ("--device unknown", _option(device="tpu"), "--device must be one of auto, cpu, cuda, got 'tpu'"),
     ("--dtype unknown", _option(dtype="int3"), "--dtype must be one of"),
@@ -189,6 +223,13 @@ CASES = [
      "holds another run's output (1 part files; what differs, that run -> this one: sampling.max_new_tokens: 7 -> 2); "),
     ("output not a shardgen run", _foreign_output, "is not empty and holds no shardgen run"),
     ("output is a file", _output_is_a_file, "is a file; give a directory"),
+    ("output holds the input", _output_holding_the_input, "holds the input"),
+    ("output is the input directory", lambda o, tmp: replace(_files({"p.jsonl": b'{"prompt": "x"}\n'})(o, tmp),
+                                                             output=tmp / "in"), "is the input"),
+    ("output inside the input directory", lambda o, tmp: replace(_files({"p.jsonl": b'{"prompt": "x"}\n'})(o, tmp),
+                                                                 output=tmp / "in" / "out"),
+     "is inside the input directory"),
+    ("output is the model directory", lambda o, tmp: replace(o, output=o.model), "is the model"),
     # cluster
     ("cuda on a cluster without GPUs", _option(device="cuda", tp=2, replicas=2),
      "--device cuda: the cluster has no CUDA GPU; use --device cpu"),
@@ -199,15 +240,33 @@ CASES = [
 def test_bad_input_is_refused_naming_what_to_fix(assets, tmp_path, setup, message):
     model, prompts = assets
     base = dict(model=model, input=prompts, output=tmp_path / "out", sampling=SamplingParams(max_new_tokens=2))
-    before = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").is_dir() else None
+    output = tmp_path / "out"
+    listing = lambda: sorted(p.name for p in output.iterdir()) if output.is_dir() else None  # noqa: E731
+    before = listing()
     with pytest.raises((ValueError, FileNotFoundError)) as caught:
         options = setup(RunOptions(**base), tmp_path)
-        before = sorted(p.name for p in options.output.iterdir()) if options.output.is_dir() else None
+        output = options.output
+        before = listing()
         run(options)
     print(f"{caught.typename}: {caught.value}")
     assert message in str(caught.value)
-    after = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").is_dir() else None
-    assert after == before, "a refused run must leave the output as it was"
+    assert listing() == before, "a refused run must leave the output as it was"
+
+
+@pytest.mark.parametrize("resources,device,tp,replicas,message", [
+    ({"CPU": 2}, "cpu", 1, 1, "the Ray cluster has 2 CPUs; this run needs 4 (1 for --tp 1 x --replicas 1, one a rank, "
+                              "and 3 for reading, tokenizing, detokenizing and writing); start the head with more "
+                              "logical CPUs (ray start --head --num-cpus=4), add a node, or lower --replicas or --tp"),
+    ({"CPU": 64, "GPU": 2}, "cuda", 2, 2, "--tp 2 x --replicas 2 needs 4 GPUs; the cluster has 2; lower --replicas"),
+    ({"CPU": 5, "GPU": 8}, "cuda", 2, 2, "the Ray cluster has 5 CPUs; this run needs 7"),
+])
+def test_a_cluster_too_small_for_the_run_is_refused_saying_what_it_needs(resources, device, tp, replicas, message):
+    from pipeline.run import check_cluster
+
+    with pytest.raises(ValueError) as caught:
+        check_cluster(resources, device, tp, replicas)
+    assert message in str(caught.value)
+    check_cluster({"CPU": 4}, "cpu", 1, 1)  # the smallest that runs
 
 
 def test_the_table_covers_at_least_25_cases():

@@ -31,12 +31,33 @@ def test_counts_only_the_part_files_written_after_it_started(tmp_path):
 
 def test_line_says_rows_of_total_tokens_per_second_and_eta(tmp_path):
     progress = Progress(tmp_path, total_rows=200, stream=io.StringIO(), interactive=False)
+    now = time.perf_counter()
+    progress._started = now - 40
+    progress._first_rows = (now - 10, 20)  # 30 rows in the 10 s since the first ones landed: 150 left take 50 s
     progress.written = WriteStats(rows=50, completion_tokens=3000)
-    progress._started = time.perf_counter() - 10
+    progress.engine_tokens = 12000  # the engines are ahead of the files
     line = progress.line()
-    assert line.startswith("shardgen: rows 50/200 (25%), 300 generated tok/s, 10 s elapsed, ETA 30 s"), line
+    assert line.startswith("shardgen: rows 50/200 (25%), 300 generated tok/s, 40 s elapsed, ETA 50 s"), line
     progress.total_rows = None  # an input too big to count: no total, no ETA
     assert progress.line().startswith("shardgen: rows 50, 300 generated tok/s") and "ETA" not in progress.line()
+
+
+def test_generated_tokens_count_from_the_engines_before_any_row_is_written_and_no_eta_is_guessed(tmp_path):
+    progress = Progress(tmp_path, total_rows=200, stream=io.StringIO(), interactive=False, tokens=lambda: 5000)
+    progress._started = time.perf_counter() - 10
+    progress.poll()
+    line = progress.line()
+    assert line.startswith("shardgen: rows 0/200 (0%), 500 generated tok/s, 10 s elapsed") and "ETA" not in line, line
+
+
+def test_a_terminal_line_fits_the_terminals_width(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback: os.terminal_size((40, 24)))
+    stream = io.StringIO()
+    progress = Progress(tmp_path, total_rows=200, stream=stream, interactive=True)
+    progress._show(progress.line(), end="")
+    assert stream.getvalue().startswith("\rshardgen: rows 0/200") and len(stream.getvalue()) == 1 + 39
 
 
 def test_redirected_output_gets_whole_lines_and_a_terminal_one_redrawn_line(tmp_path):

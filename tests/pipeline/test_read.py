@@ -1,9 +1,17 @@
-"""Counting an input's rows cheaply (to size batches): Parquet footers, text lines, and when not to count."""
+"""Reading prompt files: ids and prompts exactly as written, per-row columns for the tokenize stage, unreadable lines
+as error rows, which files may be run together, and counting an input's rows cheaply (to size batches)."""
+
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline import read
+
+
+def rows_of(path, prompt_column="prompt", id_column="id") -> list[dict]:
+    return [r for t in read.read_file(path, path.name, prompt_column, id_column) for r in t.to_pylist()]
 
 
 def test_rows_are_counted_from_parquet_footers_and_text_lines(tmp_path):
@@ -11,6 +19,11 @@ def test_rows_are_counted_from_parquet_footers_and_text_lines(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"prompt": "x"}\n{"prompt": "y"}\n\n')
     (tmp_path / "c.csv").write_text("prompt\nhello\nworld\n")
     assert read.count_rows(read.input_files(tmp_path)) == 3 + 2 + 2
+
+
+def test_csv_rows_are_counted_as_records_when_a_quoted_cell_spans_lines(tmp_path):
+    (tmp_path / "m.csv").write_text('id,prompt\na,"line one\nline two\nline three"\nb,"x\ny"\n')
+    assert read.count_rows([tmp_path / "m.csv"]) == 2
 
 
 def test_text_inputs_too_big_to_count_cheaply_are_not_counted(tmp_path, monkeypatch):
@@ -25,34 +38,23 @@ def test_a_file_that_cannot_be_counted_leaves_the_batch_size_to_the_default(tmp_
 
 
 def test_an_empty_cell_in_any_per_row_column_takes_the_runs_default(tmp_path):
-    import json
-
-    import pyarrow.csv as pcsv
-
-    from pipeline.read import OVERRIDE_COLUMNS, _normalize
-
-    header = "id,prompt," + ",".join(OVERRIDE_COLUMNS)
+    header = "id,prompt," + ",".join(read.OVERRIDE_COLUMNS)
     (tmp_path / "p.csv").write_text(f'{header}\na,hello,,,,,,\nb,world,7,0.5,0.9,3,11,"[""x""]"\nc,again, ,,,,,  \n')
-    rows = _normalize(pcsv.read_csv(tmp_path / "p.csv"), "prompt", "id", None).column("row").to_pylist()
-    assert json.loads(rows[0]) == {} and json.loads(rows[2]) == {}  # empty, or blank (a text column then)
-    assert json.loads(rows[1])["stop"] == '["x"]' and json.loads(rows[1])["top_k"] == 3
+    rows = [json.loads(r["row"]) for r in rows_of(tmp_path / "p.csv")]
+    assert rows[0] == {} and rows[2] == {}  # empty, or blank (CSV has no null for text)
+    assert rows[1]["stop"] == '["x"]' and rows[1]["top_k"] == "3"  # typed by the tokenize stage
 
 
 def test_every_per_row_column_of_a_csv_with_empty_cells_gives_the_default_or_its_value(tmp_path):
-    """Through the tokenize stage: the row with empty cells gets the run's defaults; a number in a column that CSV
-    read as text (it also holds a blank) is that number."""
-    import json
-
-    import pyarrow.csv as pcsv
-
+    """Through the tokenize stage: the row with empty cells gets the run's defaults; every other cell, read as
+    text, becomes its column's type."""
     from actors.sequence import SamplingParams
-    from pipeline.read import OVERRIDE_COLUMNS, _normalize
     from pipeline.tokenize import TokenizeStage
     from tests.helpers import model_with_tokenizer
 
-    header = "id,prompt," + ",".join(OVERRIDE_COLUMNS)
+    header = "id,prompt," + ",".join(read.OVERRIDE_COLUMNS)
     (tmp_path / "p.csv").write_text(f'{header}\na,hello,,,,,,\nb,world,7,0.5,0.9,3,11,"[""x""]"\nc,again, ,,,,,  \n')
-    table = _normalize(pcsv.read_csv(tmp_path / "p.csv"), "prompt", "id", None)
+    table = pa.concat_tables(read.read_file(tmp_path / "p.csv", "p.csv", "prompt", "id"))
     _, model_dir = model_with_tokenizer("llama", tmp_path / "m")
     defaults = SamplingParams(max_new_tokens=5, stop=("END",))
     out = TokenizeStage(str(model_dir), False, defaults)(table)
@@ -60,3 +62,49 @@ def test_every_per_row_column_of_a_csv_with_empty_cells_gives_the_default_or_its
     params = [SamplingParams.from_json(p) for p in out.column("params").to_pylist()]
     assert params[0] == params[2] == defaults
     assert params[1] == SamplingParams(max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=("x",))
+
+
+def test_csv_ids_and_prompts_are_read_exactly_as_written_and_a_byte_order_mark_is_stripped(tmp_path):
+    (tmp_path / "excel.csv").write_bytes("\ufeffid,prompt\n007,NA\n0009,123\n7,  padded  \n".encode())
+    assert read.check_inputs([tmp_path / "excel.csv"], "prompt", None) == "id"  # not "\ufeffid"
+    rows = rows_of(tmp_path / "excel.csv")
+    assert [(r["id"], r["prompt"]) for r in rows] == [("007", "NA"), ("0009", "123"), ("7", "  padded  ")]
+    assert list(read.iter_ids(tmp_path / "excel.csv", "id")) == [["007", "0009", "7"]]  # what the id check sees
+
+
+def test_json_numbers_keep_their_digits_as_ids_and_a_number_prompt_is_an_error_row(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"id": 1e3, "prompt": "a", "temperature": 0.50}\n{"id": 12345678901234567890, '
+                                      '"prompt": 5}\n{"id": "x", "prompt": [{"role": "user", "content": "hi"}]}\n')
+    rows = rows_of(tmp_path / "p.jsonl")
+    assert [r["id"] for r in rows] == ["1e3", "12345678901234567890", "x"]
+    assert json.loads(rows[0]["row"]) == {"temperature": "0.50"}
+    assert json.loads(rows[1]["row"])["prompt_type"] == "number" and rows[1]["prompt"] is None
+    assert json.loads(json.loads(rows[2]["row"])["prompt_json"]) == [{"role": "user", "content": "hi"}]
+
+
+def test_parquet_ids_of_any_type_become_their_text(tmp_path):
+    pq.write_table(pa.table({"id": pa.array([7, 8], pa.int64()), "prompt": ["a", "b"]}), tmp_path / "p.parquet")
+    assert [r["id"] for r in rows_of(tmp_path / "p.parquet")] == ["7", "8"]
+
+
+def test_a_jsonl_line_that_is_not_an_object_is_an_error_row_naming_its_line_and_the_rest_are_read(tmp_path):
+    (tmp_path / "p.jsonl").write_bytes(b'{"id": "a", "prompt": "x"}\n\n{not json\n[1, 2]\n\xff\xfe\n'
+                                       b'{"id": "b", "prompt": "y"}\n')
+    rows = rows_of(tmp_path / "p.jsonl")
+    assert [r["id"] for r in rows] == ["a", "p.jsonl:1", "p.jsonl:2", "p.jsonl:3", "b"]
+    errors = [json.loads(r["row"]).get(read.READ_ERROR) for r in rows]
+    assert errors[0] is None and errors[4] is None
+    assert errors[1].startswith("p.jsonl line 3: not a JSON object")  # blank line 2 is not a row
+    assert errors[2] == "p.jsonl line 4: not a JSON object (a list)" and errors[3].startswith("p.jsonl line 5")
+    assert list(read.iter_ids(tmp_path / "p.jsonl", "id")) == [["a", "b"]]  # named by place, unique by construction
+
+
+@pytest.mark.parametrize("contents,id_column,expected", [
+    ({"a.jsonl": '{"id": "1", "prompt": "x"}\n', "b.csv": "id,prompt\n2,y\n"}, None, "id"),
+    ({"a.jsonl": '{"prompt": "x"}\n', "b.csv": "prompt\ny\n"}, None, None),
+    ({"a.jsonl": '{"key": "1", "prompt": "x"}\n', "b.csv": "key,prompt\n2,y\n", "c.jsonl": ""}, "key", "key"),
+])
+def test_the_id_column_is_in_every_file_with_rows_or_in_none(tmp_path, contents, id_column, expected):
+    for name, text in contents.items():
+        (tmp_path / name).write_text(text)
+    assert read.check_inputs(read.input_files(tmp_path), "prompt", id_column) == expected

@@ -32,7 +32,7 @@ def demo(tmp_path_factory):
 
 
 def read_output(path: Path) -> dict[str, dict]:
-    rows = pads.dataset(path).to_table().to_pylist()
+    rows = pads.dataset(sorted(str(p) for p in path.glob("part-*.parquet")), format="parquet").to_table().to_pylist()
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)), "an id appears twice"
     return {r["id"]: r for r in rows}
@@ -113,6 +113,17 @@ def test_inputs_without_an_id_column_get_stable_file_and_row_ids(demo, tmp_path)
     assert set(read_output(tmp_path / "out")) == set(out)
 
 
+def test_ids_come_out_exactly_as_the_files_wrote_them(demo, tmp_path):
+    model, _ = demo
+    data = tmp_path / "in"
+    data.mkdir()
+    (data / "a.csv").write_bytes("\ufeffid,prompt\n007,hello\n0009,world\n".encode())  # as Excel saves it
+    (data / "b.jsonl").write_text('{"id": 7, "prompt": "x"}\n{"id": "07", "prompt": "y"}\n{"id": 1e3, "prompt": "z"}\n')
+    options = RunOptions(model=model, input=data, output=tmp_path / "out", sampling=SamplingParams(max_new_tokens=2))
+    assert run(options).rows == 5
+    assert set(read_output(tmp_path / "out")) == {"007", "0009", "7", "07", "1e3"}
+
+
 def test_a_rerun_resumes_and_a_different_run_is_refused_without_overwrite(demo, tmp_path):
     model, prompts = demo
     options = RunOptions(model=model, input=prompts, output=tmp_path / "out", sampling=SamplingParams(max_new_tokens=2))
@@ -124,8 +135,13 @@ def test_a_rerun_resumes_and_a_different_run_is_refused_without_overwrite(demo, 
                                          r"this one: sampling.max_new_tokens: \d+ -> 3\); rerun that run's "
                                          r"command to resume it, pass --overwrite to replace it"):
         run(other)
-    assert run(replace(other, overwrite=True)).rows == 200
+    (tmp_path / "out" / "notes.txt").write_text("the user's own")
+    said = []
+    assert run(replace(other, overwrite=True), echo=said.append).rows == 200
     assert len(read_output(tmp_path / "out")) == 200
+    assert (tmp_path / "out" / "notes.txt").read_text() == "the user's own"  # --overwrite removes only shardgen's files
+    assert any(line.startswith(f"shardgen: --overwrite: removed ") and "_shardgen_run.json); 1 other entry left as "
+               "they were" in line for line in said), said
     assert json.loads((tmp_path / "out" / "_shardgen_run.json").read_text())["sampling"]["max_new_tokens"] == 3
 
 

@@ -38,7 +38,7 @@ def test_prompts_become_byte_tokens_and_defaults_fill_params(tokenizer_dir):
         ("x", {"temperature": -0.5}, "temperature must be >= 0"),
         ("x", {"top_p": 1.5}, "top_p must be in (0, 1]"),
         ("x", {"top_p": 0}, "top_p must be in (0, 1]"),
-        ("x", {"stop": "not json ["}, "stop: expected a list of strings"),
+        (None, {"read_error": "p.jsonl line 3: not a JSON object"}, "p.jsonl line 3: not a JSON object"),
         ("x", {"stop": [1, 2]}, "stop: expected a list of non-empty strings"),
     ],
 )
@@ -52,6 +52,12 @@ def test_row_overrides_win_and_a_csv_stop_list_is_read_as_json(tokenizer_dir):
     out = run_stage(TokenizeStage(tokenizer_dir, False, SamplingParams()), [("r", "x", row)])[0]
     p = json.loads(out["params"])
     assert (p["max_new_tokens"], p["temperature"], p["top_k"], p["seed"], p["stop"]) == (5, 0.7, 3, 42, ["\n\n", "END"])
+
+
+@pytest.mark.parametrize("stop,expected", [("\n", ["\n"]), ("not json [", ["not json ["]), ('["a", "b"]', ["a", "b"])])
+def test_a_stop_string_is_one_stop_string_and_a_json_list_is_a_list(tokenizer_dir, stop, expected):
+    out = run_stage(TokenizeStage(tokenizer_dir, False, SamplingParams()), [("r", "x", {"stop": stop})])[0]
+    assert out["error"] is None and json.loads(out["params"])["stop"] == expected
 
 
 def test_run_seed_gives_each_row_its_own_stable_seed(tokenizer_dir):

@@ -1,0 +1,46 @@
+"""What a run checks before any worker starts, so a mistake is named in seconds with a one-line message.
+
+``check_files`` reads only small files and headers (no torch, no Ray): the CLI runs it before the heavy imports,
+and ``pipeline.run`` runs it again with ``check_model``, which reads every rank's tensor headers through torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from actors.config import ModelConfig
+from actors.tokenizer import check_tokenizer_files
+from pipeline import read, resume
+from pipeline.options import RunOptions
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """The input as the run reads it."""
+
+    files: list[Path]
+    root: Path  # ids without an id column are relative to it
+    id_column: str | None  # None: ids are <file>:<row>
+
+
+def check_files(options: RunOptions) -> InputPlan:
+    """The model's config and tokenizer files, every input file's schema, and where the output goes."""
+    config = ModelConfig.from_dir(options.model)
+    files = read.input_files(options.input)
+    resume.check_locations(options.output, options.input, options.model)
+    check_tokenizer_files(options.model, chat=options.chat)
+    limit = options.engine.max_model_len
+    if limit is not None and limit > config.max_position_embeddings:
+        raise ValueError(f"--max-model-len {limit} is above the model's max_position_embeddings "
+                         f"({config.max_position_embeddings}, {options.model / 'config.json'}); pass at most that")
+    id_column = read.check_inputs(files, options.prompt_column, options.id_column)
+    root = options.input if options.input.is_dir() else options.input.parent
+    return InputPlan(files, root, id_column)
+
+
+def check_model(options: RunOptions) -> ModelConfig:
+    """Every rank of ``--tp`` finds each tensor it needs with the shape config.json implies (headers only)."""
+    from actors.loader import check_checkpoint
+
+    return check_checkpoint(options.model, options.tp, options.allow_pickle)
