@@ -116,8 +116,10 @@ RUN_EXAMPLE = ("Example: shardgen run --model ./Llama-3.2-1B-int4 --input prompt
 @app.command(epilog=RUN_EXAMPLE)
 def run(
     model: Optional[Path] = typer.Option(None, help="Plain int4 (or float) checkpoint directory. Default: the embedded demo."),
-    input: Optional[Path] = typer.Option(None, "--input", help="Prompts: a .parquet/.jsonl/.csv file or a directory of them."),
-    output: Optional[Path] = typer.Option(None, help="Output directory for Parquet files. Default: ./demo-output for the demo."),
+    input: Optional[str] = typer.Option(None, "--input", help="Prompts: a .parquet/.jsonl/.csv file or a directory of "
+                                        "them; a local path, or a URI such as s3://bucket/prompts/."),
+    output: Optional[str] = typer.Option(None, help="Output directory for Parquet files (a local path or a URI). "
+                                         "Default: ./demo-output for the demo."),
     tp: int = typer.Option(1, help="Tensor-parallel ranks per replica (one GPU each)."),
     replicas: int = typer.Option(1, help="Replicas (each T ranks) serving batches in parallel."),
     max_new_tokens: int = typer.Option(64, help="Default tokens to generate per row (a row's max_new_tokens column overrides)."),
@@ -172,7 +174,9 @@ def run(
             typer.echo(f"shardgen: running the embedded demo model ({model}) on {input}")
         if output is None:
             _fail("pass --output DIR for the Parquet files")
-        if RAY_JOB_ENV in os.environ and not output.is_absolute():
+        from pipeline.storage import is_uri
+
+        if RAY_JOB_ENV in os.environ and not is_uri(output) and not Path(output).is_absolute():
             _fail(f"--output {output} is relative, and a Ray job runs in a temporary copy of its --working-dir "
                   f"({Path.cwd()}): the files would be lost with it. Give an absolute path on storage the "
                   f"cluster's nodes share, e.g. --output {Path('/mnt/shared') / output}")
@@ -206,13 +210,14 @@ def run(
         _show_samples(options.output)
 
 
-def _show_samples(output: Path, count: int = 3) -> None:
+def _show_samples(output: str | Path, count: int = 3) -> None:
     """A few prompts and their completions, so a first run shows what the model does."""
     import pyarrow.dataset as pads
 
     from pipeline.write import existing_output
 
-    rows = pads.dataset([str(p) for p in existing_output(output)], format="parquet").to_table(columns=["id", "prompt", "completion"]).sort_by("id")
+    files = existing_output(output)
+    rows = pads.dataset([f.path for f in files], format="parquet", filesystem=files[0].fs).to_table(columns=["id", "prompt", "completion"]).sort_by("id")
     for row in rows.slice(0, count).to_pylist():
         typer.echo(f"\n--- {row['id']} ---\n{row['prompt']}", nl=False)
         typer.secho(row["completion"] or "", fg=typer.colors.GREEN)

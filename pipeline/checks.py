@@ -7,24 +7,25 @@ and ``pipeline.run`` runs it again with ``check_model``, which reads every rank'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from actors.config import ModelConfig
 from actors.tokenizer import check_tokenizer_files
 from pipeline import read, resume
 from pipeline.options import RunOptions
+from pipeline.storage import Location
 
 
 @dataclass(frozen=True)
-class InputPlan:
-    """The input as the run reads it."""
+class FilePlan:
+    """The input and output as the run reads and writes them."""
 
-    files: list[Path]
-    root: Path  # ids without an id column are relative to it
+    files: list[Location]
+    root: Location  # the files are named relative to it (ids without an id column are <name>:<row>)
     id_column: str | None  # None: ids are <file>:<row>
+    output: Location
 
 
-def check_files(options: RunOptions) -> InputPlan:
+def check_files(options: RunOptions) -> FilePlan:
     """The model's config and tokenizer files, every input file's schema, and where the output goes."""
     config = ModelConfig.from_dir(options.model)
     files = read.input_files(options.input)
@@ -35,8 +36,9 @@ def check_files(options: RunOptions) -> InputPlan:
         raise ValueError(f"--max-model-len {limit} is above the model's max_position_embeddings "
                          f"({config.max_position_embeddings}, {options.model / 'config.json'}); pass at most that")
     id_column = read.check_inputs(files, options.prompt_column, options.id_column)
-    root = options.input if options.input.is_dir() else options.input.parent
-    return InputPlan(files, root, id_column)
+    given = Location.of(options.input)
+    root = given if given.is_dir() else given.parent
+    return FilePlan(files, root, id_column, Location.of(options.output))
 
 
 def check_model(options: RunOptions) -> ModelConfig:

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from actors.sequence import FINISH_ERROR, Completion, Request, SamplingParams
 from actors.worker import ReplicaSpec
+from pipeline.storage import Location
 
 READS = ("id", "prompt", "prompt_token_ids", "params", "error")
 WRITES = ("id", "prompt", "completion_token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "error",
@@ -34,7 +35,7 @@ MAX_REPLICA_STARTS = 3  # a replica that fails this often (bad GPU, out of memor
 class Flush:
     """Where and how often finished rows are written before their batch is done."""
 
-    output: Path
+    output: Location
     metadata: dict[str, str]  # the Parquet metadata of every part file (write.run_metadata)
     model_dir: str  # for the detokenizer
     seconds: float = 10.0

@@ -18,8 +18,8 @@ LAYOUTS = ("auto", "int4-tiled", "int4-preshuffled", "int4-plain")  # actors.int
 @dataclass(frozen=True)
 class RunOptions:
     model: Path
-    input: Path
-    output: Path
+    input: Path | str  # a local path, or a URI pyarrow's filesystems open (s3://, gs://, ...)
+    output: Path | str
     tp: int = 1
     replicas: int = 1
     device: str = "auto"
@@ -51,10 +51,10 @@ class RunOptions:
             problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.int4_layout not in LAYOUTS:
             problems.append(f"--int4-layout must be one of {', '.join(LAYOUTS)}, got {self.int4_layout!r}")
-        for flag, path in (("--model", self.model), ("--input", self.input), ("--output", self.output)):
-            if REMOTE.match(str(path)):  # Path("s3://b/x") is "s3:/b/x"
-                problems.append(f"{flag} {str(path).replace(':/', '://', 1)}: shardgen reads and writes local paths only (a shared file system "
-                                f"on a cluster); copy the files from object storage first")
+        if REMOTE.match(str(self.model)):  # Path("s3://b/x") is "s3:/b/x"
+            problems.append(f"--model {str(self.model).replace(':/', '://', 1)}: a model directory must be a local "
+                            f"path (on a cluster, a file system every node sees); copy the model there first. "
+                            f"--input and --output may be URIs")
         if not self.prompt_column or self.id_column == "":
             problems.append("--prompt-column and --id-column must not be empty")
         for problem in self.sampling.problems():  # "top_p must be ..." -> "--top-p must be ..."

@@ -13,18 +13,18 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from pathlib import Path
 from typing import Callable, TextIO
 
 from pipeline import write
+from pipeline.storage import Location, Where
 
 
 class Progress:
     """Watches ``output`` for part files that were not there at ``start`` (a resumed run counts only its own)."""
 
-    def __init__(self, output: Path, total_rows: int | None, stream: TextIO, interactive: bool | None = None,
+    def __init__(self, output: Where, total_rows: int | None, stream: TextIO, interactive: bool | None = None,
                  interval_s: float = 15.0, poll_s: float = 1.0, tokens: Callable[[], int] | None = None) -> None:
-        self.output = output
+        self.output = Location.of(output)
         self.tokens = tokens  # tokens the engines have generated so far (None: count the part files' only)
         self.engine_tokens = 0
         self.total_rows = total_rows  # None: too big to count cheaply, so no ETA
@@ -33,7 +33,7 @@ class Progress:
         self.interval_s = interval_s
         self.poll_s = poll_s
         self.written = write.WriteStats()  # of the part files this run wrote
-        self._seen: set[Path] = set(write.existing_output(output))
+        self._seen = {f.path for f in write.existing_output(self.output)}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.perf_counter()
@@ -76,13 +76,13 @@ class Progress:
     def poll(self) -> None:
         """Add the rows and generated tokens of part files that appeared since the last poll."""
         for path in write.existing_output(self.output):
-            if path in self._seen:
+            if path.path in self._seen:
                 continue
             try:
                 stats = write.read_stats(path)
             except (OSError, ValueError):  # vanished (an --overwrite elsewhere) or unreadable: counted if it returns
                 continue
-            self._seen.add(path)
+            self._seen.add(path.path)
             self.written.add(stats)
         if self.rows and self._first_rows is None:
             self._first_rows = (time.perf_counter(), self.rows)

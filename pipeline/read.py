@@ -14,12 +14,15 @@ each row's id is ``<file relative to --input>:<row>``, stable across runs.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
+
+from pipeline.storage import Location, Where
 
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv"}
 OVERRIDE_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
@@ -29,16 +32,19 @@ READS: tuple[str, ...] = ()
 WRITES = ("id", "prompt", "row")
 
 
-def input_files(path: Path) -> list[Path]:
-    """The prompt files under ``path`` (a file, or a directory searched recursively), sorted."""
-    if not path.exists():
-        raise FileNotFoundError(f"--input {path} does not exist")
+def input_files(where: Where) -> list[Location]:
+    """The prompt files under ``where`` (a file, or a directory searched recursively; names starting with ``.`` or
+    ``_`` are left out, as Spark's and Ray's markers are), sorted."""
+    path = Location.of(where)
     if path.is_file():
         files = [path]
-    else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
+    elif path.is_dir():
+        files = [f for f in path.files(recursive=True)
+                 if not any(part.startswith((".", "_")) for part in f.relative_to(path).split("/"))]
         if not files:
             raise ValueError(f"--input {path} is an empty directory; put .parquet, .jsonl or .csv files in it")
+    else:
+        raise FileNotFoundError(f"--input {path} does not exist")
     unknown = [p.name for p in files if p.suffix.lower() not in FORMATS]
     if unknown:
         raise ValueError(f"--input holds files of unknown type ({', '.join(unknown[:5])}); shardgen reads "
@@ -46,7 +52,7 @@ def input_files(path: Path) -> list[Path]:
     return files
 
 
-def format_of(file: Path) -> str:
+def format_of(file: Location) -> str:
     return FORMATS[file.suffix.lower()]
 
 
@@ -58,17 +64,16 @@ class FileSchema:
     has_rows: bool
 
 
-def peek(file: Path) -> FileSchema:
+def peek(file: Location) -> FileSchema:
     """Columns and emptiness of one input file: the Parquet footer, the CSV header and first record, or the first
     JSONL record."""
     fmt = format_of(file)
     try:
         if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            meta = pq.ParquetFile(file).metadata
+            meta = _parquet(file).metadata
             return FileSchema(list(meta.schema.to_arrow_schema().names), meta.num_rows > 0)
-        with open(file, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: Excel starts its CSVs with a BOM
+        # utf-8-sig: Excel starts its CSVs with a byte-order mark
+        with io.TextIOWrapper(file.open_stream(), encoding="utf-8-sig", newline="") as f:
             if fmt == "csv":
                 import csv
 
@@ -82,7 +87,7 @@ def peek(file: Path) -> FileSchema:
         return FileSchema([], False)
     if first.lstrip().startswith("["):
         raise ValueError(f"{file} holds a JSON array; shardgen reads JSON Lines (one object per line): write each "
-                         f"row as its own line, e.g. with `jq -c '.[]' {file.name} > {file.stem}.jsonl`")
+                         f"row as its own line, e.g. with `jq -c '.[]' {file.name} > {Path(file.name).stem}.jsonl`")
     try:
         record = json.loads(first)
     except ValueError as e:
@@ -92,29 +97,30 @@ def peek(file: Path) -> FileSchema:
     return FileSchema(list(record), True)
 
 
-def check_inputs(files: list[Path], prompt_column: str, id_column: str | None) -> str | None:
+def check_inputs(files: list[Where], prompt_column: str, id_column: str | None) -> str | None:
     """Look at every input file before any worker starts; returns the id column to read (None: ids are
     ``<file>:<row>``).
 
     Refuses an input without rows, a file with rows that lacks the prompt column, and ids that only some files
     have: ``id_column`` None takes ``id`` when every file has it; a named id column must be in every file."""
-    schemas = {f: peek(f) for f in files}
-    with_rows = [f for f in files if schemas[f].has_rows]
+    files = [Location.of(f) for f in files]
+    schemas = {f.path: peek(f) for f in files}
+    with_rows = [f for f in files if schemas[f.path].has_rows]
     if not with_rows:
-        where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
+        where = files[0] if len(files) == 1 else f"{str(files[0]).rsplit('/', 1)[0]} ({len(files)} files)"
         raise ValueError(f"--input {where} has no rows; give prompts, one row each")
     for f in with_rows:
-        if prompt_column not in schemas[f].columns:
-            raise ValueError(f"{f} has no column {prompt_column!r} (columns found: {schemas[f].columns}); "
+        if prompt_column not in schemas[f.path].columns:
+            raise ValueError(f"{f} has no column {prompt_column!r} (columns found: {schemas[f.path].columns}); "
                              f"pass --prompt-column with one of them")
     wanted = id_column or DEFAULT_ID_COLUMN
-    lacking = [f for f in with_rows if wanted not in schemas[f].columns]
+    lacking = [f for f in with_rows if wanted not in schemas[f.path].columns]
     if id_column is None and len(lacking) == len(with_rows):
         return None
     if lacking:
         having = len(with_rows) - len(lacking)
         named = ", ".join(str(f) for f in lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
-        found = f"columns found: {schemas[lacking[0]].columns}"
+        found = f"columns found: {schemas[lacking[0].path].columns}"
         if not having:
             raise ValueError(f"--id-column {wanted!r} is not in {named} ({found}); pass --id-column with one of "
                              f"them, or leave it out for <file>:<row> ids")
@@ -124,58 +130,55 @@ def check_inputs(files: list[Path], prompt_column: str, id_column: str | None) -
     return wanted
 
 
-def estimate_rows(files: list[Path]) -> int:
+def estimate_rows(files: list[Location]) -> int:
     """Rows in the input: exact for Parquet (from the footers), an upper bound for text files."""
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows if format_of(f) == "parquet" else f.stat().st_size // 16
-               for f in files)
+    return sum(_parquet(f).metadata.num_rows if format_of(f) == "parquet" else f.size() // 16 for f in files)
 
 
 COUNT_TEXT_BYTES = 64 * 2**20  # text inputs up to this size have their rows counted (a fraction of a second)
 
 
-def count_rows(files: list[Path]) -> int | None:
+def count_rows(files: list[Where]) -> int | None:
     """Rows in the input where cheap to know: Parquet from its footers, JSONL by its lines and CSV by its records
     (a quoted cell may span lines) while the text files total at most ``COUNT_TEXT_BYTES``; None for bigger text
     inputs (for sizing batches and the progress line, not for checks)."""
-    import pyarrow.parquet as pq
-
+    files = [Location.of(f) for f in files]
     text = [f for f in files if format_of(f) != "parquet"]
-    if sum(f.stat().st_size for f in text) > COUNT_TEXT_BYTES:
+    if sum(f.size() for f in text) > COUNT_TEXT_BYTES:
         return None
     try:
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files if f not in text)
+        rows = sum(_parquet(f).metadata.num_rows for f in files if f not in text)
         for f in text:
             if format_of(f) == "csv":
                 # a column no file has: converts nothing, but has a row per record
                 rows += sum(len(errors) for _, errors in _csv_chunks(f, ["\0count"]))
             else:
-                with open(f, "rb") as fh:
+                with f.open_stream() as fh:
                     rows += sum(1 for line in fh if line.strip())
     except (OSError, ValueError, pa.ArrowException):  # the read stage names what is wrong with it
         return None
     return rows
 
 
-def read_prompts(files: list[Path], root: Path, prompt_column: str, id_column: str | None):
+def read_prompts(files: list[Location], root: Location, prompt_column: str, id_column: str | None):
     """A Ray Dataset of (id, prompt, row) for every row of every input file: one read task a file, streaming.
-    ``root``: the directory ids without an id column are relative to."""
+    ``root``: the directory the files are named relative to (ids without an id column are ``<name>:<row>``)."""
     import ray.data
 
-    items = [{"file": str(f), "name": str(f.relative_to(root))} for f in files]
+    items = [{"name": f.relative_to(root)} for f in files]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _read_files, batch_format="pyarrow", batch_size=1,
-        fn_kwargs={"prompt_column": prompt_column, "id_column": id_column})
+        fn_kwargs={"root": root, "prompt_column": prompt_column, "id_column": id_column})
 
 
-def _read_files(batch: pa.Table, prompt_column: str, id_column: str | None) -> Iterator[pa.Table]:
-    for file, name in zip(batch.column("file").to_pylist(), batch.column("name").to_pylist()):
-        yield from read_file(Path(file), name, prompt_column, id_column)
+def _read_files(batch: pa.Table, root: Location, prompt_column: str, id_column: str | None) -> Iterator[pa.Table]:
+    for name in batch.column("name").to_pylist():
+        yield from read_file(root.child(name), name, prompt_column, id_column)
 
 
-def read_file(file: Path, name: str, prompt_column: str, id_column: str | None) -> Iterator[pa.Table]:
+def read_file(file: Where, name: str, prompt_column: str, id_column: str | None) -> Iterator[pa.Table]:
     """One input file as (id, prompt, row) tables, in order."""
+    file = Location.of(file)
     start = 0
     wanted = [prompt_column, *OVERRIDE_COLUMNS] + ([id_column] if id_column else [])
     for columns, errors in iter_chunks(file, wanted):
@@ -184,23 +187,21 @@ def read_file(file: Path, name: str, prompt_column: str, id_column: str | None) 
         yield table
 
 
-def iter_ids(file: Path, id_column: str) -> Iterator[list[str | None]]:
+def iter_ids(file: Where, id_column: str) -> Iterator[list[str | None]]:
     """The ids of one input file in chunks, exactly as the pipeline reads them (None where missing). Unreadable
     lines are left out: their rows are named by their place, unique by construction."""
-    for columns, errors in iter_chunks(file, [id_column]):
+    for columns, errors in iter_chunks(Location.of(file), [id_column]):
         yield [_id_text(v) for v, err in zip(columns[id_column], errors) if not err]
 
 
-def iter_chunks(file: Path, wanted: list[str], chunk_rows: int = 8192
+def iter_chunks(file: Location, wanted: list[str], chunk_rows: int = 8192
                 ) -> Iterator[tuple[dict[str, list], list[str | None]]]:
     """``(columns, errors)`` chunks of one file: the ``wanted`` columns as Python values (text in CSV, JSON numbers
     as written, Parquet's own types; a column the file lacks is absent or all null), and per row what made it
     unreadable (None for a good row)."""
     fmt = format_of(file)
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(file)
+        pf = _parquet(file)
         present = [c for c in wanted if c in pf.schema_arrow.names]
         for b in pf.iter_batches(batch_size=chunk_rows, columns=present):
             yield {c: b.column(c).to_pylist() for c in present}, [None] * b.num_rows
@@ -210,14 +211,14 @@ def iter_chunks(file: Path, wanted: list[str], chunk_rows: int = 8192
         yield from _json_chunks(file, wanted, chunk_rows)
 
 
-def _csv_chunks(file: Path, wanted: list[str]) -> Iterator[tuple[dict[str, list], list]]:
+def _csv_chunks(file: Location, wanted: list[str]) -> Iterator[tuple[dict[str, list], list]]:
     """The wanted columns as text (CSV has no types, and inferring them turns the id ``007`` into 7; a wanted
     column the file lacks is all null). The other columns are not converted at all, so no cell of theirs can
     fail the file."""
     import pyarrow.csv as pcsv
 
     try:
-        reader = pcsv.open_csv(file, parse_options=pcsv.ParseOptions(newlines_in_values=True),
+        reader = pcsv.open_csv(file.open_stream(), parse_options=pcsv.ParseOptions(newlines_in_values=True),
                                convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in wanted},
                                                                    include_columns=wanted,
                                                                    include_missing_columns=True))
@@ -232,12 +233,12 @@ class _JsonNumber(str):
     tokenize stage; a prompt that is a number is an error row."""
 
 
-def _json_chunks(file: Path, wanted: list[str], chunk_rows: int) -> Iterator[tuple[dict[str, list], list]]:
+def _json_chunks(file: Location, wanted: list[str], chunk_rows: int) -> Iterator[tuple[dict[str, list], list]]:
     """JSON Lines, a line at a time: a line that is not a JSON object is an error row naming its line, and the
     file's other rows go on. Blank lines are not rows."""
     columns: dict[str, list] = {c: [] for c in wanted}
     errors: list[str | None] = []
-    with open(file, "rb") as f:
+    with file.open_stream() as f:
         for number, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -261,6 +262,12 @@ def _json_record(raw: bytes, number: int) -> tuple[dict, str | None]:
     if not isinstance(record, dict):
         return {}, f"line {number}: not a JSON object (a {type(record).__name__})"
     return record, None
+
+
+def _parquet(file: Location):
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(file.open())
 
 
 def _normalize(columns: dict[str, list], errors: list[str | None], fmt: str, prompt_column: str,

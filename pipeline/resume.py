@@ -9,17 +9,18 @@ resumes, anything else is refused unless ``--overwrite``.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.storage import Location, Where
 
 MANIFEST = "_shardgen_run.json"
 PART_PREFIX = "part-"  # pipeline.write names its files so (not imported: write imports Ray Data)
@@ -54,10 +55,10 @@ class IdShard:
         self._chunks: list[np.ndarray] = []
         self._sorted = np.empty(0, dtype="S16")
 
-    def load_output(self, files: list[str]) -> int:
+    def load_output(self, files: list[Location]) -> int:
         """Add the ids of finished output files (reads only their id column); returns how many this shard holds."""
         for file in files:
-            for batch in pq.ParquetFile(file).iter_batches(columns=["id"], batch_size=65536):
+            for batch in pq.ParquetFile(file.open()).iter_batches(columns=["id"], batch_size=65536):
                 self.add(digests(i for i in batch.column(0).to_pylist() if i is not None))
         return self.seal()
 
@@ -140,7 +141,7 @@ def check_unique_ids(ds, id_column: str, rows_estimate: int) -> None:
         stop_shards(handles)
 
 
-def check_unique_ids_locally(files: list[Path], id_column: str) -> None:
+def check_unique_ids_locally(files: list[Location], id_column: str) -> None:
     """``check_unique_ids`` in this process, for inputs of at most ``LOCAL_ID_CHECK_BYTES``: a distributed pass
     costs seconds of start-up (a Ray Data job and its shard actors) whatever the input's size."""
     from pipeline.read import iter_ids
@@ -202,12 +203,12 @@ class FinishedIds:
     handles: list
 
     @classmethod
-    def load(cls, files: list[Path]) -> "FinishedIds":
+    def load(cls, files: list[Location]) -> "FinishedIds":
         import ray
 
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        rows = sum(pq.ParquetFile(f.open()).metadata.num_rows for f in files)
         handles = start_shards(shard_count(rows))
-        ray.get([h.load_output.remote([str(f) for f in files]) for h in handles])
+        ray.get([h.load_output.remote(files) for h in handles])
         return cls(rows, handles)
 
     def close(self) -> None:
@@ -222,21 +223,20 @@ def manifest(**fields: object) -> dict:
     return json.loads(json.dumps(fields, default=str))
 
 
-def read_manifest(output: Path) -> dict | None:
-    path = output / MANIFEST
+def read_manifest(output: Where) -> dict | None:
+    path = Location.of(output).child(MANIFEST)
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return {}
 
 
-def write_manifest(output: Path, fields: dict) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    tmp = output / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(fields, indent=2, sort_keys=True))
-    os.replace(tmp, output / MANIFEST)
+def write_manifest(output: Where, fields: dict) -> None:
+    output = Location.of(output)
+    output.make_dir()
+    output.child(MANIFEST).write_bytes(json.dumps(fields, indent=2, sort_keys=True).encode())
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -251,57 +251,63 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_locations(output: Path, input: Path, model: Path) -> None:
+def check_locations(output: Where, input: Where, model: Where) -> None:
     """Refuse an ``--output`` that would overwrite or feed on what the run reads: the input itself, a directory that
     holds the input or the model, or a directory inside the input directory (a rerun, the documented way to resume,
     would read its part files as prompts)."""
-    out, inp, mod = output.resolve(), input.resolve(), model.resolve()
-    if out == inp or inp.is_relative_to(out):
-        raise ValueError(f"--output {output} {'is' if out == inp else 'holds'} the input {input}; choose an output "
-                         f"directory of its own, e.g. {inp.parent / (inp.stem + '-out')}")
-    if inp.is_dir() and out.is_relative_to(inp):
-        raise ValueError(f"--output {output} is inside the input directory {input}: a rerun would read its part files "
-                         f"as prompts; choose a directory outside it, e.g. {inp.parent / (inp.name + '-out')}")
-    if mod.is_relative_to(out):
-        raise ValueError(f"--output {output} {'is' if out == mod else 'holds'} the model {model}; choose an output "
-                         f"directory of its own")
+    out, inp, mod = Location.of(output), Location.of(input), Location.of(model)
+    beside = f"{inp.text.rstrip('/').rsplit('.', 1)[0] if inp.suffix else inp.text}-out"
+    if inp.within(out):
+        raise ValueError(f"--output {out} {'is' if out.path == inp.path else 'holds'} the input {inp}; choose an "
+                         f"output directory of its own, e.g. {beside}")
+    if out.within(inp) and inp.is_dir():
+        raise ValueError(f"--output {out} is inside the input directory {inp}: a rerun would read its part files "
+                         f"as prompts; choose a directory outside it, e.g. {beside}")
+    if mod.within(out):
+        raise ValueError(f"--output {out} {'is' if out.path == mod.path else 'holds'} the model {mod}; choose an "
+                         f"output directory of its own")
 
 
-def shardgen_files(output: Path) -> list[Path]:
+def is_part_file(name: str) -> bool:
+    return name.startswith(PART_PREFIX) and name.endswith(".parquet")
+
+
+SHARDGEN_FILES = (f"{PART_PREFIX}*.parquet", f".{PART_PREFIX}*.tmp", MANIFEST, f".{MANIFEST}.tmp")
+
+
+def shardgen_files(output: Where) -> list[Location]:
     """What shardgen writes in an output directory: part files, their temporary names, the run record."""
-    if not output.is_dir():
-        return []
-    names = (f"{PART_PREFIX}*.parquet", f".{PART_PREFIX}*.tmp", MANIFEST, f".{MANIFEST}.tmp")
-    return sorted({p for pattern in names for p in output.glob(pattern) if p.is_file()})
+    return [f for f in Location.of(output).files() if any(fnmatch.fnmatchcase(f.name, p) for p in SHARDGEN_FILES)]
 
 
-def clear_output(output: Path) -> str | None:
+def clear_output(output: Where) -> str | None:
     """``--overwrite``: delete what an earlier run wrote in ``output`` and nothing else; says what went (None if
     nothing did)."""
+    output = Location.of(output)
     gone = shardgen_files(output)
     for p in gone:
-        p.unlink()
+        p.delete()
     if not gone:
         return None
-    parts = sum(p.name.startswith(PART_PREFIX) for p in gone)
-    others = sum(1 for _ in output.iterdir())
+    parts = sum(is_part_file(p.name) for p in gone)
+    others = output.entries()
     kept = f"; {others} other entr{'y' if others == 1 else 'ies'} left as they were" if others else ""
     return (f"--overwrite: removed {len(gone)} file(s) of an earlier run from {output} ({parts} part files"
-            f"{', ' + MANIFEST if (output / MANIFEST) in gone else ''}){kept}")
+            f"{', ' + MANIFEST if any(p.name == MANIFEST for p in gone) else ''}){kept}")
 
 
-def plan_output(output: Path, fields: dict, overwrite: bool, part_files: list[Path]) -> list[Path]:
+def plan_output(output: Location, fields: dict, overwrite: bool, part_files: list[Location]) -> list[Location]:
     """What to do with ``--output``: returns the finished part files to resume from (none for a fresh start).
 
     An output written by the same run (same manifest) is resumed; one written by anything else is refused
     unless ``overwrite``, which starts afresh (the caller removes the earlier run's files, ``clear_output``)."""
-    if output.exists() and not output.is_dir():
+    if output.is_file():
         raise ValueError(f"--output {output} is a file; give a directory")
-    if overwrite or not output.exists():
+    if overwrite or not output.is_dir():
         return []
     old = read_manifest(output)
     if old is None:
-        if part_files or any(output.iterdir()):
+        if part_files or output.entries():
             raise ValueError(f"--output {output} is not empty and holds no shardgen run ({len(part_files)} part files, "
                              f"no {MANIFEST}); choose another --output, or pass --overwrite to write there (it "
                              f"removes only shardgen's own files)")
@@ -314,9 +320,9 @@ def plan_output(output: Path, fields: dict, overwrite: bool, part_files: list[Pa
     return part_files
 
 
-def remove_partial_writes(output: Path) -> int:
+def remove_partial_writes(output: Location) -> int:
     """Delete temporary files of writes a killed run left behind; returns how many."""
-    partial = list(output.glob(f".{PART_PREFIX}*.tmp")) if output.is_dir() else []
+    partial = [f for f in shardgen_files(output) if f.name.endswith(".tmp")]
     for f in partial:
-        f.unlink(missing_ok=True)
+        f.delete()
     return len(partial)

@@ -14,6 +14,7 @@ from actors import int4
 from actors.config import resolved_dtype_name
 from pipeline import checks, detokenize, generate, interrupt, read, resume, tokenize, write
 from pipeline.progress import Progress
+from pipeline.storage import Location
 from pipeline.options import RunOptions
 
 # Rows a replica holds per sequence its engine runs at once: the waiting ones refill the engine while a batch's
@@ -57,7 +58,7 @@ class Stage:
 
 @dataclass
 class RunSummary:
-    output: Path
+    output: Location
     rows: int
     errors: int
     prompt_tokens: int
@@ -176,14 +177,14 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
 
     start = time.perf_counter()
     plan = checks.check_files(options)
-    files, id_column = plan.files, plan.id_column  # id_column None: ids are <file>:<row>
+    files, id_column, output = plan.files, plan.id_column, plan.output  # id_column None: ids are <file>:<row>
     config = checks.check_model(options)
-    ids_checked = id_column is not None and sum(f.stat().st_size for f in files) <= resume.LOCAL_ID_CHECK_BYTES
+    ids_checked = id_column is not None and sum(f.size() for f in files) <= resume.LOCAL_ID_CHECK_BYTES
     if ids_checked:
         resume.check_unique_ids_locally(files, id_column)
-    existing = write.existing_output(options.output)
+    existing = write.existing_output(output)
     fields = run_manifest(options)
-    done_files = resume.plan_output(options.output, fields, options.overwrite, existing)
+    done_files = resume.plan_output(output, fields, options.overwrite, existing)
     ray_start = time.perf_counter()
     connect(options)
     ray_up = time.perf_counter()
@@ -215,11 +216,11 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
     if id_column is not None and not ids_checked:
         resume.check_unique_ids(ds, id_column, read.estimate_rows(files))
     if options.overwrite:
-        cleared = resume.clear_output(options.output)
+        cleared = resume.clear_output(output)
         if cleared:
             echo(f"shardgen: {cleared}")
-    resume.remove_partial_writes(options.output)
-    resume.write_manifest(options.output, fields)
+    resume.remove_partial_writes(output)
+    resume.write_manifest(output, fields)
     finished = resume.FinishedIds.load(done_files) if done_files else None
     echo(f"shardgen: {len(files)} input file(s), model {config.architecture} ({'int4 G=%d' % config.quant.group_size if config.quant else 'float'}), "
          f"{options.replicas} replica(s) x tp {options.tp} on {device}; set up in "
@@ -231,7 +232,7 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
         version=_version(), model=str(options.model), quantization=quant, tp=options.tp, replicas=options.replicas,
         device=device, dtype=resolved_dtype_name(options.dtype, device), sampling_defaults=asdict(options.sampling))
     control = interrupt.start_control(run_id)
-    flush = generate.Flush(options.output.resolve(), metadata, spec.model_dir, control=interrupt.control_name(run_id))
+    flush = generate.Flush(output, metadata, spec.model_dir, control=interrupt.control_name(run_id))
     stages = build_stages(options, spec, flush)
     # Blocks of one batch: a big input file would otherwise be one block, generated and written as one file
     # at its very end, so a lost driver would lose all of it. Small blocks stream through and land as they finish.
@@ -242,20 +243,20 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
     check_stages(stages, read.WRITES, write.READS)
     for stage in stages:
         ds = stage.apply(ds)
-    sink = write.ParquetSink(options.output, metadata)
+    sink = write.ParquetSink(output, metadata)
     todo = input_rows - (finished.rows if finished else 0) if input_rows is not None else None
-    before = set(write.existing_output(options.output))
+    before = write.existing_output(output)
     watch = None
     if progress is not None:
-        watch = Progress(options.output, todo, progress,
+        watch = Progress(output, todo, progress,
                          tokens=lambda: ray.get(control.generated.remote(), timeout=5)).start()
     try:
-        with interrupt.stop_on_signals(control, lambda: len(write.existing_output(options.output)), echo) as stop:
+        with interrupt.stop_on_signals(control, lambda: len(write.existing_output(output)), echo) as stop:
             ds.write_datasink(sink)
             if stop.requested:  # the stages returned early and the dataset ran out before the drain stopped it
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        safe = write.rows_in(write.existing_output(options.output))
+        safe = write.rows_in(write.existing_output(output))
         raise interrupt.Interrupted(
             f"interrupted: {safe:,} rows are safe in {options.output} ({safe - write.rows_in(before):,} written by "
             f"this run); rerun the same command to resume (finished rows are skipped)") from None
@@ -271,10 +272,12 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
             finished.close()
     # counted from the files: rows written early by the generate stage never pass the sink
     t = write.WriteStats()
-    for path in set(write.existing_output(options.output)) - before:
-        t.add(write.read_stats(path))
-    summary = RunSummary(options.output, t.rows, t.errors, t.prompt_tokens, t.completion_tokens,
-                         time.perf_counter() - start, t.files, device, _layout_of(options.output),
+    seen = {f.path for f in before}
+    for path in write.existing_output(output):
+        if path.path not in seen:
+            t.add(write.read_stats(path))
+    summary = RunSummary(output, t.rows, t.errors, t.prompt_tokens, t.completion_tokens,
+                         time.perf_counter() - start, t.files, device, _layout_of(output),
                          resumed=finished.rows if finished else 0)
     for line in summary.lines():
         echo(line)
@@ -294,7 +297,7 @@ def root_cause(e: BaseException) -> str:
 
 def run_manifest(options: RunOptions) -> dict:
     """The options that decide what a row's completion is: a rerun with the same ones resumes the output."""
-    return resume.manifest(model=options.model.resolve(), input=options.input.resolve(),
+    return resume.manifest(model=Path(options.model).resolve(), input=Location.of(options.input).key,
                            prompt_column=options.prompt_column, id_column=options.id_column, chat=options.chat,
                            sampling=asdict(options.sampling), max_model_len=options.engine.max_model_len)
 
@@ -316,13 +319,13 @@ def release_replicas(run_id: str) -> None:
             remove_placement_group(get_placement_group(info["name"]))
 
 
-def _layout_of(output: Path) -> str:
+def _layout_of(output: Location) -> str:
     import pyarrow.parquet as pq
 
     files = write.existing_output(output)
     if not files:
         return "no output"
-    meta = pq.read_schema(files[0]).metadata or {}
+    meta = pq.ParquetFile(files[0].open()).schema_arrow.metadata or {}
     return meta.get(b"shardgen.hardware_layout", b"?").decode()
 
 

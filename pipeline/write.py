@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
 
-from pipeline.resume import PART_PREFIX
+from pipeline.resume import PART_PREFIX, is_part_file
+from pipeline.storage import Location, Where
 
 READS = ("id", "prompt", "completion", "completion_token_ids", "prompt_tokens", "completion_tokens",
          "finish_reason", "error", "layout")
@@ -42,20 +41,21 @@ class WriteStats:
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
-def existing_output(output: Path) -> list[Path]:
-    return sorted(output.glob(f"{PART_PREFIX}*.parquet")) if output.is_dir() else []
+def existing_output(output: Where) -> list[Location]:
+    """The finished part files in ``output`` (none if it does not exist)."""
+    return [f for f in Location.of(output).files() if is_part_file(f.name)]
 
 
 class ParquetSink(Datasink[WriteStats]):
     """Each write task writes its blocks with ``write_part``. (The run's summary counts the files, not these
     tasks' returns: the generate stage writes rows too.)"""
 
-    def __init__(self, output: Path, metadata: dict[str, str]) -> None:
-        self.output = Path(output)
+    def __init__(self, output: Location, metadata: dict[str, str]) -> None:
+        self.output = output
         self.metadata = metadata
 
     def on_write_start(self, schema: object = None) -> None:
-        self.output.mkdir(parents=True, exist_ok=True)
+        self.output.make_dir()
 
     def write(self, blocks: Iterable[pa.Table], ctx: object) -> WriteStats:
         stats = WriteStats()
@@ -64,19 +64,18 @@ class ParquetSink(Datasink[WriteStats]):
         return stats
 
 
-def write_part(output: Path, block: pa.Table, metadata: dict[str, str]) -> WriteStats:
-    """Write one block of finished rows as ``part-<uuid>.parquet``, through a temporary name and a rename, so a
-    part file in the output directory is always complete (the generate stage's early flushes write this way too)."""
+def write_part(output: Where, block: pa.Table, metadata: dict[str, str]) -> WriteStats:
+    """Write one block of finished rows as ``part-<uuid>.parquet``, whole or not at all (``Location.write_bytes``),
+    so a part file in the output is always complete (the generate stage's early flushes write this way too)."""
     if block.num_rows == 0:
         return WriteStats()
     layouts = sorted(set(block.column("layout").to_pylist()))
     table = block.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
     meta = {**metadata, "shardgen.hardware_layout": ",".join(layouts)}
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
-    name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
-    tmp = Path(output) / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, Path(output) / name)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    Location.of(output).child(f"{PART_PREFIX}{uuid.uuid4().hex}.parquet").write_bytes(buffer.getvalue())
     return stats_of(table)
 
 
@@ -90,14 +89,14 @@ def stats_of(table: pa.Table) -> WriteStats:
                       completion_tokens=sum(v or 0 for v in table.column("completion_tokens").to_pylist()), files=1)
 
 
-def rows_in(paths: Iterable[Path]) -> int:
+def rows_in(paths: Iterable[Location]) -> int:
     """Rows of part files, from their footers."""
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    return sum(pq.ParquetFile(p.open()).metadata.num_rows for p in paths)
 
 
-def read_stats(path: Path) -> WriteStats:
+def read_stats(path: Location) -> WriteStats:
     """``stats_of`` a part file, reading only the three columns it needs."""
-    return stats_of(pq.read_table(path, columns=["finish_reason", "prompt_tokens", "completion_tokens"]))
+    return stats_of(pq.read_table(path.open(), columns=["finish_reason", "prompt_tokens", "completion_tokens"]))
 
 
 def run_metadata(**fields: object) -> dict[str, str]:

@@ -21,6 +21,7 @@ class FlakyReplica:
     failures = 0
     fail_after = 1
     layout = "cpu-dequantized"
+    last_generated_tokens = 0  # what the progress line last heard from it
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.killed = False
@@ -73,7 +74,7 @@ def test_finished_rows_are_written_before_their_batch_is_done_and_returned_once(
     returns only what is not written yet. Every row is in exactly one of the two."""
     out = GenerateStage(ReplicaSpec("m"), flush_to(tmp_path, seconds=0))(batch())
     files = write.existing_output(tmp_path)
-    written = pa.concat_tables([pq.read_table(f) for f in files])
+    written = pa.concat_tables([pq.read_table(f.path) for f in files])
     assert len(files) == 2 and sorted(written.column("id").to_pylist() + out.column("id").to_pylist()) == ["a", "b", "c"]
     assert out.num_rows == 0
     completions = dict(zip(written.column("id").to_pylist(), written.column("completion").to_pylist()))
@@ -85,7 +86,7 @@ def test_a_stop_writes_the_finished_rows_and_returns_nothing_else(flaky, tmp_pat
     stage = GenerateStage(ReplicaSpec("m"), flush_to(tmp_path, seconds=3600))
     stage.stopping.set()
     out = stage(batch())
-    written = pa.concat_tables([pq.read_table(f) for f in write.existing_output(tmp_path)])
+    written = pa.concat_tables([pq.read_table(f.path) for f in write.existing_output(tmp_path)])
     assert out.num_rows == 0
     assert sorted(written.column("id").to_pylist()) == ["a", "b"]  # "c" never finished: the rerun makes it
 
