@@ -249,10 +249,13 @@ ADMISSIONS = ("greedy", "projected")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Limits of one replica's engine. ``kv_cache_memory`` None: sized from what the device has left (runner)."""
+    """Limits of one replica's engine, and the one source of their defaults (the CLI, the bench and the scheduler
+    read them here). ``kv_cache_memory`` None: sized from what the device has left (runner)."""
 
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    # What the GPU benchmarks run with: enough sequences to fill an H100's tensor cores in decode, and a step budget
+    # that keeps a prompt chunk's GEMMs at full speed.
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_memory: int | None = None

@@ -27,7 +27,7 @@ import torch
 from actors.config import EngineConfig
 from actors.runner import ModelRunner
 from actors.sampler import PendingTokens, sample
-from actors.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from actors.scheduler import ScheduledBatch, Scheduler
 from actors.sequence import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -51,10 +51,7 @@ class Engine:
     def __init__(self, runner: ModelRunner, config: EngineConfig, max_model_len: int, eos_token_ids: set[int],
                  detokenize: Callable[[list[int]], str] | None = None) -> None:
         self.runner = runner
-        self.scheduler = Scheduler(SchedulerConfig(
-            num_blocks=runner.num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
-            admission=config.admission))
+        self.scheduler = Scheduler(config, runner.num_blocks, max_model_len)
         self.eos_token_ids = set(eos_token_ids)
         self.detokenize = detokenize
         self.stats = EngineStats()
@@ -130,7 +127,7 @@ class Engine:
         """Plan and launch the next decode step on ``pending``'s device tokens, then read them and append them
         while the GPU runs it. ``rows[i]``: the row of ``pending`` that holds ``batch.seqs[i]``'s token."""
         self._advance(batch)
-        limit = self.scheduler.config.max_model_len
+        limit = self.scheduler.max_model_len
         # Sequences this step finishes by length leave now; a stop token can only be seen once the tokens arrive.
         going_on = [i for i, s in enumerate(batch.seqs)
                     if s.num_output + 1 < s.params.max_new_tokens and len(s.tokens) + 1 < limit]
@@ -171,7 +168,7 @@ class Engine:
         self.stats.generated_tokens += 1
         if p.stop and self.detokenize is not None and self._hit_stop_string(seq):
             return self._finish(seq, FINISH_STOP)
-        if seq.num_output >= p.max_new_tokens or len(seq.tokens) >= self.scheduler.config.max_model_len:
+        if seq.num_output >= p.max_new_tokens or len(seq.tokens) >= self.scheduler.max_model_len:
             return self._finish(seq, FINISH_LENGTH)
 
     def _hit_stop_string(self, seq: Sequence) -> bool:

@@ -7,7 +7,7 @@ running sequences. Sequences leave as they finish and new ones join on the next
 step. When the cache runs out, the most recently admitted sequence is preempted
 (its blocks freed, recomputed later).
 
-Admission (``SchedulerConfig.admission``): ``greedy`` admits whatever the next chunk fits in, and relies on
+Admission (``EngineConfig.admission``): ``greedy`` admits whatever the next chunk fits in, and relies on
 preemption when sequences outgrow the cache; ``projected`` admits a sequence only if the cache can also hold every
 running sequence at its length limit (prompt + max_new_tokens, or max_model_len), so nothing admitted is preempted
 for lack of blocks. Long fixed-length outputs (the throughput workload) recompute less with ``projected``; outputs
@@ -19,29 +19,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from actors.config import ADMISSIONS
+from actors.config import EngineConfig
 from actors.sequence import FINISH_ERROR, Sequence, Status
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    num_blocks: int
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
-    admission: str = "greedy"
-
-    def __post_init__(self) -> None:
-        assert self.admission in ADMISSIONS, self.admission
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("--max-num-seqs and the token budget per step must be >= 1")
-        if self.num_blocks * self.block_size < self.max_model_len:
-            raise ValueError(
-                f"the KV cache holds {self.num_blocks * self.block_size} tokens ({self.num_blocks} blocks of "
-                f"{self.block_size}), less than one sequence of --max-model-len {self.max_model_len}; "
-                f"lower --max-model-len or give the cache more memory"
-            )
 
 
 @dataclass
@@ -79,9 +58,19 @@ class BlockManager:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    """Schedules one replica's sequences under its engine's limits (``config``: the limits and the block size;
+    the block count and the longest sequence are what the runner sized)."""
+
+    def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int) -> None:
+        if num_blocks * config.block_size < max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks of "
+                f"{config.block_size}), less than one sequence of --max-model-len {max_model_len}; "
+                f"lower --max-model-len or give the cache more memory"
+            )
         self.config = config
-        self.blocks = BlockManager(config.num_blocks)
+        self.max_model_len = max_model_len
+        self.blocks = BlockManager(num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -117,11 +106,11 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             seq = self.waiting[0]
             needed_total = -(-len(seq.tokens) // cfg.block_size)
-            if len(seq.tokens) >= cfg.max_model_len or needed_total > self.blocks.num_blocks:
+            if len(seq.tokens) >= self.max_model_len or needed_total > self.blocks.num_blocks:
                 self.waiting.popleft()
                 seq.status, seq.finish_reason = Status.FINISHED, FINISH_ERROR
                 seq.error = (f"prompt: {len(seq.tokens)} tokens leave no room to generate within "
-                             f"--max-model-len {cfg.max_model_len}; shorten it or raise --max-model-len")
+                             f"--max-model-len {self.max_model_len}; shorten it or raise --max-model-len")
                 refused.append(seq)
                 continue
             n = min(len(seq.tokens) - seq.num_computed, budget)
@@ -161,7 +150,7 @@ class Scheduler:
 
     def _blocks_to_finish(self, seq: Sequence) -> int:
         """Blocks ``seq`` still lacks to reach its length limit (prompt + max_new_tokens, at most max_model_len)."""
-        final = min(seq.num_prompt + seq.params.max_new_tokens, self.config.max_model_len)
+        final = min(seq.num_prompt + seq.params.max_new_tokens, self.max_model_len)
         return max(0, -(-final // self.config.block_size) - len(seq.block_table))
 
     def _reserve(self, seq: Sequence, n: int, scheduled: list[Sequence]) -> bool:

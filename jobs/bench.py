@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from actors.config import EngineConfig
+
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
@@ -56,9 +58,9 @@ class BenchConfig:
     workloads: tuple[str, ...] = DEFAULT_WORKLOADS
     systems: tuple[str, ...] = SYSTEMS
     scale: float = 1.0
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = EngineConfig.max_num_seqs
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
+    gpu_memory_utilization: float = EngineConfig.gpu_memory_utilization
     hf_batch_sizes: tuple[int, ...] = (256, 128, 64, 32, 16)
     results_dir: Path = Path("benchmarks/results")
     checkpoint_dir: Path = Path("/tmp/shardgen-bench-llama8b-int4")
@@ -165,7 +167,6 @@ def random_bf16_model():
 
 
 def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
-    from actors.config import EngineConfig
     from actors.distributed import SINGLE
     from actors.engine import Engine
     from actors.loader import load_model

@@ -10,7 +10,10 @@ from typing import Callable, Optional
 
 import typer
 
+from actors.config import EngineConfig
 from jobs.native_stderr import start_filter, stop_filter
+
+ENGINE = EngineConfig()  # the engine's defaults, shown in --help (actors.config imports nothing heavy)
 
 
 class _DropTorchaoCppNotice(logging.Filter):
@@ -136,11 +139,13 @@ def run(
     dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per Ray Data batch (default: 256, or fewer so each "
                                                         "replica gets at least 4 batches of a small input)."),
-    max_num_seqs: int = typer.Option(256, help="Most sequences a replica's engine runs at once."),
-    max_num_batched_tokens: int = typer.Option(8192, help="Most tokens in one engine step (prefill chunks plus decodes)."),
+    max_num_seqs: int = typer.Option(ENGINE.max_num_seqs, help="Most sequences a replica's engine runs at once."),
+    max_num_batched_tokens: int = typer.Option(ENGINE.max_num_batched_tokens,
+                                               help="Most tokens in one engine step (prefill chunks plus decodes)."),
     max_model_len: Optional[int] = typer.Option(None, help="Longest prompt + completion; default: the model's max_position_embeddings."),
     kv_cache_gb: Optional[float] = typer.Option(None, help="KV cache per rank in GiB; default: sized from free memory."),
-    gpu_memory_utilization: float = typer.Option(0.9, help="Share of each GPU's memory for weights, activations and KV cache."),
+    gpu_memory_utilization: float = typer.Option(ENGINE.gpu_memory_utilization,
+                                                 help="Share of each GPU's memory for weights, activations and KV cache."),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Run decode steps eagerly, without CUDA graphs."),
     kv_cache_dtype: str = typer.Option("auto", help="KV cache elements: auto (the model's dtype) or fp8 (e4m3 with a "
                                                     "scale per token and head: ~2x the tokens, GPUs of compute "
@@ -155,7 +160,6 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", help="Show Ray's own progress and log lines too."),
 ) -> None:
     """Generate a completion for every row of a table of prompts; writes Parquet and prints a summary."""
-    from actors.config import EngineConfig
     from actors.sequence import SamplingParams
     from pipeline.interrupt import Interrupted
     from pipeline.options import RunOptions
@@ -240,9 +244,10 @@ def bench(
                                      "launch, not one per kind of sequence) and shardgen-int4-tiled-cudnn-prompts "
                                      "(long prompts through cuDNN, not FlashAttention)."),
     scale: float = typer.Option(1.0, help="Fraction of each workload's prompts to run (a quick check: 0.05)."),
-    max_num_seqs: int = typer.Option(256, help="shardgen engine: most sequences per step."),
-    max_num_batched_tokens: int = typer.Option(8192, help="shardgen engine: most tokens per step."),
-    gpu_memory_utilization: float = typer.Option(0.9, help="shardgen engine: share of GPU memory to use."),
+    max_num_seqs: int = typer.Option(ENGINE.max_num_seqs, help="shardgen engine: most sequences per step."),
+    max_num_batched_tokens: int = typer.Option(ENGINE.max_num_batched_tokens, help="shardgen engine: most tokens per step."),
+    gpu_memory_utilization: float = typer.Option(ENGINE.gpu_memory_utilization,
+                                                 help="shardgen engine: share of GPU memory to use."),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="shardgen engine: no CUDA graphs."),
     results_dir: Path = typer.Option(Path("benchmarks/results"), help="Where the JSON and PNG go."),
     checkpoint_dir: Path = typer.Option(Path("/tmp/shardgen-bench-llama8b-int4"), help="Where the 8B int4 checkpoint is written (reused if present)."),

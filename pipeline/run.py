@@ -273,11 +273,11 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
     # counted from the files: rows written early by the generate stage never pass the sink
     t = write.WriteStats()
     seen = {f.path for f in before}
-    for path in write.existing_output(output):
-        if path.path not in seen:
-            t.add(write.read_stats(path))
+    written = [f for f in write.existing_output(output) if f.path not in seen]
+    for path in written:
+        t.add(write.read_stats(path))
     summary = RunSummary(output, t.rows, t.errors, t.prompt_tokens, t.completion_tokens,
-                         time.perf_counter() - start, t.files, device, _layout_of(output),
+                         time.perf_counter() - start, t.files, device, _layouts(written),
                          resumed=finished.rows if finished else 0)
     for line in summary.lines():
         echo(line)
@@ -319,14 +319,15 @@ def release_replicas(run_id: str) -> None:
             remove_placement_group(get_placement_group(info["name"]))
 
 
-def _layout_of(output: Location) -> str:
+def _layouts(files: list[Location]) -> str:
+    """The hardware layouts that wrote ``files`` (this run's: a resumed output may hold another GPU's files)."""
     import pyarrow.parquet as pq
 
-    files = write.existing_output(output)
-    if not files:
-        return "no output"
-    meta = pq.ParquetFile(files[0].open()).schema_arrow.metadata or {}
-    return meta.get(b"shardgen.hardware_layout", b"?").decode()
+    names = set()
+    for f in files:
+        meta = pq.ParquetFile(f.open()).schema_arrow.metadata or {}
+        names.update(meta.get(b"shardgen.hardware_layout", b"?").decode().split(","))
+    return ", ".join(sorted(names - {""})) or "nothing written"
 
 
 def _version() -> str:

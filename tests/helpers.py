@@ -196,3 +196,23 @@ def model_with_tokenizer(family: str, tmp: Path, **overrides: object):
     reference, path = int4_checkpoint(family, tmp, vocab_size=264, eos_token_id=256, bos_token_id=257, **overrides)
     build_byte_tokenizer(path)
     return reference, path
+
+
+def make_engine(loaded, kv_tokens: int = 4096, block_size: int = 4, eos: set[int] = frozenset(), detokenize=None,
+                **config):
+    """A CPU engine over the ``model`` fixture's tiny Llama (tests/actors/conftest.py), its cache sized in tokens."""
+    from actors.config import EngineConfig
+    from actors.distributed import SINGLE
+    from actors.engine import Engine
+    from actors.runner import ModelRunner
+
+    bytes_per_block = 2 * 2 * block_size * 2 * 32 * 4  # k+v, 2 layers, block, 2 kv heads, head_dim 32, float32
+    cfg = EngineConfig(block_size=block_size, kv_cache_memory=kv_tokens // block_size * bytes_per_block, **config)
+    runner = ModelRunner(loaded, SINGLE, torch.device("cpu"), cfg, cfg.max_model_len or 512)
+    return Engine(runner, cfg, cfg.max_model_len or 512, set(eos), detokenize)
+
+
+def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Prompts of random token ids (within the tiny models' vocabulary) of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 301, (n,), generator=g).tolist() for n in lengths]

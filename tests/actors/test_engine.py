@@ -3,11 +3,6 @@
 import pytest
 import torch
 
-from actors.config import EngineConfig
-from actors.distributed import SINGLE
-from actors.engine import Engine
-from actors.loader import load_model
-from actors.runner import ModelRunner
 from actors.sampler import sample
 from actors.sequence import (
     FINISH_ERROR,
@@ -16,26 +11,7 @@ from actors.sequence import (
     Request,
     SamplingParams,
 )
-from tests.helpers import hf_greedy, int4_checkpoint
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    reference, path = int4_checkpoint("llama", tmp_path_factory.mktemp("engine"), max_position_embeddings=512)
-    return reference, load_model(path)
-
-
-def make_engine(loaded, kv_tokens: int = 4096, block_size: int = 4, eos: set[int] = frozenset(), detokenize=None,
-                **config) -> Engine:
-    bytes_per_block = 2 * 2 * block_size * 2 * 32 * 4  # k+v, 2 layers, block, 2 kv heads, head_dim 32, float32
-    cfg = EngineConfig(block_size=block_size, kv_cache_memory=kv_tokens // block_size * bytes_per_block, **config)
-    runner = ModelRunner(loaded, SINGLE, torch.device("cpu"), cfg, cfg.max_model_len or 512)
-    return Engine(runner, cfg, cfg.max_model_len or 512, set(eos), detokenize)
-
-
-def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 301, (n,), generator=g).tolist() for n in lengths]
+from tests.helpers import hf_greedy, make_engine, random_prompts
 
 
 def test_continuous_batching_keeps_the_engine_full_and_matches_running_alone(model):
@@ -44,7 +20,7 @@ def test_continuous_batching_keeps_the_engine_full_and_matches_running_alone(mod
     new = [40, 3, 25, 9, 31, 2, 17, 38, 5, 22, 7, 33, 12, 4, 28, 15]
     cap = 4
     engine = make_engine(loaded, max_num_seqs=cap, max_num_batched_tokens=64)
-    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=n)) for i, (p, n) in enumerate(zip(prompts(lengths), new))]
+    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=n)) for i, (p, n) in enumerate(zip(random_prompts(lengths), new))]
     together = engine.generate(reqs)
     running = engine.stats.running_per_step
     # Until the last requests are admitted, the engine runs at its cap (minus steps where sequences just finished).
@@ -63,10 +39,10 @@ def test_continuous_batching_keeps_the_engine_full_and_matches_running_alone(mod
 def test_requests_added_while_running_join_the_batch(model):
     _, loaded = model
     engine = make_engine(loaded, max_num_seqs=8)
-    first = engine.add([Request("a", prompts([5])[0], SamplingParams(max_new_tokens=20))])
+    first = engine.add([Request("a", random_prompts([5])[0], SamplingParams(max_new_tokens=20))])
     engine.step()
     engine.step()
-    second = engine.add([Request("b", prompts([6], 1)[0], SamplingParams(max_new_tokens=5))])
+    second = engine.add([Request("b", random_prompts([6], 1)[0], SamplingParams(max_new_tokens=5))])
     engine.step()  # a's decode step launched ahead (before b arrived) is read first
     engine.step()
     assert engine.stats.running_per_step[-1] == 2  # b joined while a was decoding
@@ -77,7 +53,7 @@ def test_requests_added_while_running_join_the_batch(model):
 
 def test_eos_and_stop_token_ids_finish_with_stop_and_are_not_in_the_output(model):
     _, loaded = model
-    p = prompts([9])[0]
+    p = random_prompts([9])[0]
     free = make_engine(loaded).generate([Request("x", p, SamplingParams(max_new_tokens=10))])[0].token_ids
     stop_at = free[4]
     first = free.index(stop_at)
@@ -91,7 +67,7 @@ def test_eos_and_stop_token_ids_finish_with_stop_and_are_not_in_the_output(model
 
 def test_stop_strings_finish_on_the_text(model):
     _, loaded = model
-    p = prompts([9])[0]
+    p = random_prompts([9])[0]
     free = make_engine(loaded).generate([Request("x", p, SamplingParams(max_new_tokens=12))])[0].token_ids
     detok = lambda ids: " ".join(f"t{t}" for t in ids)  # noqa: E731
     stop = f"t{free[5]}"
@@ -102,19 +78,19 @@ def test_stop_strings_finish_on_the_text(model):
 def test_max_model_len_ends_with_length_and_too_long_prompts_are_errors(model):
     _, loaded = model
     engine = make_engine(loaded, max_model_len=20)
-    ok, too_long = engine.generate([Request("ok", prompts([15])[0], SamplingParams(max_new_tokens=50)),
-                                    Request("long", prompts([25])[0], SamplingParams(max_new_tokens=5))])
+    ok, too_long = engine.generate([Request("ok", random_prompts([15])[0], SamplingParams(max_new_tokens=50)),
+                                    Request("long", random_prompts([25])[0], SamplingParams(max_new_tokens=5))])
     assert ok.finish_reason == FINISH_LENGTH and len(ok.token_ids) == 5
     assert too_long.finish_reason == FINISH_ERROR and "25 tokens" in too_long.error and "--max-model-len 20" in too_long.error
-    exact = engine.generate([Request("exact", prompts([20])[0], SamplingParams(max_new_tokens=5))])[0]
+    exact = engine.generate([Request("exact", random_prompts([20])[0], SamplingParams(max_new_tokens=5))])[0]
     assert exact.finish_reason == FINISH_ERROR  # no room left for even one token
-    edge = engine.generate([Request("edge", prompts([19])[0], SamplingParams(max_new_tokens=5))])[0]
+    edge = engine.generate([Request("edge", random_prompts([19])[0], SamplingParams(max_new_tokens=5))])[0]
     assert edge.finish_reason == FINISH_LENGTH and len(edge.token_ids) == 1
 
 
 def test_a_small_cache_preempts_and_still_gives_the_same_tokens(model):
     _, loaded = model
-    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=30)) for i, p in enumerate(prompts([20, 25, 18, 22]))]
+    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=30)) for i, p in enumerate(random_prompts([20, 25, 18, 22]))]
     roomy = make_engine(loaded, max_num_seqs=4).generate(reqs)
     tight = make_engine(loaded, kv_tokens=128, max_num_seqs=4, max_model_len=128)
     got = tight.generate(reqs)
@@ -124,7 +100,7 @@ def test_a_small_cache_preempts_and_still_gives_the_same_tokens(model):
 
 def test_projected_admission_fills_the_cache_without_preempting_and_gives_the_same_tokens(model):
     _, loaded = model
-    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=30)) for i, p in enumerate(prompts([20, 25, 18, 22, 9]))]
+    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=30)) for i, p in enumerate(random_prompts([20, 25, 18, 22, 9]))]
     roomy = make_engine(loaded, max_num_seqs=5).generate(reqs)
     tight = make_engine(loaded, kv_tokens=128, max_num_seqs=5, max_model_len=128, admission="projected")
     got = tight.generate(reqs)
@@ -148,7 +124,7 @@ def test_seeded_sampling_depends_only_on_seed_and_position():
 
 def _mixed_requests() -> list[Request]:
     """Greedy requests that end every way a decode step can: by length, on EOS, on a stop token, on a stop string."""
-    ps = prompts([9, 14, 3, 30, 7, 21, 5, 12], seed=5)
+    ps = random_prompts([9, 14, 3, 30, 7, 21, 5, 12], seed=5)
     ends = [dict(max_new_tokens=40), dict(max_new_tokens=25), dict(max_new_tokens=33, stop_token_ids=(17, 250)),
             dict(max_new_tokens=9), dict(max_new_tokens=40, stop=("t4",)), dict(max_new_tokens=1),
             dict(max_new_tokens=30, ignore_eos=True), dict(max_new_tokens=40, temperature=0.7, seed=3)]
@@ -162,7 +138,7 @@ def test_decode_steps_launched_ahead_give_the_same_completions(model, setting):
     while a step is in flight."""
     _, loaded = model
     detok = lambda ids: " ".join(f"t{t}" for t in ids)  # noqa: E731
-    free = make_engine(loaded).generate([Request("probe", prompts([9], seed=5)[0], SamplingParams(max_new_tokens=8))])
+    free = make_engine(loaded).generate([Request("probe", random_prompts([9], seed=5)[0], SamplingParams(max_new_tokens=8))])
     eos = {free[0].token_ids[6]}  # a token greedy decoding really produces, so some sequence stops on EOS
     extra = {"tight cache": dict(kv_tokens=96, max_model_len=96), "max_model_len": dict(max_model_len=40)}.get(setting, {})
     results = {}

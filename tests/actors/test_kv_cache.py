@@ -12,8 +12,7 @@ from actors.loader import load_model
 from actors.runner import ModelRunner
 from actors.sequence import Request, SamplingParams
 from jobs.demo import demo_assets
-from tests.actors.test_engine import make_engine, model, prompts  # noqa: F401  (model is a fixture)
-from tests.helpers import greedy_paged
+from tests.helpers import greedy_paged, make_engine, random_prompts
 
 
 def test_quantize_keeps_each_head_to_e4m3_precision_of_its_own_range():
@@ -36,7 +35,7 @@ def test_an_fp8_block_takes_a_half_of_bf16s_bytes_plus_its_scales():
     assert fp8 / bf16 == (128 + 4) / 256
 
 
-def test_the_runner_fits_more_blocks_of_fp8_in_the_same_memory(model):  # noqa: F811
+def test_the_runner_fits_more_blocks_of_fp8_in_the_same_memory(model):
     _, loaded = model
     auto = make_engine(loaded).runner
     cfg = EngineConfig(block_size=4, kv_cache_memory=auto.config.kv_cache_memory, kv_cache_dtype="fp8")
@@ -59,12 +58,12 @@ def test_a_gpu_without_fp8_conversions_is_refused_naming_the_fix(monkeypatch):
     kv_cache.check_supported("auto", torch.device("cuda", 0))  # the model's dtype runs anywhere
 
 
-def test_the_engine_generates_through_an_fp8_cache_with_preemption(model):  # noqa: F811
+def test_the_engine_generates_through_an_fp8_cache_with_preemption(model):
     """A cache small enough to preempt: recomputed sequences are written to the fp8 cache again, and the tokens are
     those of a cache with room for all."""
     _, loaded = model
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    reqs = [Request(str(i), p, params) for i, p in enumerate(prompts([30, 9, 50, 17, 41, 3]))]
+    reqs = [Request(str(i), p, params) for i, p in enumerate(random_prompts([30, 9, 50, 17, 41, 3]))]
     tight = make_engine(loaded, kv_tokens=48, max_num_seqs=6, max_model_len=128, kv_cache_dtype="fp8")  # 168 tokens
     got = tight.generate(reqs)
     assert tight.scheduler.num_preemptions > 0

@@ -2,10 +2,10 @@
 
 from actors.attention import StepParts
 from actors.sequence import Request, SamplingParams
-from tests.actors.test_engine import make_engine, model, prompts  # noqa: F401  (model is a fixture)
+from tests.helpers import make_engine, random_prompts
 
 
-def test_each_step_names_its_decode_rows_and_its_sequences_with_nothing_cached(model):  # noqa: F811
+def test_each_step_names_its_decode_rows_and_its_sequences_with_nothing_cached(model):
     _, loaded = model
     engine = make_engine(loaded, max_num_seqs=4, max_num_batched_tokens=64)
     seen = []
@@ -20,7 +20,7 @@ def test_each_step_names_its_decode_rows_and_its_sequences_with_nothing_cached(m
 
     engine.runner.prepare = spy
     params = SamplingParams(max_new_tokens=3, ignore_eos=True)
-    engine.generate([Request(str(i), p, params) for i, p in enumerate(prompts([20, 30, 100]))])
+    engine.generate([Request(str(i), p, params) for i, p in enumerate(random_prompts([20, 30, 100]))])
     # Two whole prompts and the first chunk of the third, nothing cached; then decode rows and the chunk that
     # continues over the third's cached tokens; then decode rows only.
     assert seen[0] == ([0, 0, 0], [20, 30, 14], StepParts(0, 0, 0, 0, (20, 30, 14)))

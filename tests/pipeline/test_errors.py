@@ -20,16 +20,10 @@ from safetensors.torch import save_file
 
 from actors.config import EngineConfig
 from actors.sequence import SamplingParams
-from jobs.demo import demo_assets
 from pipeline import resume
 from pipeline.options import RunOptions
 from pipeline.run import run, run_manifest
 from tests.helpers import model_with_tokenizer
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> tuple[Path, Path]:
-    return demo_assets()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -237,8 +231,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("setup,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_naming_what_to_fix(assets, tmp_path, setup, message):
-    model, prompts = assets
+def test_bad_input_is_refused_naming_what_to_fix(demo, tmp_path, setup, message):
+    model, prompts = demo
     base = dict(model=model, input=prompts, output=tmp_path / "out", sampling=SamplingParams(max_new_tokens=2))
     output = tmp_path / "out"
     listing = lambda: sorted(p.name for p in output.iterdir()) if output.is_dir() else None  # noqa: E731

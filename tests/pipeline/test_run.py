@@ -9,7 +9,6 @@ import pytest
 
 from actors.sequence import SamplingParams
 from actors.tokenizer import load_tokenizer
-from jobs.demo import demo_assets
 from pipeline.options import RunOptions
 from pipeline.run import run
 from tests.helpers import hf_greedy, model_with_tokenizer
@@ -24,11 +23,6 @@ def local_ray():
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return demo_assets()
 
 
 def read_output(path: Path) -> dict[str, dict]:
@@ -127,9 +121,11 @@ def test_ids_come_out_exactly_as_the_files_wrote_them(demo, tmp_path):
 def test_a_rerun_resumes_and_a_different_run_is_refused_without_overwrite(demo, tmp_path):
     model, prompts = demo
     options = RunOptions(model=model, input=prompts, output=tmp_path / "out", sampling=SamplingParams(max_new_tokens=2))
-    assert run(options).rows == 200
+    first = run(options)
+    assert first.rows == 200 and first.layout == "cpu-dequantized"
     again = run(options)
     assert again.rows == 0 and again.resumed == 200
+    assert again.layout == "nothing written"  # the summary speaks of this run's files only
     other = replace(options, sampling=SamplingParams(max_new_tokens=3))
     with pytest.raises(ValueError, match=r"holds another run's output \(\d+ part files; what differs, that run -> "
                                          r"this one: sampling.max_new_tokens: \d+ -> 3\); rerun that run's "
