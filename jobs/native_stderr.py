@@ -6,6 +6,9 @@ arguments in the object store and max_restarts > 0" (ray-project/ray#53727). Ray
 object-store references that it keeps alive for the whole operator, so the hazard it warns of cannot happen, and
 turning restarts off to silence it would lose Ray Data's recovery from a dead actor.
 
+Ray's driver also prints the raylet's warnings to ``sys.stdout`` from a thread of its own (``(raylet) WARNING: 8
+PYTHON worker processes have been started ...``): while the filter runs, ``sys.stdout`` drops those lines too.
+
 While the filter runs, descriptor 2 is a pipe into a small child process that copies every line to the real stderr
 except the known noise; Python's ``sys.stderr`` (progress redraws, messages, tracebacks) writes to the real stderr
 directly. The child runs in its own session, so a Ctrl-C meant for shardgen does not stop it, and it outlives a
@@ -75,14 +78,38 @@ class NativeStderrFilter:
             self._child.kill()
 
 
+class DropLines:
+    """A text stream that passes everything to ``stream`` except writes holding any of ``drop`` (and the newline
+    ``print`` writes after one)."""
+
+    def __init__(self, stream, drop: tuple[str, ...] = RAY_NOISE) -> None:
+        self.stream, self.drop = stream, drop
+        self._dropped = False
+
+    def write(self, text: str) -> int:
+        if any(d in text for d in self.drop):
+            self._dropped = True
+            return len(text)
+        if self._dropped and text == "\n":
+            self._dropped = False
+            return 1
+        self._dropped = False
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):  # flush, isatty, encoding, fileno, ...: the stream's own
+        return getattr(self.stream, name)
+
+
 _active: NativeStderrFilter | None = None
 
 
 def start_filter() -> None:
-    """Filter Ray's native noise from this process's stderr (once; a no-op when stderr is captured, as in tests)."""
+    """Filter Ray's noise from this process's stderr and stdout (once; a no-op when stderr is captured, as in
+    tests)."""
     global _active
     if _active is None and sys.stderr is sys.__stderr__:
         _active = NativeStderrFilter().start()
+        sys.stdout = DropLines(sys.stdout)
 
 
 def stop_filter() -> None:
@@ -90,3 +117,5 @@ def stop_filter() -> None:
     if _active is not None:
         _active.stop()
         _active = None
+        if isinstance(sys.stdout, DropLines):
+            sys.stdout = sys.stdout.stream

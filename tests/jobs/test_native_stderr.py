@@ -37,3 +37,16 @@ def test_native_lines_written_just_before_a_crash_still_arrive():
                    "os.write(2, b'fatal: check failed\\n')\nos.abort()")
     assert r.returncode != 0
     assert "fatal: check failed" in r.stderr, r.stderr
+
+
+def test_rays_raylet_warnings_printed_to_stdout_are_dropped_and_other_lines_pass():
+    import io
+
+    from jobs.native_stderr import DropLines
+
+    out = io.StringIO()
+    stream = DropLines(out)
+    print("(raylet) WARNING: 8 PYTHON worker processes have been started on node: n with address: a", file=stream)
+    print("shardgen run: 200 rows", file=stream)
+    print("", file=stream)  # a blank line of our own stays
+    assert out.getvalue() == "shardgen run: 200 rows\n\n"
