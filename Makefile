@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch before anything that depends on it, so pip never pulls CUDA wheels onto a CPU machine
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	# An editable install of a mapped package prints a notice about same-named folders: shardgen has none.
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -10,8 +10,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.sequence import Completion, Request
-from actors.worker import ReplicaSpec, ShardWorker
+from shardgen.actors.engine.sequence import Completion, Request
+from shardgen.actors.worker import ReplicaSpec, ShardWorker
 
 # Rank 0 serves several Ray Data batches at once (each waits in collect while the engine runs).
 RANK0_CONCURRENCY = 64

@@ -20,11 +20,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from actors.config import EngineConfig
-from actors.sequence import Completion, Request
+from shardgen.actors.engine.config import EngineConfig
+from shardgen.actors.engine.sequence import Completion, Request
 
 if TYPE_CHECKING:
-    from actors.engine import Engine
+    from shardgen.actors.engine.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class ShardWorker:
         """Rank 0: where the other ranks find it (this node's IP and a free port)."""
         import ray
 
-        from actors.distributed import free_port
+        from shardgen.actors.model.distributed import free_port
 
         return f"{ray.util.get_node_ip_address()}:{free_port()}"
 
@@ -68,11 +68,11 @@ class ShardWorker:
         begun = time.perf_counter()
         import torch
 
-        from actors.distributed import init_tp_group
-        from actors.engine import Engine
-        from actors.loader import load_model
-        from actors.runner import ModelRunner
-        from actors.tokenizer import eos_token_ids, load_tokenizer
+        from shardgen.actors.model.distributed import init_tp_group
+        from shardgen.actors.engine.engine import Engine
+        from shardgen.actors.model.loader import load_model
+        from shardgen.actors.engine.runner import ModelRunner
+        from shardgen.actors.model.tokenizer import eos_token_ids, load_tokenizer
 
         imported = time.perf_counter()
         spec = self.spec
@@ -147,7 +147,7 @@ class ShardWorker:
                 "running_per_step": list(s.running_per_step), "preemptions": self.engine.scheduler.num_preemptions}
 
     def shutdown(self) -> None:
-        from actors.distributed import destroy_tp_group
+        from shardgen.actors.model.distributed import destroy_tp_group
 
         self._stop.set()
         if self._thread is not None and self.rank == 0:

@@ -1,7 +1,7 @@
 """Launch shapes of the paged-attention kernel at Llama-3.1-8B shapes on the GPU: decode (128 sequences, contexts
 of 1-2100 tokens) and prefill (2 x 4096 new tokens), each timed per layer with ``triton.testing.do_bench``.
 
-    python benchmarks/attention_configs.py [--kv-cache-dtype fp8] [--phases decode]
+    python -m benchmarks.attention_configs [--kv-cache-dtype fp8] [--phases decode]
 
 Prints a table (effective KV bandwidth for decode, TFLOP/s for prefill) and writes
 benchmarks/results/attention_configs-<device>.json.
@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from actors import paged_attention as pa  # noqa: E402
-from tests.actors.test_paged_attention import make_case  # noqa: E402
+from shardgen.actors.kernels import paged_attention as pa
+from benchmarks.synthetic import make_case
 
 
 def time_us(q_lens: list[int], ctx: list[int], launch: dict, key: str, kv_cache_dtype: str = "auto") -> float:

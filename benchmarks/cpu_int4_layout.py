@@ -6,7 +6,7 @@
   scales and zeros, which is exactly the plain format's ``q * scale + zero``)
 
 Prints a table and writes benchmarks/results/cpu_int4_layout.json.
-    python benchmarks/cpu_int4_layout.py [--n 4096 --k 4096]
+    python -m benchmarks.cpu_int4_layout [--n 4096 --k 4096]
 """
 
 from __future__ import annotations
@@ -16,15 +16,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from actors import int4  # noqa: E402
+from shardgen.actors import int4
 
 
 def bench(fn, repeat: int = 20) -> float:

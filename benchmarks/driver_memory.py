@@ -2,8 +2,8 @@
 100,000 short prompts. Prints the driver's resident memory at the start and its peak, and writes
 ``benchmarks/results/driver_memory.json``.
 
-    python benchmarks/driver_memory.py resume --finished 1000000 --todo 100
-    python benchmarks/driver_memory.py load --prompts 100000
+    python -m benchmarks.driver_memory resume --finished 1000000 --todo 100
+    python -m benchmarks.driver_memory load --prompts 100000
 """
 
 from __future__ import annotations
@@ -11,22 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from actors.sequence import SamplingParams  # noqa: E402
-from jobs.demo import demo_assets  # noqa: E402
-from pipeline import resume, write  # noqa: E402
-from pipeline.options import RunOptions  # noqa: E402
-from pipeline.run import connect, run, run_manifest  # noqa: E402
+from shardgen.actors.engine.sequence import SamplingParams
+from shardgen.jobs.demo import demo_assets
+from shardgen.pipeline import resume, write
+from shardgen.pipeline.options import RunOptions
+from shardgen.pipeline.run import connect, run, run_manifest
 
 MiB = 2**20
 

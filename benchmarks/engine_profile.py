@@ -2,7 +2,7 @@
 GPU (int4 G=128 preshuffled, plain, or bf16), one replica, no Ray: engine throughput and a per-step breakdown
 (prepare on the host, forward, sampling).
 
-    python benchmarks/engine_profile.py --layouts int4-preshuffled,bf16 --prompts 128 --input-len 32 --output-len 256
+    python -m benchmarks.engine_profile --layouts int4-preshuffled,bf16 --prompts 128 --input-len 32 --output-len 256
 
 Prints a table and writes benchmarks/results/engine_profile-<device>.json.
 """
@@ -11,51 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from actors import int4  # noqa: E402
-from actors.config import (  # noqa: E402
-    EngineConfig,  # noqa: E402
-    ModelConfig,
-    QuantConfig,
-)
-from actors.distributed import SINGLE  # noqa: E402
-from actors.engine import Engine  # noqa: E402
-from actors.loader import LoadedModel  # noqa: E402
-from actors.model import CausalLM  # noqa: E402
-from actors.runner import ModelRunner  # noqa: E402
-from actors.sequence import Request, SamplingParams  # noqa: E402
-from jobs.bench import LLAMA_8B  # noqa: E402
-
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-           "mlp.down_proj")
-
-
-def random_model(raw: dict, layout: str, group_size: int = 128) -> LoadedModel:
-    """The model with random weights made on the GPU: int4 layers quantized there, then converted (or bf16)."""
-    quantized = layout != "bf16"
-    cfg = ModelConfig.from_dict({**raw, **({"quantization_config": QuantConfig(group_size).to_hf_dict()} if quantized else {})})
-    groups = {f"model.layers.{i}.{m}": group_size for i in range(cfg.num_layers) for m in LINEARS} if quantized else {}
-    start = time.perf_counter()
-    model = CausalLM(cfg, SINGLE, torch.bfloat16, "cuda", groups)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for name, p in model.named_parameters():
-        if int4.is_int4(p.data):
-            w = torch.randn(p.shape, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
-            int4.copy_rows(p.data, int4.quantize(w, group_size), 0)
-        elif name.endswith("norm.weight"):
-            p.data.fill_(1.0)
-        else:
-            p.data.normal_(0, 0.02, generator=gen)
-    loaded = time.perf_counter()
-    count = int4.convert_module_weights(model, layout, torch.bfloat16) if quantized else 0
-    torch.cuda.synchronize()
-    return LoadedModel(model.eval(), cfg, layout if quantized else "dense", count, loaded - start, time.perf_counter() - loaded)
+from shardgen.actors.engine.config import EngineConfig
+from shardgen.actors.model.distributed import SINGLE
+from shardgen.actors.engine.engine import Engine
+from shardgen.actors.engine.runner import ModelRunner
+from shardgen.actors.engine.sequence import Request, SamplingParams
+from benchmarks.synthetic import LLAMA_8B, random_model
 
 
 class TimedRunner(ModelRunner):

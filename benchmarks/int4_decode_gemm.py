@@ -1,4 +1,4 @@
-"""shardgen's Triton int4 GEMMs (actors/int4_kernels.py) against cuBLAS bf16 and fbgemm's preshuffled int4, at the
+"""shardgen's Triton int4 GEMMs (actors/int4/tiled.py) against cuBLAS bf16 and fbgemm's preshuffled int4, at the
 Llama-3.1-8B linear shapes and decode sizes M = 1 .. 256 (and two prefill sizes), one GPU, one process.
 
 For each shape and M it times every candidate config of ``actors.kernel_choice`` and reports the best, as weight
@@ -10,7 +10,7 @@ copies of the weights that none is still in L2 when it comes round again (as in 
 pass through the cache in turn); the median over replays is divided by the number of calls. The candidates are
 compiled first by a pool of processes (Triton's on-disk cache), so that the timing process only loads them.
 
-    python benchmarks/int4_decode_gemm.py [--ms 1,16,64,128,256,2048] [--all-configs]
+    python -m benchmarks.int4_decode_gemm [--ms 1,16,64,128,256,2048] [--all-configs]
 Writes benchmarks/results/int4_decode_gemm-<device>.json (every config's time, so a table can be rebuilt).
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -30,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from actors import int4, int4_kernels, kernel_choice  # noqa: E402
-from actors.kernel_choice import graph_time_us, weight_copies  # noqa: E402
+from shardgen.actors import int4
+from shardgen.actors.int4 import kernel_choice, tiled
+from shardgen.actors.int4.kernel_choice import graph_time_us, weight_copies
 
 RUN = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -47,7 +46,7 @@ def compile_configs(job: tuple[int, int, int, int, list]) -> int:
     done = 0
     for cfg in configs:
         try:
-            int4_kernels.linear(x, words, scale, scale, group_size, cfg, None)
+            tiled.linear(x, words, scale, scale, group_size, cfg, None)
             done += 1
         except OutOfResources:
             pass
@@ -73,7 +72,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--write-table", action="store_true",
-                        help="also write the winners as actors/kernel_tables/<device>.json, the table the engine uses")
+                        help="also write the winners as actors/int4/kernel_tables/<device>.json, the table the engine uses")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
     dev = torch.device("cuda")
@@ -108,7 +107,7 @@ def main() -> None:
             for cfg in kernel_choice.candidates(m, n, k, n_sm):
                 by_name[cfg.name()] = cfg
                 def run(p: tuple = packed[0], cfg=cfg) -> torch.Tensor:
-                    return int4_kernels.linear(x, *p, args.group_size, cfg, scratch)
+                    return tiled.linear(x, *p, args.group_size, cfg, scratch)
                 try:
                     got = run()
                 except OutOfResources:  # a tile too large for this GPU's shared memory or registers

@@ -2,22 +2,20 @@
 plain Int4Tensor (fbgemm bf16i4bf16_rowwise), Int4PreshuffledTensor (fbgemm bf16i4bf16_shuffled), all through
 shardgen's own quantize + convert path. Median microseconds (CUDA events, triton.testing.do_bench).
 
-    python benchmarks/int4_gemm.py
+    python -m benchmarks.int4_gemm
 Writes benchmarks/results/int4_gemm-<device>.json.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from actors import int4  # noqa: E402
+from shardgen.actors import int4
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]  # qkv, o, gate_up, down, lm_head
 

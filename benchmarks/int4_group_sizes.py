@@ -2,19 +2,17 @@
 layout against the dequantized weight, for G in {32, 64, 128, 256} and several K (relative error; a correct
 conversion gives ~2e-3 in bf16).
 
-    python benchmarks/int4_group_sizes.py
+    python -m benchmarks.int4_group_sizes
 """
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from actors import int4  # noqa: E402
+from shardgen.actors import int4
 
 
 def main() -> None:

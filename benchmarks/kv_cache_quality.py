@@ -1,7 +1,7 @@
 """What an fp8 KV cache costs in quality, on the embedded demo model (plain int4, G=128).
 
-    python benchmarks/kv_cache_quality.py                    # on a GPU (bf16, the int4 layout of --int4-layout)
-    python benchmarks/kv_cache_quality.py --device cpu --eval-tokens 16384    # float32, the CPU layout
+    python -m benchmarks.kv_cache_quality                    # on a GPU (bf16, the int4 layout of --int4-layout)
+    python -m benchmarks.kv_cache_quality --device cpu --eval-tokens 16384    # float32, the CPU layout
 
 - Held-out perplexity with every key and value read back from the paged cache, as decode reads them: each window
   of 256 tokens is written to the cache and attends through it (a prefill over the cache, not over its own
@@ -9,7 +9,7 @@
 - Greedy completions of the 200 demo prompts (48 tokens) through the engine, fp8 against the model-dtype cache:
   tokens identical position by position and before the first divergence.
 
-The held-out text is the standard library's every 20th file (``benchmarks/train_demo_model.py``); on the Python
+The held-out text is the standard library's every 20th file (``scripts/train_demo_model.py``); on the Python
 the demo was trained with (3.12) it is the model's own held-out set. Writes ``results/kv_cache_quality-<device>.json``.
 """
 
@@ -21,21 +21,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-from train_demo_model import agreement, encode, greedy, perplexity, read, source_files, windows  # noqa: E402
+from scripts.train_demo_model import agreement, encode, greedy, perplexity, read, source_files, windows
 
 BLOCK_SIZE = 16
 
 
 def cached_logits_fn(model, device: torch.device, kv_cache_dtype: str):
     """``logits_of(ids (B, L))`` with attention through a fresh paged cache of ``kv_cache_dtype``."""
-    from actors import kv_cache
-    from actors.attention import AttentionMetadata
-    from actors.runner import StepInput
+    from shardgen.actors.kernels import kv_cache
+    from shardgen.actors.model.attention import AttentionMetadata
+    from shardgen.actors.engine.runner import StepInput
 
     attn = model.model.layers[0].self_attn
     dtype = model.model.embed_tokens.weight.dtype
@@ -64,8 +62,8 @@ def main() -> None:
     a = p.parse_args()
     from transformers import AutoTokenizer
 
-    from actors.loader import load_model
-    from jobs.demo import demo_assets
+    from shardgen.actors.model.loader import load_model
+    from shardgen.jobs.demo import demo_assets
 
     model_dir, prompts_file = demo_assets()
     tok = AutoTokenizer.from_pretrained(model_dir)

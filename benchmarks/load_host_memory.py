@@ -1,7 +1,7 @@
 """Load the bench's 8B int4 checkpoint onto the GPU in a fresh process and report time to ready and the host
 memory it took: peak resident set (VmHWM) growth over the process before loading, against the rank's slice.
 
-    python benchmarks/load_host_memory.py [CHECKPOINT_DIR]   # default: the one `shardgen bench` writes
+    python -m benchmarks.load_host_memory [CHECKPOINT_DIR]   # default: the one `shardgen bench` writes
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from actors.checkpoint import Checkpoint  # noqa: E402
-from actors.loader import load_model  # noqa: E402
+from shardgen.actors.model.checkpoint import Checkpoint
+from shardgen.actors.model.loader import load_model
 
 
 def vm(field: str) -> int:

@@ -12,7 +12,7 @@ and model load but keeps everything the pipeline adds while generating (Ray Data
 detokenizing, Parquet). The marginal rate, (tokens(2000) - tokens(1000)) / (wall(2000) - wall(1000)) at the first
 batch size, cancels the start-up both runs pay.
 
-    python benchmarks/pipeline_vs_engine.py --batch-sizes auto,64
+    python -m benchmarks.pipeline_vs_engine --batch-sizes auto,64
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import argparse
 import json
 import random
 import string
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,11 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from actors.config import EngineConfig  # noqa: E402
-from actors.sequence import SamplingParams  # noqa: E402
-from jobs.bench import write_checkpoint  # noqa: E402
-from jobs.demo import build_byte_tokenizer  # noqa: E402
+from shardgen.actors.engine.config import EngineConfig
+from shardgen.actors.engine.sequence import SamplingParams
+from benchmarks.bench import write_checkpoint
+from shardgen.jobs.demo import build_byte_tokenizer
 
 ENGINE = EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192)
 PARAMS = SamplingParams(max_new_tokens=128, ignore_eos=True)
@@ -46,12 +44,12 @@ def prompts(n: int, seed: int) -> list[str]:
 
 
 def engine_rate(model: Path, texts: list[str]) -> dict:
-    from actors.distributed import SINGLE
-    from actors.engine import Engine
-    from actors.loader import load_model
-    from actors.runner import ModelRunner
-    from actors.sequence import Request
-    from actors.tokenizer import load_tokenizer
+    from shardgen.actors.model.distributed import SINGLE
+    from shardgen.actors.engine.engine import Engine
+    from shardgen.actors.model.loader import load_model
+    from shardgen.actors.engine.runner import ModelRunner
+    from shardgen.actors.engine.sequence import Request
+    from shardgen.actors.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(model))
     loaded = load_model(model, device="cuda")
@@ -71,8 +69,8 @@ def engine_rate(model: Path, texts: list[str]) -> dict:
 def pipeline_run(model: Path, texts: list[str], work: Path, name: str, batch_size: int | None) -> dict:
     import ray
 
-    from pipeline.options import RunOptions
-    from pipeline.run import run
+    from shardgen.pipeline.options import RunOptions
+    from shardgen.pipeline.run import run
 
     inp = work / f"{name}.parquet"
     pq.write_table(pa.table({"id": [f"{name}-{i}" for i in range(len(texts))], "prompt": texts}), inp)

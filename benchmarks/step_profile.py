@@ -8,7 +8,7 @@
 3. the engine running half the prefill-heavy and a quarter of the mixed workload: wall time against the time the
    GPU was busy (kernels and copies), so what the host costs is visible.
 
-    python benchmarks/step_profile.py --layouts int4-preshuffled,bf16
+    python -m benchmarks.step_profile --layouts int4-preshuffled,bf16
 
 Prints tables and writes benchmarks/results/step_profile-<device>.json.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -26,16 +25,15 @@ import triton
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from actors.attention import AttentionMetadata, StepParts, attention  # noqa: E402
-from actors.config import EngineConfig  # noqa: E402
-from actors.distributed import SINGLE  # noqa: E402
-from actors.engine import Engine  # noqa: E402
-from actors.runner import ModelRunner, StepInput  # noqa: E402
-from actors.sequence import Request, SamplingParams  # noqa: E402
-from benchmarks.engine_profile import random_model  # noqa: E402
-from jobs.bench import LLAMA_8B, warm_up  # noqa: E402
-from tests.actors.test_paged_attention import make_case  # noqa: E402
+from shardgen.actors.model.attention import AttentionMetadata, StepParts, attention
+from shardgen.actors.engine.config import EngineConfig
+from shardgen.actors.model.distributed import SINGLE
+from shardgen.actors.engine.engine import Engine
+from shardgen.actors.engine.runner import ModelRunner, StepInput
+from shardgen.actors.engine.sequence import Request, SamplingParams
+from benchmarks.synthetic import random_model
+from benchmarks.bench import LLAMA_8B, warm_up
+from benchmarks.synthetic import make_case
 
 
 def decode_step(seqs: int, context: int, block_size: int, num_blocks: int) -> StepInput:
@@ -95,7 +93,7 @@ def attention_by_kind() -> list[dict]:
 
 def decode_key_splits() -> list[dict]:
     """Decode attention of one layer with each sequence's keys walked by one program vs split (decode_splits)."""
-    from actors.paged_attention import decode_splits, paged_attention
+    from shardgen.actors.kernels.paged_attention import decode_splits, paged_attention
 
     rows = []
     # sequences, context, query heads, KV heads: 8B shapes, and a 70B rank at T=4 (64 / 4 and 8 / 4 heads)

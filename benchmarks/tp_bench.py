@@ -1,10 +1,10 @@
 """Tensor parallelism vs replicas on one multi-GPU host: the engine at R replicas x T ranks (one GPU a rank).
 
-    python benchmarks/tp_bench.py --shape 8b --layouts 1x2,2x1
-    python benchmarks/tp_bench.py --shape 70b --layouts 1x2 --scale 0.25
+    python -m benchmarks.tp_bench --shape 8b --layouts 1x2,2x1
+    python -m benchmarks.tp_bench --shape 70b --layouts 1x2 --scale 0.25
 
 Every rank is a process that sees only its own GPU (as under Ray), joins its replica's NCCL group, reads its
-slice of a plain int4 checkpoint written once (random weights, G=128, lm_head bf16; see ``jobs/bench.py``),
+slice of a plain int4 checkpoint written once (random weights, G=128, lm_head bf16; see ``benchmarks/bench.py``),
 converts it, and sizes its KV cache from what is left. Each replica's rank 0 runs the engine on every R-th
 prompt of the workload; the replicas start each workload together (a barrier) and the workload's time is the
 slowest replica's. Results: a table, and JSON merged into ``benchmarks/results/tp_bench-<device>.json``.
@@ -16,17 +16,15 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import sys
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from jobs.bench import (  # noqa: E402
+from benchmarks.bench import (
     DEFAULT_WORKLOADS,
     LLAMA_8B,
     LLAMA_70B,
@@ -61,12 +59,12 @@ class Layout:
 def _rank_main(layout: Layout, replica: int, rank: int, port: int, args: dict, barrier, queue) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(replica * layout.tp + rank)
     try:
-        from actors.config import EngineConfig
-        from actors.distributed import destroy_tp_group, init_tp_group
-        from actors.engine import Engine
-        from actors.loader import load_model
-        from actors.runner import ModelRunner
-        from actors.sequence import Request, SamplingParams
+        from shardgen.actors.engine.config import EngineConfig
+        from shardgen.actors.model.distributed import destroy_tp_group, init_tp_group
+        from shardgen.actors.engine.engine import Engine
+        from shardgen.actors.model.loader import load_model
+        from shardgen.actors.engine.runner import ModelRunner
+        from shardgen.actors.engine.sequence import Request, SamplingParams
 
         device = torch.device("cuda", 0)
         start = time.perf_counter()
@@ -114,7 +112,7 @@ def _rank_main(layout: Layout, replica: int, rank: int, port: int, args: dict, b
 
 def run_layout(layout: Layout, args: dict) -> dict:
     """Start every rank of every replica, collect what they report, and combine it per workload."""
-    from actors.distributed import free_port
+    from shardgen.actors.model.distributed import free_port
 
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(layout.replicas), ctx.Queue()

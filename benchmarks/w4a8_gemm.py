@@ -1,4 +1,4 @@
-"""fp8 activations x int4 weights (actors/w4a8.py) against cuBLAS bf16 and fbgemm's int4 kernels, at the
+"""fp8 activations x int4 weights (actors/int4/w4a8.py) against cuBLAS bf16 and fbgemm's int4 kernels, at the
 Llama-3.1-8B linear shapes, one GPU, one process: time per call and how exactly each reproduces the int4 weights.
 
 Systems per (shape, M):
@@ -14,7 +14,7 @@ Error: relative Frobenius error of the output against x (bf16) times the dequant
 Timing as benchmarks/int4_decode_gemm.py: GPU time per call in a CUDA graph cycling through weight copies that do
 not fit in L2 together.
 
-    python benchmarks/w4a8_gemm.py [--ms 1,16,64,128,256,2048] [--shapes gate_up,down,qkv,o]
+    python -m benchmarks.w4a8_gemm [--ms 1,16,64,128,256,2048] [--shapes gate_up,down,qkv,o]
 Writes benchmarks/results/w4a8_gemm-<device>.json.
 """
 
@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from actors import int4, w4a8  # noqa: E402
-from actors.kernel_choice import graph_time_us, weight_copies  # noqa: E402
+from shardgen.actors import int4
+from shardgen.actors.int4 import w4a8
+from shardgen.actors.int4.kernel_choice import graph_time_us, weight_copies
 
 RUN = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}

@@ -10,8 +10,8 @@ from typing import Callable, Optional
 
 import typer
 
-from actors.config import EngineConfig
-from jobs.native_stderr import start_filter, stop_filter
+from shardgen.actors.engine.config import EngineConfig
+from shardgen.jobs.native_stderr import start_filter, stop_filter
 
 ENGINE = EngineConfig()  # the engine's defaults, shown in --help (actors.config imports nothing heavy)
 
@@ -95,7 +95,7 @@ def quantize(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Quantize a local float model to shardgen's plain int4 checkpoint, one tensor at a time."""
-    from actors.quantize import quantize_checkpoint
+    from shardgen.actors.model.quantize import quantize_checkpoint
 
     try:
         r = quantize_checkpoint(src, dst, group_size, quantize_lm_head, int(max_shard_size_gb * 2**30), overwrite, allow_pickle)
@@ -160,16 +160,16 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", help="Show Ray's own progress and log lines too."),
 ) -> None:
     """Generate a completion for every row of a table of prompts; writes Parquet and prints a summary."""
-    from actors.sequence import SamplingParams
-    from pipeline.interrupt import Interrupted
-    from pipeline.options import RunOptions
+    from shardgen.actors.engine.sequence import SamplingParams
+    from shardgen.pipeline.interrupt import Interrupted
+    from shardgen.pipeline.options import RunOptions
 
     if (model is None) != (input is None):
         _fail("pass both --model and --input, or neither (to run the embedded demo)")
     demo = False
     try:
         if model is None:
-            from jobs.demo import demo_assets
+            from shardgen.jobs.demo import demo_assets
 
             model, input = demo_assets()
             demo = True
@@ -178,7 +178,7 @@ def run(
             typer.echo(f"shardgen: running the embedded demo model ({model}) on {input}")
         if output is None:
             _fail("pass --output DIR for the Parquet files")
-        from pipeline.storage import is_uri
+        from shardgen.pipeline.storage import is_uri
 
         if RAY_JOB_ENV in os.environ and not is_uri(output) and not Path(output).is_absolute():
             _fail(f"--output {output} is relative, and a Ray job runs in a temporary copy of its --working-dir "
@@ -197,10 +197,10 @@ def run(
                                 gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=not enforce_eager,
                                 kv_cache_dtype=kv_cache_dtype),
         )
-        from pipeline.checks import check_files
+        from shardgen.pipeline.checks import check_files
 
         check_files(options)  # files checked before torch and Ray load (seconds): refused at once
-        from pipeline.run import run as run_pipeline
+        from shardgen.pipeline.run import run as run_pipeline
 
         if not verbose:
             start_filter()  # Ray's C++ noise; run_then_exit stops the filter
@@ -218,7 +218,7 @@ def _show_samples(output: str | Path, count: int = 3) -> None:
     """A few prompts and their completions, so a first run shows what the model does."""
     import pyarrow.dataset as pads
 
-    from pipeline.write import existing_output
+    from shardgen.pipeline.write import existing_output
 
     files = existing_output(output)
     rows = pads.dataset([f.path for f in files], format="parquet", filesystem=files[0].fs).to_table(columns=["id", "prompt", "completion"]).sort_by("id")
@@ -255,8 +255,11 @@ def bench(
     """Benchmark a Llama-3.1-8B-shaped model on one GPU: shardgen (int4 tiled, preshuffled, plain; bf16) vs Hugging Face generate."""
     import torch
 
-    from jobs.bench import BenchConfig, run_bench
-
+    try:  # the harness lives in the repository's benchmarks/ package, beside its results; it is not installed
+        from benchmarks.bench import BenchConfig, run_bench
+    except ImportError:
+        _fail("shardgen bench runs from a checkout of the shardgen repository (its benchmarks/ folder): cd into it, "
+              "or run python -m benchmarks.bench there")
     if not torch.cuda.is_available():
         _fail("shardgen bench needs a CUDA GPU (and fbgemm-gpu-genai for int4); none is visible here")
     try:
@@ -276,8 +279,8 @@ def inspect(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Describe a checkpoint: architecture, shape, quantization, size on disk, and which --tp values work."""
-    from actors.checkpoint import Checkpoint
-    from actors.config import ModelConfig
+    from shardgen.actors.model.checkpoint import Checkpoint
+    from shardgen.actors.model.config import ModelConfig
 
     try:
         cfg = ModelConfig.from_dir(model)
@@ -310,9 +313,9 @@ def inspect(
 
 def run_problems(model: Path, allow_pickle: bool, group_sizes: list[int]) -> list[str]:
     """What ``shardgen run`` would refuse in this model directory (the same checks, at --tp 1)."""
-    from actors import int4
-    from actors.loader import check_checkpoint
-    from actors.tokenizer import check_tokenizer_files
+    from shardgen.actors import int4
+    from shardgen.actors.model.loader import check_checkpoint
+    from shardgen.actors.model.tokenizer import check_tokenizer_files
 
     checks = [lambda: check_checkpoint(model, 1, allow_pickle), lambda: check_tokenizer_files(model)]
     checks += [lambda g=g: int4.check_group_size(g, f"{model}") for g in group_sizes]

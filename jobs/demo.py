@@ -15,7 +15,7 @@ DEMO_DIR = Path(__file__).resolve().with_name("demo_model")
 
 def demo_assets() -> tuple[Path, Path]:
     """(model directory, prompts file) of the embedded demo: a small Llama trained on the Python standard library
-    (``benchmarks/train_demo_model.py``), quantized to plain int4 (G=128) by ``shardgen quantize``, and the first
+    (``scripts/train_demo_model.py``), quantized to plain int4 (G=128) by ``shardgen quantize``, and the first
     two lines of 200 held-out functions as prompts."""
     model, prompts = DEMO_DIR / "model", DEMO_DIR / "prompts.jsonl"
     if not (model / "config.json").is_file() or not prompts.is_file():

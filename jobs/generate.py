@@ -1,11 +1,11 @@
 """Entry point for ``ray job submit``: the same options as ``shardgen run``, attached to the job's cluster.
 
-    ray job submit --working-dir . -- python -m jobs.generate --model DIR --input PATH --output DIR
+    ray job submit --working-dir . -- python -m shardgen.jobs.generate --model DIR --input PATH --output DIR
 """
 
 import typer
 
-from jobs.cli import run, run_then_exit
+from shardgen.jobs.cli import run, run_then_exit
 
 if __name__ == "__main__":
     run_then_exit(lambda: typer.run(run))

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actors.config import ModelConfig
-from actors.tokenizer import check_tokenizer_files
-from pipeline import read, resume
-from pipeline.options import RunOptions
-from pipeline.storage import Location
+from shardgen.actors.model.config import ModelConfig
+from shardgen.actors.model.tokenizer import check_tokenizer_files
+from shardgen.pipeline import read, resume
+from shardgen.pipeline.options import RunOptions
+from shardgen.pipeline.storage import Location
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,6 @@ def check_files(options: RunOptions) -> FilePlan:
 
 def check_model(options: RunOptions) -> ModelConfig:
     """Every rank of ``--tp`` finds each tensor it needs with the shape config.json implies (headers only)."""
-    from actors.loader import check_checkpoint
+    from shardgen.actors.model.loader import check_checkpoint
 
     return check_checkpoint(options.model, options.tp, options.allow_pickle)

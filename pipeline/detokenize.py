@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from actors.sequence import SamplingParams
+from shardgen.actors.engine.sequence import SamplingParams
 
 READS = ("completion_token_ids", "completion_tokens", "params", "finish_reason")
 WRITES = ("completion", "completion_token_ids", "completion_tokens")
@@ -22,7 +22,7 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
 
 class DetokenizeStage:
     def __init__(self, model_dir: str) -> None:
-        from actors.tokenizer import load_tokenizer
+        from shardgen.actors.model.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_dir)
 

@@ -14,13 +14,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 
-from actors.sequence import FINISH_ERROR, Completion, Request, SamplingParams
-from actors.worker import ReplicaSpec
-from pipeline.storage import Location
+from shardgen.actors.engine.sequence import FINISH_ERROR, Completion, Request, SamplingParams
+from shardgen.actors.worker import ReplicaSpec
+from shardgen.pipeline.storage import Location
 
 READS = ("id", "prompt", "prompt_token_ids", "params", "error")
 WRITES = ("id", "prompt", "completion_token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "error",
@@ -56,7 +55,7 @@ class GenerateStage:
     """One replica; if a worker dies, the replica is replaced and the unfinished rows of its batches run again."""
 
     def __init__(self, spec: ReplicaSpec, flush: Flush | None = None) -> None:
-        from actors.replica import Replica
+        from shardgen.actors.replica import Replica
 
         self.spec = spec
         self.flush = flush
@@ -104,7 +103,7 @@ class GenerateStage:
     def _stream(self, requests: list[Request]):
         """(index, completion) lists as they finish, across replacements of a failed replica (only the requests
         not yet finished run again)."""
-        from actors.replica import ReplicaFailed
+        from shardgen.actors.replica import ReplicaFailed
 
         left = dict(enumerate(requests))
         while left:
@@ -120,7 +119,7 @@ class GenerateStage:
                 self._replace(replica, e)
 
     def _replace(self, failed, error: Exception) -> None:
-        from actors.replica import Replica
+        from shardgen.actors.replica import Replica
 
         with self._lock:
             if self.replica is not failed:  # another batch already replaced it
@@ -208,8 +207,8 @@ class GenerateStage:
 
     def _write(self, rows: pa.Table) -> None:
         """Detokenize and write finished rows now, as the detokenize stage and the sink would."""
-        from pipeline import write
-        from pipeline.detokenize import DetokenizeStage
+        from shardgen.pipeline import write
+        from shardgen.pipeline.detokenize import DetokenizeStage
 
         if self._detokenize is None:
             self._detokenize = DetokenizeStage(self.flush.model_dir)

@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from actors.config import EngineConfig
-from actors.sequence import SamplingParams
+from shardgen.actors.engine.config import EngineConfig
+from shardgen.actors.engine.sequence import SamplingParams
 
 DEVICES = ("auto", "cpu", "cuda")
 REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://, gs://, hf://, https:// ...

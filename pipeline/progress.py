@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Callable, TextIO
 
-from pipeline import write
-from pipeline.storage import Location, Where
+from shardgen.pipeline import write
+from shardgen.pipeline.storage import Location, Where
 
 
 class Progress:

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from pipeline.storage import Location, Where
+from shardgen.pipeline.storage import Location, Where
 
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv"}
 OVERRIDE_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import Location, Where
+from shardgen.pipeline.storage import Location, Where
 
 MANIFEST = "_shardgen_run.json"
 PART_PREFIX = "part-"  # pipeline.write names its files so (not imported: write imports Ray Data)
@@ -144,7 +144,7 @@ def check_unique_ids(ds, id_column: str, rows_estimate: int) -> None:
 def check_unique_ids_locally(files: list[Location], id_column: str) -> None:
     """``check_unique_ids`` in this process, for inputs of at most ``LOCAL_ID_CHECK_BYTES``: a distributed pass
     costs seconds of start-up (a Ray Data job and its shard actors) whatever the input's size."""
-    from pipeline.read import iter_ids
+    from shardgen.pipeline.read import iter_ids
 
     seen: set[str] = set()
     repeated: set[str] = set()

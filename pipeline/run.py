@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, TextIO
 
-from actors import int4
-from actors.config import resolved_dtype_name
-from pipeline import checks, detokenize, generate, interrupt, read, resume, tokenize, write
-from pipeline.progress import Progress
-from pipeline.storage import Location
-from pipeline.options import RunOptions
+from shardgen.actors import int4
+from shardgen.actors.model.config import resolved_dtype_name
+from shardgen.pipeline import checks, detokenize, generate, interrupt, read, resume, tokenize, write
+from shardgen.pipeline.progress import Progress
+from shardgen.pipeline.storage import Location
+from shardgen.pipeline.options import RunOptions
 
 # Rows a replica holds per sequence its engine runs at once: the waiting ones refill the engine while a batch's
 # last rows finish and the next batch is on its way.
@@ -40,7 +40,7 @@ def auto_batch_size(rows: int | None, replicas: int) -> int:
 def batches_in_flight(batch_size: int, max_num_seqs: int) -> int:
     """Ray Data batches each replica is given at once: enough for 4 waves of its engine, at most what rank 0
     serves concurrently."""
-    from actors.replica import RANK0_CONCURRENCY
+    from shardgen.actors.replica import RANK0_CONCURRENCY
 
     wanted = -(-ROWS_IN_FLIGHT_PER_ENGINE_SLOT * max_num_seqs // batch_size)
     return min(max(MIN_BATCHES_IN_FLIGHT, wanted), RANK0_CONCURRENCY)
@@ -173,7 +173,7 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
     Rerunning the same command on the same ``--output`` resumes: rows already written are skipped."""
     import ray
 
-    from actors.worker import ReplicaSpec
+    from shardgen.actors.worker import ReplicaSpec
 
     start = time.perf_counter()
     plan = checks.check_files(options)
@@ -311,7 +311,7 @@ def release_replicas(run_id: str) -> None:
         remove_placement_group,
     )
 
-    from actors.replica import placement_group_name
+    from shardgen.actors.replica import placement_group_name
 
     prefix = placement_group_name(run_id, "")
     for info in placement_group_table().values():

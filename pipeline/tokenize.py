@@ -13,8 +13,8 @@ import json
 
 import pyarrow as pa
 
-from actors.sequence import SamplingParams
-from pipeline.read import READ_ERROR
+from shardgen.actors.engine.sequence import SamplingParams
+from shardgen.pipeline.read import READ_ERROR
 
 READS = ("id", "prompt", "row")
 WRITES = ("id", "prompt", "prompt_token_ids", "params", "error")
@@ -28,7 +28,7 @@ def row_seed(run_seed: int, row_id: str) -> int:
 
 class TokenizeStage:
     def __init__(self, model_dir: str, chat: bool, defaults: SamplingParams) -> None:
-        from actors.tokenizer import load_tokenizer
+        from shardgen.actors.model.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_dir)
         self.chat = chat

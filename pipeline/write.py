@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
 
-from pipeline.resume import PART_PREFIX, is_part_file
-from pipeline.storage import Location, Where
+from shardgen.pipeline.resume import PART_PREFIX, is_part_file
+from shardgen.pipeline.storage import Location, Where
 
 READS = ("id", "prompt", "completion", "completion_token_ids", "prompt_tokens", "completion_tokens",
          "finish_reason", "error", "layout")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.demo import demo_assets
+from shardgen.jobs.demo import demo_assets
 
 
 @pytest.fixture(scope="session")

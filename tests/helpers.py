@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from actors import int4, kv_cache
-from actors.attention import AttentionMetadata
-from actors.checkpoint import Checkpoint, PlannedTensor, save_checkpoint
-from actors.config import QuantConfig
-from actors.quantize import quantize_checkpoint
+from shardgen.actors import int4
+from shardgen.actors.kernels import kv_cache
+from shardgen.actors.model.attention import AttentionMetadata
+from shardgen.actors.model.checkpoint import Checkpoint, PlannedTensor, save_checkpoint
+from shardgen.actors.model.config import QuantConfig
+from shardgen.actors.model.quantize import quantize_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -191,7 +195,7 @@ def synthetic_int4_checkpoint(directory: Path, hidden: int, intermediate: int, l
 
 def model_with_tokenizer(family: str, tmp: Path, **overrides: object):
     """(dequantized transformers reference, int4 checkpoint dir with the byte-level demo tokenizer)."""
-    from jobs.demo import build_byte_tokenizer
+    from shardgen.jobs.demo import build_byte_tokenizer
 
     reference, path = int4_checkpoint(family, tmp, vocab_size=264, eos_token_id=256, bos_token_id=257, **overrides)
     build_byte_tokenizer(path)
@@ -201,10 +205,10 @@ def model_with_tokenizer(family: str, tmp: Path, **overrides: object):
 def make_engine(loaded, kv_tokens: int = 4096, block_size: int = 4, eos: set[int] = frozenset(), detokenize=None,
                 **config):
     """A CPU engine over the ``model`` fixture's tiny Llama (tests/actors/conftest.py), its cache sized in tokens."""
-    from actors.config import EngineConfig
-    from actors.distributed import SINGLE
-    from actors.engine import Engine
-    from actors.runner import ModelRunner
+    from shardgen.actors.engine.config import EngineConfig
+    from shardgen.actors.model.distributed import SINGLE
+    from shardgen.actors.engine.engine import Engine
+    from shardgen.actors.engine.runner import ModelRunner
 
     bytes_per_block = 2 * 2 * block_size * 2 * 32 * 4  # k+v, 2 layers, block, 2 kv heads, head_dim 32, float32
     cfg = EngineConfig(block_size=block_size, kv_cache_memory=kv_tokens // block_size * bytes_per_block, **config)
@@ -216,3 +220,13 @@ def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
     """Prompts of random token ids (within the tiny models' vocabulary) of the given lengths."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, 301, (n,), generator=g).tolist() for n in lengths]
+
+
+def require_gpu_kernels() -> None:
+    """Skip the calling test module unless a CUDA GPU and fbgemm-gpu-genai are present."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU", allow_module_level=True)
+    try:
+        import fbgemm_gpu.experimental.gen_ai  # noqa: F401
+    except ImportError:
+        pytest.skip("needs fbgemm-gpu-genai (pip install shardgen[gpu])", allow_module_level=True)

@@ -6,8 +6,8 @@ from pathlib import Path
 import jsonschema
 import ray.autoscaler
 import yaml
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cluster_yaml_is_valid_against_rays_schema():

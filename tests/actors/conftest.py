@@ -2,7 +2,7 @@
 
 import pytest
 
-from actors.loader import load_model
+from shardgen.actors.model.loader import load_model
 from tests.helpers import int4_checkpoint
 
 

@@ -11,17 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.checkpoint import Checkpoint
-from actors.config import ModelConfig
-from actors.loader import load_model
-from tests.helpers import dequantized_reference, hf_model, save_hf, shardgen_logits
+from shardgen.actors.model.checkpoint import Checkpoint
+from shardgen.actors.model.config import ModelConfig
+from shardgen.actors.model.loader import load_model
+from tests.helpers import ROOT, dequantized_reference, hf_model, save_hf, shardgen_logits
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def shardgen(*args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "shardgen"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "jobs.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "shardgen.jobs.cli"]
     return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -148,7 +147,7 @@ def test_run_with_no_arguments_runs_the_embedded_demo_and_prints_a_summary(tmp_p
     ],
 )
 def test_run_and_inspect_errors_name_what_to_fix(tmp_path, args, message):
-    from jobs.demo import demo_assets
+    from shardgen.jobs.demo import demo_assets
 
     model, prompts = demo_assets()
     fmt = {"tmp": tmp_path, "demo": model, "prompts": prompts}
@@ -159,7 +158,7 @@ def test_run_and_inspect_errors_name_what_to_fix(tmp_path, args, message):
 
 
 def test_inspect_describes_the_checkpoint(tmp_path):
-    from jobs.demo import demo_assets
+    from shardgen.jobs.demo import demo_assets
 
     model, _ = demo_assets()
     r = shardgen("inspect", str(model))
@@ -189,7 +188,7 @@ def _group_size_48(model: Path) -> None:
     (_group_size_48, "int4 group size 48 is not one shardgen runs"),
 ])
 def test_inspect_refuses_what_run_refuses(tmp_path, edit, message):
-    from jobs.demo import demo_assets
+    from shardgen.jobs.demo import demo_assets
 
     model = Path(shutil.copytree(demo_assets()[0], tmp_path / "model"))
     edit(model)
@@ -201,12 +200,12 @@ def test_inspect_refuses_what_run_refuses(tmp_path, edit, message):
 @pytest.mark.parametrize("bad", ["model", "input"])
 def test_a_wrong_model_or_input_path_is_refused_before_torch_and_ray_load(tmp_path, bad):
     """Loading torch and Ray takes seconds; a mistyped path must not wait for them."""
-    from jobs.demo import demo_assets
+    from shardgen.jobs.demo import demo_assets
 
     model, prompts = demo_assets()
     args = ["--model", str(tmp_path if bad == "model" else model), "--input",
             str(tmp_path / "missing.jsonl" if bad == "input" else prompts), "--output", str(tmp_path / "o")]
-    code = ("import sys\nfrom typer.testing import CliRunner\nfrom jobs.cli import app\n"
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom shardgen.jobs.cli import app\n"
             f"r = CliRunner().invoke(app, ['run', *{args!r}])\n"
             "print(r.exit_code, sorted({'torch', 'ray'} & set(sys.modules)))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -215,7 +214,7 @@ def test_a_wrong_model_or_input_path_is_refused_before_torch_and_ray_load(tmp_pa
 
 def test_a_relative_output_in_a_ray_job_is_refused_naming_where_it_would_go(tmp_path):
     """Under `ray job submit` the command runs in a copy of the working directory that Ray deletes later."""
-    from jobs.demo import demo_assets
+    from shardgen.jobs.demo import demo_assets
 
     model, prompts = demo_assets()
     env = dict(os.environ, RAY_JOB_CONFIG_JSON_ENV_VAR='{"metadata": {}}')
@@ -230,7 +229,7 @@ def test_a_relative_output_in_a_ray_job_is_refused_naming_where_it_would_go(tmp_
 def test_layers_kept_in_float_do_not_limit_tp_and_inspect_says_why_a_tp_is_invalid(tmp_path):
     """hidden 64 at G=128: o_proj (K=64) stays float, down_proj (K=256) is int4. --tp 2 splits o_proj's K to 32,
     which only an int4 o_proj would refuse; --tp 4 splits down_proj's K to 64 < G."""
-    from jobs.demo import build_byte_tokenizer
+    from shardgen.jobs.demo import build_byte_tokenizer
 
     src = save_hf(hf_model("llama", hidden_size=64, intermediate_size=256, num_key_value_heads=4), tmp_path / "src")
     build_byte_tokenizer(src)  # quantize copies it; inspect, as run, needs one
@@ -252,7 +251,7 @@ def test_ctrl_c_keeps_the_finished_rows_says_so_and_a_rerun_writes_every_id_exac
     import pyarrow.dataset as pads
     import signal
 
-    from jobs.demo import demo_assets
+    from shardgen.jobs.demo import demo_assets
 
     model, prompts = demo_assets()
     rows = [json.loads(line) for line in prompts.read_text().splitlines() if line.strip()]

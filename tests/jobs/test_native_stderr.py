@@ -2,13 +2,13 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
+
 
 SCRIPT = """
 import os, sys
-from jobs.native_stderr import RAY_NOISE, start_filter, stop_filter
+from shardgen.jobs.native_stderr import RAY_NOISE, start_filter, stop_filter
 start_filter()
 os.write(2, b"[E core_worker.cc] Actor X " + RAY_NOISE[0].encode() + b". See ray#53727\\n")
 os.write(2, b"native line kept\\n")
@@ -42,7 +42,7 @@ def test_native_lines_written_just_before_a_crash_still_arrive():
 def test_rays_raylet_warnings_printed_to_stdout_are_dropped_and_other_lines_pass():
     import io
 
-    from jobs.native_stderr import DropLines
+    from shardgen.jobs.native_stderr import DropLines
 
     out = io.StringIO()
     stream = DropLines(out)

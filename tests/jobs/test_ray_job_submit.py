@@ -1,4 +1,4 @@
-"""``ray job submit -- python -m jobs.generate`` against a local head (loopback) gives what ``shardgen run`` gives."""
+"""``ray job submit -- python -m shardgen.jobs.generate`` against a local head (loopback) gives what ``shardgen run`` gives."""
 
 import os
 import secrets
@@ -12,10 +12,10 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from actors.distributed import free_port
-from jobs.demo import demo_assets
+from shardgen.actors.model.distributed import free_port
+from shardgen.jobs.demo import demo_assets
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def test_ray_job_submit_gives_the_same_output_as_shardgen_run(tmp_path):
         while True:
             job = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
-                 str(ROOT), "--", "python", "-m", "jobs.generate", *args, "--output", str(tmp_path / "job")],
+                 str(ROOT), "--", "python", "-m", "shardgen.jobs.generate", *args, "--output", str(tmp_path / "job")],
                 env=env, capture_output=True, text=True, timeout=600)
             if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
                 break

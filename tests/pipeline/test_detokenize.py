@@ -2,9 +2,9 @@
 
 import pyarrow as pa
 
-from actors.sequence import SamplingParams
-from jobs.demo import build_byte_tokenizer
-from pipeline.detokenize import DetokenizeStage
+from shardgen.actors.engine.sequence import SamplingParams
+from shardgen.jobs.demo import build_byte_tokenizer
+from shardgen.pipeline.detokenize import DetokenizeStage
 
 
 def _batch(tok, texts: list[str], params: SamplingParams, reasons: list[str]) -> pa.Table:

@@ -2,7 +2,7 @@
 worker starts, and leaves no output behind that a later run would trust.
 
 One table: (case, how to break things, the message). Every case goes through ``pipeline.run.run`` (or the options
-object the CLI builds), the path ``shardgen run`` and ``python -m jobs.generate`` take.
+object the CLI builds), the path ``shardgen run`` and ``python -m shardgen.jobs.generate`` take.
 """
 
 import json
@@ -18,11 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from actors.config import EngineConfig
-from actors.sequence import SamplingParams
-from pipeline import resume
-from pipeline.options import RunOptions
-from pipeline.run import run, run_manifest
+from shardgen.actors.engine.config import EngineConfig
+from shardgen.actors.engine.sequence import SamplingParams
+from shardgen.pipeline import resume
+from shardgen.pipeline.options import RunOptions
+from shardgen.pipeline.run import run, run_manifest
 from tests.helpers import model_with_tokenizer
 
 
@@ -255,7 +255,7 @@ def test_bad_input_is_refused_naming_what_to_fix(demo, tmp_path, setup, message)
     ({"CPU": 5, "GPU": 8}, "cuda", 2, 2, "the Ray cluster has 5 CPUs; this run needs 7"),
 ])
 def test_a_cluster_too_small_for_the_run_is_refused_saying_what_it_needs(resources, device, tp, replicas, message):
-    from pipeline.run import check_cluster
+    from shardgen.pipeline.run import check_cluster
 
     with pytest.raises(ValueError) as caught:
         check_cluster(resources, device, tp, replicas)

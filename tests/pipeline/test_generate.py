@@ -5,12 +5,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import actors.replica
-from actors.replica import ReplicaFailed
-from actors.sequence import Completion, SamplingParams
-from actors.worker import ReplicaSpec
-from pipeline import generate, write
-from pipeline.generate import GenerateStage
+from shardgen.actors import replica as replica_module
+from shardgen.actors.replica import ReplicaFailed
+from shardgen.actors.engine.sequence import Completion, SamplingParams
+from shardgen.actors.worker import ReplicaSpec
+from shardgen.pipeline import generate, write
+from shardgen.pipeline.generate import GenerateStage
 
 
 class FlakyReplica:
@@ -43,7 +43,7 @@ class FlakyReplica:
 @pytest.fixture
 def flaky(monkeypatch):
     FlakyReplica.made, FlakyReplica.fail_after = [], 1
-    monkeypatch.setattr(actors.replica, "Replica", FlakyReplica)
+    monkeypatch.setattr(replica_module, "Replica", FlakyReplica)
     return FlakyReplica
 
 
@@ -63,7 +63,7 @@ def test_a_failed_replica_is_replaced_and_only_its_unfinished_rows_rerun(flaky):
 
 
 def flush_to(tmp_path, seconds: float) -> generate.Flush:
-    from jobs.demo import demo_assets
+    from shardgen.jobs.demo import demo_assets
 
     model, _ = demo_assets()
     return generate.Flush(tmp_path, {"shardgen.version": "test"}, str(model), seconds=seconds)

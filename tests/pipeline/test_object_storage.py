@@ -8,11 +8,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from actors.sequence import SamplingParams
-from jobs.demo import demo_assets
-from pipeline import resume
-from pipeline.options import RunOptions
-from pipeline.run import run
+from shardgen.actors.engine.sequence import SamplingParams
+from shardgen.jobs.demo import demo_assets
+from shardgen.pipeline import resume
+from shardgen.pipeline.options import RunOptions
+from shardgen.pipeline.run import run
 
 pytestmark = pytest.mark.slow
 BUCKET = "shardgen-test"

@@ -6,8 +6,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.progress import Progress, _duration
-from pipeline.write import WriteStats
+from shardgen.pipeline.progress import Progress, _duration
+from shardgen.pipeline.write import WriteStats
 
 
 def part(output, name: str, tokens: list[int]) -> None:

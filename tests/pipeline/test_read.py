@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import read
+from shardgen.pipeline import read
 
 
 def rows_of(path, prompt_column="prompt", id_column="id") -> list[dict]:
@@ -48,8 +48,8 @@ def test_an_empty_cell_in_any_per_row_column_takes_the_runs_default(tmp_path):
 def test_every_per_row_column_of_a_csv_with_empty_cells_gives_the_default_or_its_value(tmp_path):
     """Through the tokenize stage: the row with empty cells gets the run's defaults; every other cell, read as
     text, becomes its column's type."""
-    from actors.sequence import SamplingParams
-    from pipeline.tokenize import TokenizeStage
+    from shardgen.actors.engine.sequence import SamplingParams
+    from shardgen.pipeline.tokenize import TokenizeStage
     from tests.helpers import model_with_tokenizer
 
     header = "id,prompt," + ",".join(read.OVERRIDE_COLUMNS)

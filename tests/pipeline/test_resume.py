@@ -13,14 +13,14 @@ import psutil
 import pyarrow.dataset as pads
 import pytest
 
-from jobs.demo import demo_assets
+from shardgen.jobs.demo import demo_assets
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def command(model: Path, prompts: Path, output: Path) -> list[str]:
-    return [sys.executable, "-m", "jobs.generate", "--model", str(model), "--input", str(prompts), "--output",
+    return [sys.executable, "-m", "shardgen.jobs.generate", "--model", str(model), "--input", str(prompts), "--output",
             str(output), "--batch-size", "8", "--max-new-tokens", "24"]
 
 

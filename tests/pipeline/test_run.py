@@ -7,10 +7,10 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from actors.sequence import SamplingParams
-from actors.tokenizer import load_tokenizer
-from pipeline.options import RunOptions
-from pipeline.run import run
+from shardgen.actors.engine.sequence import SamplingParams
+from shardgen.actors.model.tokenizer import load_tokenizer
+from shardgen.pipeline.options import RunOptions
+from shardgen.pipeline.run import run
 from tests.helpers import hf_greedy, model_with_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -144,7 +144,7 @@ def test_a_rerun_resumes_and_a_different_run_is_refused_without_overwrite(demo, 
 def test_duplicate_ids_in_an_input_too_big_for_the_driver_are_refused_naming_them(demo, tmp_path, monkeypatch):
     """The distributed check (IdShard actors), which inputs above LOCAL_ID_CHECK_BYTES take; small ones are checked
     in the driver (tests/pipeline/test_errors.py)."""
-    from pipeline import resume
+    from shardgen.pipeline import resume
 
     monkeypatch.setattr(resume, "LOCAL_ID_CHECK_BYTES", 0)
     model, _ = demo
@@ -193,8 +193,8 @@ def test_a_worker_killed_mid_job_is_replaced_and_every_id_comes_out_once(demo, t
 
 
 def test_each_replica_holds_four_engine_waves_of_rows_within_rank0s_concurrency():
-    from actors.replica import RANK0_CONCURRENCY
-    from pipeline.run import MIN_BATCHES_IN_FLIGHT, batches_in_flight
+    from shardgen.actors.replica import RANK0_CONCURRENCY
+    from shardgen.pipeline.run import MIN_BATCHES_IN_FLIGHT, batches_in_flight
 
     assert batches_in_flight(64, 256) == 16  # the CLI defaults: 1,024 rows for an engine of 256 sequences
     assert batches_in_flight(128, 256) == 8
@@ -204,7 +204,7 @@ def test_each_replica_holds_four_engine_waves_of_rows_within_rank0s_concurrency(
 
 
 def test_the_default_batch_is_256_rows_or_small_enough_for_four_batches_a_replica():
-    from pipeline.run import auto_batch_size
+    from shardgen.pipeline.run import auto_batch_size
 
     assert auto_batch_size(1_000_000, 2) == 256
     assert auto_batch_size(None, 1) == 256  # a text input too big to count

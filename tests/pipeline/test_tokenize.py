@@ -3,9 +3,9 @@ import json
 import pyarrow as pa
 import pytest
 
-from actors.sequence import SamplingParams
-from jobs.demo import build_byte_tokenizer
-from pipeline.tokenize import TokenizeStage, row_seed
+from shardgen.actors.engine.sequence import SamplingParams
+from shardgen.jobs.demo import build_byte_tokenizer
+from shardgen.pipeline.tokenize import TokenizeStage, row_seed
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import pyarrow as pa
 
-from pipeline.write import stats_of
+from shardgen.pipeline.write import stats_of
 
 
 def test_an_error_rows_prompt_tokens_do_not_count_toward_throughput():

@@ -1,0 +1,218 @@
+"""The generation engine of one replica (runs on rank 0).
+
+Requests may be added from any thread at any time (several Ray Data batches in
+flight keep it full); ``step`` schedules one continuous-batching step, runs the
+model on every rank, samples, and finishes sequences on EOS, stop tokens, stop
+strings, ``max_new_tokens`` or ``max_model_len``.
+
+Decode steps overlap with the host: when a step is pure greedy decode and
+nothing waits to be admitted, the next step is planned and launched with the
+current step's tokens still on the device, before they are copied to the host,
+so the GPU never idles while the host appends tokens, checks stops and
+prepares inputs. A sequence that stops on a token was given one more step in
+flight; its row of that step is dropped. Its cache blocks go back to the pool
+at once: whatever reuses them is launched after that step, on the same stream.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from shardgen.actors.engine.config import EngineConfig
+from shardgen.actors.engine.runner import ModelRunner
+from shardgen.actors.engine.sampler import PendingTokens, sample
+from shardgen.actors.engine.scheduler import ScheduledBatch, Scheduler
+from shardgen.actors.engine.sequence import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Completion,
+    Request,
+    Sequence,
+    Status,
+)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    running_per_step: list[int] = field(default_factory=list)
+    steps_ahead: int = 0  # decode steps launched before the previous step's tokens reached the host
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, config: EngineConfig, max_model_len: int, eos_token_ids: set[int],
+                 detokenize: Callable[[list[int]], str] | None = None) -> None:
+        self.runner = runner
+        self.scheduler = Scheduler(config, runner.num_blocks, max_model_len)
+        self.eos_token_ids = set(eos_token_ids)
+        self.detokenize = detokenize
+        self.stats = EngineStats()
+        self._inbox: list[tuple[Request, Future]] = []
+        self._futures: dict[int, Future] = {}
+        self._lock = threading.Condition()
+        self._closed = False
+        self._ahead: tuple[ScheduledBatch, PendingTokens] | None = None  # a decode step launched, not yet read
+
+    # -- intake (any thread)
+
+    def add(self, requests: list[Request]) -> list[Future]:
+        futures = [Future() for _ in requests]
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
+            self._inbox.extend(zip(requests, futures))
+            self._lock.notify()
+        return futures
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Add requests and step until they are done (single-threaded use: tests, benchmarks)."""
+        futures = self.add(requests)
+        while not all(f.done() for f in futures):
+            self.step()
+        return [f.result() for f in futures]
+
+    # -- the loop (one thread)
+
+    def has_work(self) -> bool:
+        return bool(self._inbox) or self.scheduler.has_work() or self._ahead is not None
+
+    def step(self) -> int:
+        """One scheduling step; returns how many tokens it ran."""
+        with self._lock:
+            for request, future in self._inbox:
+                seq = Sequence(request)
+                self._futures[id(seq)] = future
+                self.scheduler.add(seq)
+            self._inbox.clear()
+        if self._ahead is not None:
+            return self._finish_ahead()
+        batch, refused = self.scheduler.schedule()
+        for seq in refused:
+            self._resolve(seq)
+        if not batch.seqs:
+            return 0
+        logits = self.runner.execute(self.runner.prepare(batch))
+        sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        if self._overlappable(batch, sampled):
+            return self._finish_decode(batch, PendingTokens(logits), list(range(len(batch.seqs))))
+        tokens = sample(logits, [s.params for s in sampled], [s.num_output for s in sampled])
+        self._advance(batch)
+        for seq, token in zip(sampled, tokens):
+            self._append(seq, token)
+        return batch.total_tokens
+
+    def _advance(self, batch: ScheduledBatch) -> None:
+        """Count the batch's tokens as computed (into the KV cache)."""
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if seq.num_computed < seq.num_prompt:
+                self.stats.prompt_tokens += min(n, seq.num_prompt - seq.num_computed)
+            seq.num_computed += n
+        self.stats.steps += 1
+        self.stats.running_per_step.append(len(batch.seqs))
+
+    def _overlappable(self, batch: ScheduledBatch, sampled: list[Sequence]) -> bool:
+        """A pure greedy decode step, on a runner that can launch the next one ahead."""
+        return (self.runner.can_overlap and len(sampled) == len(batch.seqs) and batch.total_tokens == len(batch.seqs)
+                and all(s.params.temperature == 0 for s in sampled))
+
+    def _finish_decode(self, batch: ScheduledBatch, pending: PendingTokens, rows: list[int]) -> int:
+        """Plan and launch the next decode step on ``pending``'s device tokens, then read them and append them
+        while the GPU runs it. ``rows[i]``: the row of ``pending`` that holds ``batch.seqs[i]``'s token."""
+        self._advance(batch)
+        limit = self.scheduler.max_model_len
+        # Sequences this step finishes by length leave now; a stop token can only be seen once the tokens arrive.
+        going_on = [i for i, s in enumerate(batch.seqs)
+                    if s.num_output + 1 < s.params.max_new_tokens and len(s.tokens) + 1 < limit]
+        with self._lock:
+            quiet = not self._inbox
+        ahead = self.scheduler.plan_decode_ahead([batch.seqs[i] for i in going_on]) if quiet and going_on else None
+        if ahead is not None:
+            picked = [rows[i] for i in going_on]
+            ids = pending.device
+            if picked != list(range(ids.numel())):
+                ids = ids[torch.tensor(picked).to(ids.device, non_blocking=True)]
+            logits = self.runner.execute(self.runner.prepare(ahead, input_ids=ids))
+            self._ahead = (ahead, PendingTokens(logits))
+            self.stats.steps_ahead += 1
+        tokens = pending.tolist()
+        for seq, row in zip(batch.seqs, rows):
+            self._append(seq, tokens[row])
+        return batch.total_tokens
+
+    def _finish_ahead(self) -> int:
+        """Read the decode step launched ahead: rows of sequences that stopped meanwhile are dropped."""
+        batch, pending = self._ahead
+        self._ahead = None
+        live = [i for i, s in enumerate(batch.seqs) if s.status is Status.RUNNING]
+        if not live:
+            return 0
+        if len(live) < len(batch.seqs):
+            batch = ScheduledBatch([batch.seqs[i] for i in live], [1] * len(live))
+        return self._finish_decode(batch, pending, live)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return self._finish(seq, FINISH_STOP)  # the stop token itself is not part of the completion
+        seq.tokens.append(token)
+        self.stats.generated_tokens += 1
+        if p.stop and self.detokenize is not None and self._hit_stop_string(seq):
+            return self._finish(seq, FINISH_STOP)
+        if seq.num_output >= p.max_new_tokens or len(seq.tokens) >= self.scheduler.max_model_len:
+            return self._finish(seq, FINISH_LENGTH)
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        # Decode only a tail long enough to hold the longest stop string (a token is >= 1 character).
+        window = max(len(s) for s in seq.params.stop) + 8
+        text = self.detokenize(seq.output_ids[-window:])
+        return any(s in text for s in seq.params.stop)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self._resolve(seq)
+
+    def _resolve(self, seq: Sequence) -> None:
+        assert seq.status is Status.FINISHED
+        self._futures.pop(id(seq)).set_result(seq.completion())
+
+    def run_forever(self, stop: threading.Event, heartbeat_s: float = 5.0) -> None:
+        """Serve requests until ``stop`` is set (the worker's background thread)."""
+        last = time.monotonic()
+        try:
+            while not stop.is_set():
+                if self.has_work():
+                    self.step()
+                    last = time.monotonic()
+                    continue
+                with self._lock:
+                    self._lock.wait(timeout=0.5)
+                if time.monotonic() - last > heartbeat_s:
+                    self.runner.heartbeat()
+                    last = time.monotonic()
+        except BaseException as e:  # a dead step must fail every waiting request, never hang them
+            self.fail_all(f"engine failed: {type(e).__name__}: {e}")
+            raise
+        finally:
+            with self._lock:
+                self._closed = True
+            self.runner.stop_followers()
+
+    def fail_all(self, message: str) -> None:
+        with self._lock:
+            pending = list(self._futures.values()) + [f for _, f in self._inbox]
+            self._inbox.clear()
+            self._futures.clear()
+        for f in pending:
+            if not f.done():
+                f.set_exception(RuntimeError(message))
+

@@ -1,0 +1,71 @@
+"""Next-token sampling: greedy, temperature, top-k, top-p, with per-sequence seeds.
+
+A seeded sequence draws its n-th token from a generator seeded by (seed, n), so
+its tokens do not depend on which other sequences share the batch, the replica,
+or the tensor-parallel layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shardgen.actors.engine.sequence import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
+    """One token per row of ``logits`` (float32, (B, V)); ``steps[i]`` is how many tokens row i has generated."""
+    greedy = logits.argmax(dim=-1)
+    out = greedy.tolist()
+    for i, p in enumerate(params):
+        if p.temperature == 0:
+            continue
+        probs = _filtered_probs(logits[i].float(), p)
+        gen = torch.Generator(device=logits.device)
+        gen.manual_seed(_row_seed(p.seed, steps[i]))
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (same as multinomial).
+        noise = torch.empty_like(probs).exponential_(generator=gen)
+        out[i] = int((probs / noise).argmax())
+    return out
+
+
+class PendingTokens:
+    """Greedy tokens of a step that may still be running: on the device (the input of a decode step planned ahead)
+    and on their way to pinned host memory, copied without blocking the stream, so ``tolist`` waits for this step
+    only, not for whatever was launched after it."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.device = logits.argmax(dim=-1)
+        self._event = None
+        if self.device.is_cuda:
+            self._host = torch.empty(self.device.shape, dtype=self.device.dtype, pin_memory=True)
+            self._host.copy_(self.device, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = self.device
+
+    def tolist(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
+def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
+        drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return probs
+
+
+def _row_seed(seed: int | None, step: int) -> int:
+    if seed is None:
+        return int(torch.randint(0, 2**62, (1,)).item())
+    return (seed * 1_000_003 + step * 7_919 + 0x5EED) % (2**63 - 1)

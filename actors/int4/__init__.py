@@ -1,0 +1,87 @@
+"""Everything shardgen knows about torchao's plain int4 layout, in one package: the format (``format``), its
+tensor-parallel slices (``sharding``), and the hardware layouts a loaded slice is converted to (``layouts``), with
+the kernels that only those layouts use (``tiled``, ``w4a8``, ``kernel_choice``). Callers use the names below."""
+
+from torchao.quantization import Int4Tensor
+
+
+from shardgen.actors.int4.format import (
+    INT4_DATA_NAMES,
+    MIN_CUDA_GROUP_SIZE,
+    GROUP_SIZES,
+    is_int4,
+    group_size_of,
+    quantize,
+    unpack,
+    dequantize,
+    empty,
+    contiguous,
+    param_attributes,
+    check_group_size,
+    check_cuda_group_size,
+)
+from shardgen.actors.int4.layouts import (
+    LAYOUT_PRESHUFFLED,
+    LAYOUT_PLAIN,
+    LAYOUT_CPU,
+    LAYOUT_TILED,
+    TILED_PACK,
+    LAYOUT_CHOICES,
+    pack_tiled,
+    unpack_tiled,
+    pack_fp8act,
+    unpack_fp8act,
+    hardware_layout,
+    convert_for_hardware,
+    TiledRuntime,
+    linear,
+    convert_module_weights,
+)
+from shardgen.actors.int4.sharding import (
+    check_shardable,
+    valid_tp_sizes,
+    shard_index,
+    read_shard,
+    narrow,
+    shard,
+    copy_rows,
+)
+
+__all__ = [
+    "Int4Tensor",
+    "INT4_DATA_NAMES",
+    "MIN_CUDA_GROUP_SIZE",
+    "GROUP_SIZES",
+    "is_int4",
+    "group_size_of",
+    "quantize",
+    "unpack",
+    "dequantize",
+    "empty",
+    "contiguous",
+    "param_attributes",
+    "check_group_size",
+    "check_cuda_group_size",
+    "LAYOUT_PRESHUFFLED",
+    "LAYOUT_PLAIN",
+    "LAYOUT_CPU",
+    "LAYOUT_TILED",
+    "TILED_PACK",
+    "LAYOUT_CHOICES",
+    "pack_tiled",
+    "unpack_tiled",
+    "pack_fp8act",
+    "unpack_fp8act",
+    "hardware_layout",
+    "convert_for_hardware",
+    "TiledRuntime",
+    "linear",
+    "convert_module_weights",
+    "check_shardable",
+    "valid_tp_sizes",
+    "shard_index",
+    "read_shard",
+    "narrow",
+    "shard",
+    "copy_rows",
+]

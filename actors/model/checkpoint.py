@@ -1,0 +1,352 @@
+"""Read and write shardgen checkpoints: Hugging Face style directories of safetensors files
+in torchao's flattened layout (``torchao.prototype.safetensors``).
+
+An int4 weight ``<module>.weight`` is stored as ``<module>._weight_qdata``,
+``<module>._weight_scale`` and ``<module>._weight_zero_point`` plus a JSON entry
+in the file's ``__metadata__`` under its logical name; other tensors are stored
+as they are with metadata ``{"_type": "Tensor"}``. ``tensor_names`` lists the
+logical names in each file, as torchao's ``flatten_tensor_state_dict`` writes.
+
+Reading is by slice: a tensor-parallel rank asks for ``read(name, dim, start,
+length)`` and only those bytes are copied out of the file.
+
+Only safetensors are read unless the caller allows pickle files (``.bin``,
+``.pt``): unpickling can run code, so those are opened with
+``torch.load(weights_only=True, mmap=True)`` and only when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from shardgen.actors import int4
+from shardgen.actors.model.config import check_model_dir
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
+_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_UNSAFE_SUFFIXES = (*_PICKLE_SUFFIXES, ".ckpt", ".pkl")
+
+
+def int4_key(name: str, data_name: str) -> str:
+    """Flattened key of one inner tensor of the int4 weight ``name`` (torchao's convention)."""
+    module, param = name.rsplit(".", 1)
+    return f"{module}._{param}_{data_name}"
+
+
+def int4_metadata(shape: tuple[int, int], group_size: int) -> str:
+    """The per-tensor metadata torchao's ``TensorSubclassAttributeJSONEncoder`` writes for an Int4Tensor."""
+    return json.dumps(
+        {"_type": "Int4Tensor", "_data": {"block_size": [1, group_size], "shape": list(shape)},
+         "_tensor_data_names": list(int4.INT4_DATA_NAMES)}
+    )
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One logical tensor of a checkpoint: where it is and what it is."""
+
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # for int4: the dtype of scale / zero_point
+    group_size: int | None  # None: a plain (dense) tensor
+
+    @property
+    def is_int4(self) -> bool:
+        return self.group_size is not None
+
+
+class Checkpoint:
+    """A checkpoint directory opened for slice reads. Use as a context manager, or call ``close``.
+
+    ``allow_pickle`` also reads ``.bin``/``.pt`` weights (with ``weights_only=True``) when the
+    directory has no safetensors; without it such a directory is refused.
+    """
+
+    def __init__(self, model_dir: str | Path, allow_pickle: bool = False) -> None:
+        self.dir = Path(model_dir)
+        self.files = _find_weight_files(self.dir, allow_pickle)
+        self.entries: dict[str, TensorEntry] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        for file in self.files:
+            if file.suffix == ".safetensors":
+                self._index_safetensors(file)
+            else:
+                self._index_pickle(file)
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drops the mappings of pickle files (safetensors files are opened per read)."""
+        self._pickled.clear()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def entry(self, name: str) -> TensorEntry:
+        if name not in self.entries:
+            raise ValueError(f"tensor {name!r} is missing from the checkpoint in {self.dir}; re-export or re-quantize it")
+        return self.entries[name]
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """Read ``name`` whole, or only [start, start+length) along ``dim``; int4 weights come back as Int4Tensor."""
+        e = self.entry(name)
+        if dim is None:
+            dim, start, length = 0, 0, e.shape[0]
+        assert length is not None and 0 <= start and start + length <= e.shape[dim], (name, dim, start, length, e.shape)
+        if e.file.suffix != ".safetensors":
+            return self._read_pickled(e, dim, start, length)
+        # One mapping per tensor: safetensors reads through mmap, and the pages it touched count
+        # towards this process's memory until the file is closed.
+        with safe_open(str(e.file), framework="pt", device="cpu") as handle:
+            if e.is_int4:
+                def read_part(data_name: str, index: tuple[slice, slice]) -> torch.Tensor:
+                    return handle.get_slice(int4_key(name, data_name))[index]
+
+                return int4.read_shard(read_part, e.shape, e.group_size, dim, start, length)
+            index = tuple(slice(start, start + length) if d == dim else slice(None) for d in range(len(e.shape)))
+            return handle.get_slice(name)[index]
+
+    def _read_pickled(self, e: TensorEntry, dim: int, start: int, length: int) -> torch.Tensor:
+        tensors = self._pickled[e.file]
+        if e.is_int4:
+            value = tensors.get(e.name)
+            parts = ({d: getattr(value, d) for d in int4.INT4_DATA_NAMES} if value is not None and int4.is_int4(value)
+                     else {d: tensors[int4_key(e.name, d)] for d in int4.INT4_DATA_NAMES})
+            return int4.read_shard(lambda d, index: parts[d][index], e.shape, e.group_size, dim, start, length)
+        index = tuple(slice(start, start + length) if d == dim else slice(None) for d in range(len(e.shape)))
+        return tensors[e.name][index]
+
+    def _index_safetensors(self, file: Path) -> None:
+        try:
+            f = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise ValueError(f"{file} is not a readable safetensors file ({e}); the file is truncated or corrupt, re-copy it") from e
+        keys = set(f.keys())
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        dtypes = {k: _DTYPES[f.get_slice(k).get_dtype()] for k in keys}
+        self._index_keys(file, f.metadata() or {}, shapes, dtypes)
+
+    def _index_pickle(self, file: Path) -> None:
+        try:
+            # weights_only: tensors (and torchao's registered tensor subclasses) only, never arbitrary objects.
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            # torch's own text advises weights_only=False, which is exactly what must not be done here.
+            detail = next((ln.split("error:", 1)[1].strip() for ln in str(e).splitlines() if "WeightsUnpickler error:" in ln),
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            raise ValueError(f"{file} cannot be read with torch.load(weights_only=True) ({detail}); it holds more than "
+                             f"tensors, and unpickling it could run code. Convert the checkpoint to safetensors "
+                             f"where you trust it") from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{file} is not a flat state dict of tensors; convert the checkpoint to safetensors")
+        self._pickled[file] = state
+        plain = {}
+        for key, value in state.items():
+            if int4.is_int4(value):
+                self.entries[key] = TensorEntry(key, file, tuple(value.shape), value.scale.dtype, int4.group_size_of(value))
+            else:
+                plain[key] = value
+        self._index_keys(file, {}, {k: tuple(v.shape) for k, v in plain.items()}, {k: v.dtype for k, v in plain.items()})
+
+    def _index_keys(self, file: Path, meta: dict[str, str], shapes: dict[str, tuple[int, ...]],
+                    dtypes: dict[str, torch.dtype]) -> None:
+        """Entries of one file from its keys: torchao's flattened int4 parts become one int4 entry each."""
+        keys = set(shapes)
+        claimed: set[str] = set()
+        for name, info in _int4_names(meta, keys):
+            parts = {d: int4_key(name, d) for d in int4.INT4_DATA_NAMES}
+            missing = [k for k in parts.values() if k not in keys]
+            if missing:
+                raise ValueError(f"{file}: int4 weight {name} lacks {missing}; the checkpoint is incomplete")
+            n, half_k = shapes[parts["qdata"]]
+            groups = shapes[parts["scale"]][0]
+            shape = tuple(info.get("shape") or (n, 2 * half_k))
+            group = int((info.get("block_size") or [1, shape[1] // groups])[-1])
+            if shape != (n, 2 * half_k) or shapes[parts["scale"]] != (shape[1] // group, n) or shapes[parts["zero_point"]] != shapes[parts["scale"]]:
+                raise ValueError(
+                    f"{file}: int4 weight {name} has inconsistent parts (qdata {shapes[parts['qdata']]}, "
+                    f"scale {shapes[parts['scale']]}, zero_point {shapes[parts['zero_point']]}) for shape {shape} "
+                    f"and group size {group}; the checkpoint is corrupt"
+                )
+            self.entries[name] = TensorEntry(name, file, shape, dtypes[parts["scale"]], group)
+            claimed.update(parts.values())
+        for key in sorted(keys - claimed):
+            self.entries[key] = TensorEntry(key, file, shapes[key], dtypes[key], None)
+
+
+def _int4_names(meta: dict[str, str], keys: set[str]) -> Iterator[tuple[str, dict]]:
+    """Logical names of int4 weights in one file, with their metadata ``_data``."""
+    seen = set()
+    for name, value in meta.items():
+        if name in ("tensor_names", "format"):
+            continue
+        try:
+            info = json.loads(value)
+        except (TypeError, json.JSONDecodeError):
+            continue
+        if isinstance(info, dict) and info.get("_type") == "Int4Tensor" and "." in name:
+            seen.add(name)
+            yield name, info.get("_data") or {}
+    # Files without torchao metadata: recognise the flattened keys themselves.
+    for key in keys:
+        if key.endswith("_qdata") and "._" in key:
+            module, rest = key.rsplit("._", 1)
+            name = f"{module}.{rest[: -len('_qdata')]}"
+            if name not in seen:
+                yield name, {}
+
+
+def _find_weight_files(model_dir: Path, allow_pickle: bool) -> list[Path]:
+    check_model_dir(model_dir)
+    if (model_dir / INDEX_FILE).is_file():
+        return _files_from_index(model_dir, model_dir / INDEX_FILE)
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    if allow_pickle:
+        if (model_dir / PICKLE_INDEX_FILE).is_file():
+            return _files_from_index(model_dir, model_dir / PICKLE_INDEX_FILE)
+        files = sorted(p for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
+        if files:
+            return files
+    unsafe = sorted(p.name for p in model_dir.iterdir() if p.suffix in _UNSAFE_SUFFIXES)
+    if unsafe:
+        raise ValueError(
+            f"{model_dir} holds only pickle weights ({', '.join(unsafe)}); shardgen reads safetensors only, since "
+            f"unpickling can run code. Convert them with transformers' save_pretrained(safe_serialization=True), "
+            f"or pass --allow-pickle to read .bin/.pt files with torch.load(weights_only=True)"
+        )
+    raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+
+
+def _files_from_index(model_dir: Path, index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is not a valid weights index ({e}); re-export the checkpoint") from e
+    files = []
+    for rel in dict.fromkeys(weight_map.values()):
+        path = (model_dir / rel).resolve()
+        if model_dir.resolve() not in path.parents:
+            raise ValueError(f"{index} points outside the model directory ({rel}); refusing to follow it")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is listed in {index} but missing; copy the whole checkpoint")
+        files.append(path)
+    return files
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor to write, described before it exists so files can be written one tensor at a time."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # for int4: dtype of scale / zero_point
+    group_size: int | None
+    produce: Callable[[], torch.Tensor]
+
+    def parts(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(key, shape, dtype) of each tensor stored in the file for this logical tensor."""
+        if self.group_size is None:
+            return [(self.name, self.shape, self.dtype)]
+        n, k = self.shape
+        sz = (k // self.group_size, n)
+        return [(int4_key(self.name, "qdata"), (n, k // 2), torch.int8),
+                (int4_key(self.name, "scale"), sz, self.dtype),
+                (int4_key(self.name, "zero_point"), sz, self.dtype)]
+
+    def nbytes(self) -> int:
+        return sum(math.prod(s) * d.itemsize for _, s, d in self.parts())
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> "PlannedTensor":
+        group = int4.group_size_of(tensor) if int4.is_int4(tensor) else None
+        return cls(name, tuple(tensor.shape), tensor.dtype, group, lambda: tensor)
+
+
+def save_checkpoint(out_dir: str | Path, tensors: Iterable[PlannedTensor], max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """Write tensors as ``model.safetensors``, or as shards plus ``model.safetensors.index.json``.
+
+    Each tensor is produced, written and dropped in turn, so host memory stays
+    near the largest tensor rather than the model.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes() > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes()
+    if len(shards) == 1:
+        names = [out_dir / SINGLE_FILE]
+    else:
+        names = [out_dir / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map: dict[str, str] = {}
+    for path, shard in zip(names, shards):
+        _write_safetensors(path, shard)
+        weight_map.update({key: path.name for t in shard for key, _, _ in t.parts()})
+    if len(shards) > 1:
+        total = sum(t.nbytes() for s in shards for t in s)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return names
+
+
+def _write_safetensors(path: Path, tensors: list[PlannedTensor]) -> None:
+    meta = {"format": "pt", "tensor_names": json.dumps([t.name for t in tensors])}
+    header: dict[str, object] = {}
+    offset = 0
+    for t in tensors:
+        meta[t.name] = int4_metadata(t.shape, t.group_size) if t.group_size else json.dumps({"_type": "Tensor"})
+        for key, shape, dtype in t.parts():
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+    header["__metadata__"] = meta
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data must start 8-byte aligned
+    tmp = path.with_suffix(".safetensors.tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors:
+            value = t.produce()
+            pieces = [getattr(value, d) for d in int4.INT4_DATA_NAMES] if t.group_size else [value]
+            for (key, shape, dtype), piece in zip(t.parts(), pieces):
+                if tuple(piece.shape) != tuple(shape) or piece.dtype != dtype:
+                    raise ValueError(f"{key}: produced {tuple(piece.shape)} {piece.dtype}, planned {shape} {dtype}")
+                f.write(piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    tmp.replace(path)
+

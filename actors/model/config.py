@@ -1,0 +1,241 @@
+"""The model's config.json, read into one small validated object.
+
+Read as plain JSON (no transformers import) so the CLI starts fast and a bad
+file gets a message that names the file and the key to fix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Hugging Face architecture name -> shardgen's family (what differs is in ModelConfig's flags).
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """torchao plain int4, weight-only, as transformers' ``TorchAoConfig`` writes it."""
+
+    group_size: int
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": "torchao",
+            "quant_type": {
+                "default": {
+                    "_type": "Int4WeightOnlyConfig",
+                    "_version": 2,
+                    "_data": {"group_size": self.group_size, "int4_packing_format": "plain"},
+                }
+            },
+            "modules_to_not_convert": None,
+            "include_input_output_embeddings": False,
+            "untie_embedding_weights": False,
+        }
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    rope: RopeConfig
+    quant: QuantConfig | None
+    torch_dtype: str
+    eos_token_ids: tuple[int, ...] = field(default=())
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        """Read ``config.json`` of a Hugging Face style model directory."""
+        path = Path(model_dir) / "config.json"
+        check_model_dir(Path(model_dir))
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: a shardgen model directory needs config.json, tokenizer files and *.safetensors")
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); fix or re-export the config") from e
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        archs = raw.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"{source}: architecture {archs or raw.get('model_type')!r} is not supported; "
+                f"shardgen runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        family = SUPPORTED_ARCHITECTURES[arch]
+
+        def need(key: str) -> Any:
+            if key not in raw:
+                raise ValueError(f"{source}: key {key!r} is missing; a {arch} config needs it")
+            return raw[key]
+
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported; shardgen's MLP is SwiGLU (silu)")
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        kv_heads = int(raw.get("num_key_value_heads") or heads)
+        head_dim = int(raw.get("head_dim") or hidden // heads)
+        sliding = raw.get("sliding_window")
+        if family == "qwen2" and not raw.get("use_sliding_window", False):
+            sliding = None
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            architecture=arch,
+            family=family,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=family == "qwen3",
+            sliding_window=int(sliding) if sliding else None,
+            rope=_parse_rope(raw, source),
+            quant=_parse_quant(raw.get("quantization_config"), source),
+            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+            eos_token_ids=eos_ids,
+            raw=raw,
+        )
+
+    def tp_problems(self, tp_size: int, int4_groups: dict[str, int] | None = None) -> list[str]:
+        """Why this model cannot be split over ``tp_size`` ranks (empty: it can).
+
+        ``int4_groups``: the checkpoint's int4 modules and their group sizes (``loader.int4_groups``); a
+        row-parallel int4 layer (o_proj, down_proj) needs K/T to be a multiple of its G, a float one does not.
+        None: every layer taken as int4 at the config's group size (no checkpoint at hand)."""
+        out = []
+        if self.num_heads % tp_size or self.num_kv_heads % tp_size:
+            out.append(f"does not divide the attention heads ({self.num_heads}) and KV heads ({self.num_kv_heads})")
+        if self.intermediate_size % tp_size:
+            out.append(f"does not divide intermediate_size {self.intermediate_size}")
+        if out or self.quant is None:
+            return out
+        row_parallel = {"o_proj": self.num_heads * self.head_dim, "down_proj": self.intermediate_size}
+        for kind, k in row_parallel.items():
+            if int4_groups is None:
+                groups = {self.quant.group_size}
+            else:
+                groups = {g for name, g in int4_groups.items() if name.endswith(f".{kind}")}
+            for g in sorted(groups):
+                if (k // tp_size) % g:
+                    out.append(f"{kind}: row-parallel int4 slice K/T = {k}/{tp_size} = {k // tp_size} is not a "
+                               f"multiple of the group size G = {g}")
+        return out
+
+    def check_tp(self, tp_size: int, int4_groups: dict[str, int] | None = None) -> None:
+        """Refuse a tensor-parallel degree this model cannot be split into, naming why and the valid ones."""
+        if tp_size < 1:
+            raise ValueError(f"--tp must be >= 1, got {tp_size}")
+        problems = self.tp_problems(tp_size, int4_groups)
+        if problems:
+            split_heads = self.num_heads % tp_size or self.num_kv_heads % tp_size
+            heads = " (shardgen splits KV heads across ranks and does not replicate them)" if split_heads else ""
+            raise ValueError(f"--tp {tp_size} {'; '.join(problems)}{heads}. Valid --tp for this model: "
+                             f"{self.valid_tp_sizes(int4_groups)}")
+
+    def valid_tp_sizes(self, int4_groups: dict[str, int] | None = None, limit: int = 64) -> list[int]:
+        return [t for t in range(1, limit + 1) if not self.tp_problems(t, int4_groups)]
+
+
+def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
+    # transformers 5 writes rope_parameters (with rope_theta inside); 4.x wrote rope_theta + rope_scaling.
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported; shardgen supports {SUPPORTED_ROPE_TYPES}")
+    return RopeConfig(
+        theta=theta,
+        rope_type=rope_type,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def _parse_quant(qc: dict[str, Any] | None, source: str) -> QuantConfig | None:
+    if qc is None:
+        return None
+    if qc.get("quant_method") != "torchao":
+        raise ValueError(
+            f"{source}: quantization_config.quant_method is {qc.get('quant_method')!r}; shardgen reads torchao "
+            f"plain int4 checkpoints (make one with `shardgen quantize SRC DST`)"
+        )
+    qt = qc.get("quant_type")
+    default = qt.get("default") if isinstance(qt, dict) else None
+    if not isinstance(default, dict) or default.get("_type") != "Int4WeightOnlyConfig":
+        found = default.get("_type") if isinstance(default, dict) else qt
+        raise ValueError(
+            f"{source}: torchao quant_type {found!r} is not Int4WeightOnlyConfig; shardgen reads plain int4 "
+            f"checkpoints (make one with `shardgen quantize SRC DST`)"
+        )
+    data = default.get("_data", {})
+    packing = data.get("int4_packing_format", "plain")
+    if packing != "plain":
+        raise ValueError(
+            f"{source}: int4_packing_format is {packing!r}; shardgen needs the sliceable 'plain' format "
+            f"and converts each rank's slice itself"
+        )
+    return QuantConfig(group_size=int(data.get("group_size", 128)))
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Refuse a model path that is a file or does not exist, saying which."""
+    if model_dir.is_file():
+        raise FileNotFoundError(f"{model_dir} is a file; give the model's directory (the folder holding config.json "
+                                f"and *.safetensors)")
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist; check the path")
+
+
+def resolved_dtype_name(dtype: str, device_type: str) -> str:
+    """``--dtype auto`` is bfloat16 on CUDA and float32 on CPU; other names are themselves."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device_type == "cuda" else "float32"

@@ -1,0 +1,162 @@
+"""The engine without Ray: continuous batching, stop conditions, sampling, preemption."""
+
+import pytest
+import torch
+
+from shardgen.actors.engine.sampler import sample
+from shardgen.actors.engine.sequence import (
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Request,
+    SamplingParams,
+)
+from tests.helpers import hf_greedy, make_engine, random_prompts
+
+
+def test_continuous_batching_keeps_the_engine_full_and_matches_running_alone(model):
+    reference, loaded = model
+    lengths = [3, 90, 7, 41, 2, 66, 12, 5, 30, 8, 55, 4, 19, 77, 6, 11]
+    new = [40, 3, 25, 9, 31, 2, 17, 38, 5, 22, 7, 33, 12, 4, 28, 15]
+    cap = 4
+    engine = make_engine(loaded, max_num_seqs=cap, max_num_batched_tokens=64)
+    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=n)) for i, (p, n) in enumerate(zip(random_prompts(lengths), new))]
+    together = engine.generate(reqs)
+    running = engine.stats.running_per_step
+    # Until the last requests are admitted, the engine runs at its cap (minus steps where sequences just finished).
+    last_admission = max(i for i, r in enumerate(running) if r == cap)
+    busy = running[: last_admission + 1]
+    print(f"steps {len(running)}, running per step before the tail: mean {sum(busy) / len(busy):.2f} of cap {cap}; "
+          f"tail {len(running) - len(busy)} steps")
+    assert sum(busy) / len(busy) >= 0.9 * cap
+    assert max(running) == cap
+    for req, got in zip(reqs, together):
+        alone = make_engine(loaded, max_num_seqs=1).generate([req])[0]
+        assert got.token_ids == alone.token_ids and got.finish_reason == FINISH_LENGTH
+        assert got.token_ids == hf_greedy(reference, req.prompt_token_ids, req.params.max_new_tokens)
+
+
+def test_requests_added_while_running_join_the_batch(model):
+    _, loaded = model
+    engine = make_engine(loaded, max_num_seqs=8)
+    first = engine.add([Request("a", random_prompts([5])[0], SamplingParams(max_new_tokens=20))])
+    engine.step()
+    engine.step()
+    second = engine.add([Request("b", random_prompts([6], 1)[0], SamplingParams(max_new_tokens=5))])
+    engine.step()  # a's decode step launched ahead (before b arrived) is read first
+    engine.step()
+    assert engine.stats.running_per_step[-1] == 2  # b joined while a was decoding
+    while not (first[0].done() and second[0].done()):
+        engine.step()
+    assert len(first[0].result().token_ids) == 20 and len(second[0].result().token_ids) == 5
+
+
+def test_eos_and_stop_token_ids_finish_with_stop_and_are_not_in_the_output(model):
+    _, loaded = model
+    p = random_prompts([9])[0]
+    free = make_engine(loaded).generate([Request("x", p, SamplingParams(max_new_tokens=10))])[0].token_ids
+    stop_at = free[4]
+    first = free.index(stop_at)
+    got = make_engine(loaded, eos={stop_at}).generate([Request("x", p, SamplingParams(max_new_tokens=10))])[0]
+    assert got.finish_reason == FINISH_STOP and got.token_ids == free[:first]
+    got = make_engine(loaded).generate([Request("x", p, SamplingParams(max_new_tokens=10, stop_token_ids=(stop_at,)))])[0]
+    assert got.finish_reason == FINISH_STOP and got.token_ids == free[:first]
+    got = make_engine(loaded, eos={stop_at}).generate([Request("x", p, SamplingParams(max_new_tokens=10, ignore_eos=True))])[0]
+    assert got.finish_reason == FINISH_LENGTH and got.token_ids == free
+
+
+def test_stop_strings_finish_on_the_text(model):
+    _, loaded = model
+    p = random_prompts([9])[0]
+    free = make_engine(loaded).generate([Request("x", p, SamplingParams(max_new_tokens=12))])[0].token_ids
+    detok = lambda ids: " ".join(f"t{t}" for t in ids)  # noqa: E731
+    stop = f"t{free[5]}"
+    got = make_engine(loaded, detokenize=detok).generate([Request("x", p, SamplingParams(max_new_tokens=12, stop=(stop,)))])[0]
+    assert got.finish_reason == FINISH_STOP and got.token_ids == free[: free.index(free[5]) + 1]
+
+
+def test_max_model_len_ends_with_length_and_too_long_prompts_are_errors(model):
+    _, loaded = model
+    engine = make_engine(loaded, max_model_len=20)
+    ok, too_long = engine.generate([Request("ok", random_prompts([15])[0], SamplingParams(max_new_tokens=50)),
+                                    Request("long", random_prompts([25])[0], SamplingParams(max_new_tokens=5))])
+    assert ok.finish_reason == FINISH_LENGTH and len(ok.token_ids) == 5
+    assert too_long.finish_reason == FINISH_ERROR and "25 tokens" in too_long.error and "--max-model-len 20" in too_long.error
+    exact = engine.generate([Request("exact", random_prompts([20])[0], SamplingParams(max_new_tokens=5))])[0]
+    assert exact.finish_reason == FINISH_ERROR  # no room left for even one token
+    edge = engine.generate([Request("edge", random_prompts([19])[0], SamplingParams(max_new_tokens=5))])[0]
+    assert edge.finish_reason == FINISH_LENGTH and len(edge.token_ids) == 1
+
+
+def test_a_small_cache_preempts_and_still_gives_the_same_tokens(model):
+    _, loaded = model
+    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=30)) for i, p in enumerate(random_prompts([20, 25, 18, 22]))]
+    roomy = make_engine(loaded, max_num_seqs=4).generate(reqs)
+    tight = make_engine(loaded, kv_tokens=128, max_num_seqs=4, max_model_len=128)
+    got = tight.generate(reqs)
+    assert tight.scheduler.num_preemptions > 0
+    assert [g.token_ids for g in got] == [r.token_ids for r in roomy]
+
+
+def test_projected_admission_fills_the_cache_without_preempting_and_gives_the_same_tokens(model):
+    _, loaded = model
+    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=30)) for i, p in enumerate(random_prompts([20, 25, 18, 22, 9]))]
+    roomy = make_engine(loaded, max_num_seqs=5).generate(reqs)
+    tight = make_engine(loaded, kv_tokens=128, max_num_seqs=5, max_model_len=128, admission="projected")
+    got = tight.generate(reqs)
+    assert tight.scheduler.num_preemptions == 0
+    assert [g.token_ids for g in got] == [r.token_ids for r in roomy]
+    # 32 blocks of 4: two sequences at their limit (14 blocks each) fit, a third does not
+    assert max(tight.stats.running_per_step) == 2
+
+
+def test_seeded_sampling_depends_only_on_seed_and_position():
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=0.9, top_p=0.8, seed=11), SamplingParams(temperature=1.2, top_k=5, seed=3),
+              SamplingParams()]
+    a = sample(logits, params, [0, 7, 0])
+    b = sample(logits[[1, 0, 2]], [params[1], params[0], params[2]], [7, 0, 0])
+    assert a == [b[1], b[0], b[2]]
+    assert a[2] == int(logits[2].argmax())
+    top_k = {sample(logits[1:2], [SamplingParams(temperature=5.0, top_k=5, seed=s)], [0])[0] for s in range(200)}
+    assert top_k <= set(torch.topk(logits[1], 5).indices.tolist()) and len(top_k) > 1
+
+
+def _mixed_requests() -> list[Request]:
+    """Greedy requests that end every way a decode step can: by length, on EOS, on a stop token, on a stop string."""
+    ps = random_prompts([9, 14, 3, 30, 7, 21, 5, 12], seed=5)
+    ends = [dict(max_new_tokens=40), dict(max_new_tokens=25), dict(max_new_tokens=33, stop_token_ids=(17, 250)),
+            dict(max_new_tokens=9), dict(max_new_tokens=40, stop=("t4",)), dict(max_new_tokens=1),
+            dict(max_new_tokens=30, ignore_eos=True), dict(max_new_tokens=40, temperature=0.7, seed=3)]
+    return [Request(str(i), p, SamplingParams(**e)) for i, (p, e) in enumerate(zip(ps, ends))]
+
+
+@pytest.mark.parametrize("setting", ["roomy", "tight cache", "max_model_len"])
+def test_decode_steps_launched_ahead_give_the_same_completions(model, setting):
+    """Launching each greedy decode step before the previous one's tokens are read changes nothing a user sees:
+    the same tokens and finish reasons, whatever stops a sequence, with preemption, and with requests arriving
+    while a step is in flight."""
+    _, loaded = model
+    detok = lambda ids: " ".join(f"t{t}" for t in ids)  # noqa: E731
+    free = make_engine(loaded).generate([Request("probe", random_prompts([9], seed=5)[0], SamplingParams(max_new_tokens=8))])
+    eos = {free[0].token_ids[6]}  # a token greedy decoding really produces, so some sequence stops on EOS
+    extra = {"tight cache": dict(kv_tokens=96, max_model_len=96), "max_model_len": dict(max_model_len=40)}.get(setting, {})
+    results = {}
+    for overlap in (False, True):
+        engine = make_engine(loaded, eos=eos, detokenize=detok, max_num_seqs=6, overlap_decode=overlap, **extra)
+        reqs = _mixed_requests()
+        futures = engine.add(reqs[:5])
+        for _ in range(12):
+            engine.step()
+        futures += engine.add(reqs[5:])  # arrive mid-run, maybe while a step is in flight
+        while not all(f.done() for f in futures):
+            engine.step()
+        results[overlap] = ([(f.result().token_ids, f.result().finish_reason) for f in futures], engine.stats,
+                            engine.scheduler.num_preemptions)
+    (sync, sync_stats, _), (ahead, ahead_stats, preemptions) = results[False], results[True]
+    print(f"{setting}: {ahead_stats.steps_ahead} of {ahead_stats.steps} steps launched ahead; finish reasons "
+          f"{[r for _, r in ahead]}")
+    assert sync_stats.steps_ahead == 0 and ahead_stats.steps_ahead > 0
+    assert ahead == sync
+    assert FINISH_STOP in [r for _, r in ahead] and FINISH_LENGTH in [r for _, r in ahead]
+    assert (preemptions > 0) == (setting == "tight cache")

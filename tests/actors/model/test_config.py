@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from shardgen.actors.model.config import ModelConfig, QuantConfig
+from shardgen.actors.model.layers import rope_inv_freq
+
+BASE = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 512, "intermediate_size": 1024,
+    "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+}
+
+
+def cfg(**overrides: object) -> ModelConfig:
+    return ModelConfig.from_dict({**BASE, **overrides})
+
+
+def test_transformers4_and_transformers5_rope_keys_give_the_same_config():
+    v4 = cfg(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    v5 = cfg(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    assert v4.rope == v5.rope and v4.rope.rope_type == "llama3" and v4.rope.theta == 500000.0
+
+
+def test_llama3_inverse_frequencies_match_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    hf = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=rope)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    got = rope_inv_freq(128, cfg(rope_parameters=rope).rope)
+    assert torch.equal(got, want)
+
+
+def test_architecture_outside_the_supported_list_names_the_supported_ones():
+    with pytest.raises(ValueError, match="not supported.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        cfg(architectures=["GPT2LMHeadModel"])
+
+
+def test_missing_key_is_named():
+    raw = dict(BASE)
+    del raw["intermediate_size"]
+    with pytest.raises(ValueError, match="'intermediate_size' is missing"):
+        ModelConfig.from_dict(raw)
+
+
+def test_unsupported_rope_type_is_refused():
+    with pytest.raises(ValueError, match="rope type 'yarn'"):
+        cfg(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+
+
+def test_quantization_config_round_trips_transformers_layout():
+    c = cfg(quantization_config=QuantConfig(64).to_hf_dict())
+    assert c.quant == QuantConfig(64)
+
+
+def test_transformers_own_torchao_config_is_understood():
+    from torchao.quantization import Int4WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    qc = TorchAoConfig(Int4WeightOnlyConfig(group_size=128, int4_packing_format="plain")).to_dict()
+    assert cfg(quantization_config=qc).quant == QuantConfig(128)
+
+
+@pytest.mark.parametrize(
+    "qc,match",
+    [
+        ({"quant_method": "gptq"}, "quant_method is 'gptq'"),
+        ({"quant_method": "torchao", "quant_type": {"default": {"_type": "Float8WeightOnlyConfig"}}}, "not Int4WeightOnlyConfig"),
+        ({"quant_method": "torchao", "quant_type": {"default": {"_type": "Int4WeightOnlyConfig",
+                                                                 "_data": {"int4_packing_format": "preshuffled"}}}}, "'plain'"),
+    ],
+)
+def test_non_plain_int4_quantization_is_refused(qc, match):
+    with pytest.raises(ValueError, match=match):
+        cfg(quantization_config=qc)
+
+
+def test_tp_that_does_not_divide_kv_heads_is_refused_with_the_valid_choices():
+    with pytest.raises(ValueError, match=r"--tp 4 does not divide.*KV heads \(2\).*Valid --tp for this model: \[1, 2\]"):
+        cfg().check_tp(4)
+
+
+def test_tp_whose_row_parallel_slice_breaks_groups_is_refused():
+    c = cfg(num_attention_heads=4, num_key_value_heads=4, intermediate_size=768,
+            quantization_config=QuantConfig(128).to_hf_dict())
+    c.check_tp(2)
+    with pytest.raises(ValueError, match=r"down_proj.*768/4 = 192.*group size G = 128"):
+        c.check_tp(4)
+
+
+def test_missing_config_json_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        ModelConfig.from_dir(tmp_path)
+
+
+def test_broken_config_json_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        ModelConfig.from_dir(tmp_path)
+
+
+def test_qwen2_has_qkv_bias_and_qwen3_has_qk_norm(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "architectures": ["Qwen2ForCausalLM"]}))
+    assert ModelConfig.from_dir(tmp_path).attention_bias
+    assert cfg(architectures=["Qwen3ForCausalLM"], head_dim=128).qk_norm
