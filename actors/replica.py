@@ -41,7 +41,7 @@ class Replica:
             remove_placement_group(self.pg)
             have = ray.cluster_resources()
             raise RuntimeError(
-                f"could not place a replica of --tp {spec.tp} ({spec.tp} x {bundle}) within {ready_timeout_s:.0f} s; "
+                f"could not place a replica of `tp` {spec.tp} ({spec.tp} x {bundle}) within {ready_timeout_s:.0f} s; "
                 f"the cluster has {have.get('GPU', 0):g} GPUs and {have.get('CPU', 0):g} CPUs in all"
             ) from None
         actor = ray.remote(ShardWorker)

@@ -68,10 +68,9 @@ class ShardWorker:
         begun = time.perf_counter()
         import torch
 
+        from shardgen.actors.engine.build import build_engine
         from shardgen.actors.model.distributed import init_tp_group
-        from shardgen.actors.engine.engine import Engine
         from shardgen.actors.model.loader import load_model
-        from shardgen.actors.engine.runner import ModelRunner
         from shardgen.actors.model.tokenizer import eos_token_ids, load_tokenizer
 
         imported = time.perf_counter()
@@ -85,17 +84,17 @@ class ShardWorker:
         joined = time.perf_counter()
         loaded = load_model(spec.model_dir, tp, device, spec.dtype, spec.int4_layout, spec.allow_pickle,
                             spec.kernel_cache_dir)
-        cfg = loaded.config
-        max_model_len = min(spec.engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         built = time.perf_counter()
-        runner = ModelRunner(loaded, tp, device, spec.engine, max_model_len)
         if self.rank == 0:
             tokenizer = load_tokenizer(spec.model_dir)
-            self.engine = Engine(runner, spec.engine, max_model_len, eos_token_ids(spec.model_dir, cfg.eos_token_ids, tokenizer),
-                                 detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-            self._thread = threading.Thread(target=self.engine.run_forever, args=(self._stop,), daemon=True, name="engine")
+            self.engine = engine = build_engine(
+                loaded, spec.engine, tp, device, eos_token_ids(spec.model_dir, loaded.config.eos_token_ids, tokenizer),
+                detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+            self._thread = threading.Thread(target=engine.run_forever, args=(self._stop,), daemon=True, name="engine")
         else:
-            self._thread = threading.Thread(target=runner.follow, daemon=True, name="follower")
+            engine = build_engine(loaded, spec.engine, tp, device)
+            self._thread = threading.Thread(target=engine.runner.follow, daemon=True, name="follower")
+        runner = engine.runner
         self._thread.start()
         timings = {"created_at": round(self._created_at, 1), "imports_s": round(imported - begun, 1),
                    "group_s": round(joined - imported, 1),
@@ -106,7 +105,7 @@ class ShardWorker:
         return {
             "timings": timings, "rank": self.rank, "layout": loaded.layout, "int4_weights": loaded.int4_weights,
             "kv_blocks": runner.num_blocks, "block_size": spec.engine.block_size,
-            "max_model_len": max_model_len, "cuda_graphs": runner.graphs is not None,
+            "max_model_len": engine.scheduler.max_model_len, "cuda_graphs": runner.graphs is not None,
             "activation_peak_gib": runner.activation_peak / 2**30, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         }
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.synthetic import LLAMA_8B, WORKLOADS, random_model, workload_prompts, write_checkpoint
+from shardgen.actors.engine.build import build_engine
 from shardgen.actors.engine.config import EngineConfig
 
 DEFAULT_WORKLOADS = ("decode-heavy", "prefill-heavy", "mixed")
@@ -92,10 +93,7 @@ def warm_up(engine, max_num_batched_tokens: int) -> None:
 
 
 def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
-    from shardgen.actors.model.distributed import SINGLE
-    from shardgen.actors.engine.engine import Engine
     from shardgen.actors.model.loader import load_model
-    from shardgen.actors.engine.runner import ModelRunner
     from shardgen.actors.engine.sequence import Request, SamplingParams
 
     torch.cuda.reset_peak_memory_stats()
@@ -110,10 +108,9 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     engine_cfg = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                               gpu_memory_utilization=config.gpu_memory_utilization, cuda_graphs=config.cuda_graphs,
                               **ENGINE_VARIANTS.get(system, {}))
-    max_len = LLAMA_8B["max_position_embeddings"]
-    runner = ModelRunner(loaded, SINGLE, torch.device("cuda"), engine_cfg, max_len)
+    engine = build_engine(loaded, engine_cfg)
+    runner = engine.runner
     ready_s = time.perf_counter() - start
-    engine = Engine(runner, engine_cfg, max_len, set())
     notes = {"layout": loaded.layout, "read_s": round(loaded.load_s, 2), "convert_s": round(loaded.convert_s, 2),
              "kv_cache_gib": round(runner.kv_cache_bytes / GiB, 2), "kv_cache_dtype": engine_cfg.kv_cache_dtype,
              "activation_peak_gib": round(runner.activation_peak / GiB, 2), "cuda_graphs": runner.graphs is not None}

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from shardgen.actors.engine.build import build_engine
+
 from shardgen.actors.engine.config import EngineConfig
-from shardgen.actors.model.distributed import SINGLE
-from shardgen.actors.engine.engine import Engine
 from shardgen.actors.engine.runner import ModelRunner
 from shardgen.actors.engine.sequence import Request, SamplingParams
 from benchmarks.synthetic import LLAMA_8B, random_model
@@ -55,8 +55,8 @@ def run(layout: str, args: argparse.Namespace) -> dict:
     weights_gb = torch.cuda.memory_allocated() / 1e9
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           cuda_graphs=not args.enforce_eager)
-    runner = TimedRunner(loaded, SINGLE, torch.device("cuda"), config, 8192)
-    engine = Engine(runner, config, 8192, set())
+    engine = build_engine(loaded, config, runner_class=TimedRunner)
+    runner = engine.runner
     gen = torch.Generator().manual_seed(1)
     params = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True)
     requests = [Request(str(i), torch.randint(0, 128000, (args.input_len,), generator=gen).tolist(), params)

@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from shardgen.actors.engine.build import build_engine
+
 from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.sequence import SamplingParams
 from benchmarks.bench import write_checkpoint
@@ -44,24 +46,20 @@ def prompts(n: int, seed: int) -> list[str]:
 
 
 def engine_rate(model: Path, texts: list[str]) -> dict:
-    from shardgen.actors.model.distributed import SINGLE
-    from shardgen.actors.engine.engine import Engine
     from shardgen.actors.model.loader import load_model
-    from shardgen.actors.engine.runner import ModelRunner
     from shardgen.actors.engine.sequence import Request
     from shardgen.actors.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(model))
     loaded = load_model(model, device="cuda")
-    runner = ModelRunner(loaded, SINGLE, torch.device("cuda"), ENGINE, 8192)
-    engine = Engine(runner, ENGINE, 8192, set())
+    engine = build_engine(loaded, ENGINE)
     engine.generate([Request("warm", [1] * 9000, SamplingParams(max_new_tokens=4, ignore_eos=True))])
     requests = [Request(str(i), tok(t)["input_ids"], PARAMS) for i, t in enumerate(texts)]
     start = time.perf_counter()
     done = engine.generate(requests)
     wall = time.perf_counter() - start
     tokens = sum(len(r.prompt_token_ids) for r in requests) + sum(len(c.token_ids) for c in done)
-    del engine, runner, loaded
+    del engine, loaded
     torch.cuda.empty_cache()
     return {"wall_s": round(wall, 2), "tokens": tokens, "total_tok_s": round(tokens / wall)}
 

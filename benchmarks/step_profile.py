@@ -25,10 +25,10 @@ import triton
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from shardgen.actors.engine.build import build_engine
+
 from shardgen.actors.model.attention import AttentionMetadata, StepParts, attention
 from shardgen.actors.engine.config import EngineConfig
-from shardgen.actors.model.distributed import SINGLE
-from shardgen.actors.engine.engine import Engine
 from shardgen.actors.engine.runner import ModelRunner, StepInput
 from shardgen.actors.engine.sequence import Request, SamplingParams
 from benchmarks.synthetic import random_model
@@ -125,8 +125,7 @@ def busy_us(prof) -> float:
 
 def engine_busy(loaded, layout: str, cudnn_prompts: bool) -> list[dict]:
     config = EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192, cudnn_prompts=cudnn_prompts)
-    runner = ModelRunner(loaded, SINGLE, torch.device("cuda"), config, 8192)
-    engine = Engine(runner, config, 8192, set())
+    engine = build_engine(loaded, config)
     warm_up(engine, config.max_num_batched_tokens)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -145,7 +144,7 @@ def engine_busy(loaded, layout: str, cudnn_prompts: bool) -> list[dict]:
         rows.append({"layout": layout, "workload": name, "wall_s": round(wall, 3), "gpu_busy_s": round(busy, 3),
                      "gpu_idle_pct": round(100 * (1 - busy / wall), 1), "steps": engine.stats.steps - steps0,
                      "total_tok_s": round(prompts * (input_len + output_len) / wall)})
-    del engine, runner
+    del engine
     return rows
 
 
@@ -166,7 +165,7 @@ def main() -> None:
         loaded = random_model(LLAMA_8B, layout)
         config = EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192, cuda_graphs=False,
                               kv_cache_memory=24 * 2**30, cudnn_prompts=not args.flash_prompts)
-        runner = ModelRunner(loaded, SINGLE, torch.device("cuda"), config, 8192)
+        runner = build_engine(loaded, config).runner
         steps = {"prefill 2 x 4096": StepInput.prefill([4096, 4096], config.block_size),
                  "decode 128 x 1060": decode_step(128, 1060, config.block_size, runner.num_blocks)}
         for name, step in steps.items():

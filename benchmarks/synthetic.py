@@ -14,7 +14,7 @@ from shardgen.actors import int4
 from shardgen.actors.kernels import kv_cache
 from shardgen.actors.kernels.kv_cache import LayerCache
 from shardgen.actors.model.attention import AttentionMetadata
-from shardgen.actors.model.checkpoint import PlannedTensor, save_checkpoint
+from shardgen.actors.model.checkpoint_writer import PlannedTensor, save_checkpoint
 from shardgen.actors.model.config import ModelConfig, QuantConfig
 from shardgen.actors.model.distributed import SINGLE
 from shardgen.actors.model.loader import LoadedModel

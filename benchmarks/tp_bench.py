@@ -59,11 +59,10 @@ class Layout:
 def _rank_main(layout: Layout, replica: int, rank: int, port: int, args: dict, barrier, queue) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(replica * layout.tp + rank)
     try:
+        from shardgen.actors.engine.build import build_engine
         from shardgen.actors.engine.config import EngineConfig
         from shardgen.actors.model.distributed import destroy_tp_group, init_tp_group
-        from shardgen.actors.engine.engine import Engine
         from shardgen.actors.model.loader import load_model
-        from shardgen.actors.engine.runner import ModelRunner
         from shardgen.actors.engine.sequence import Request, SamplingParams
 
         device = torch.device("cuda", 0)
@@ -73,8 +72,8 @@ def _rank_main(layout: Layout, replica: int, rank: int, port: int, args: dict, b
         weights = torch.cuda.memory_allocated()
         cfg = EngineConfig(max_num_seqs=args["max_num_seqs"], max_num_batched_tokens=args["max_num_batched_tokens"],
                            gpu_memory_utilization=args["gpu_memory_utilization"])
-        max_len = SHAPES[args["shape"]]["max_position_embeddings"]
-        runner = ModelRunner(loaded, tp, device, cfg, max_len)
+        engine = build_engine(loaded, cfg, tp, device)
+        runner = engine.runner
         info = {"replica": replica, "rank": rank, "weights_gib": weights / GiB, "ready_s": time.perf_counter() - start,
                 "read_s": loaded.load_s, "convert_s": loaded.convert_s, "layout": loaded.layout,
                 "kv_cache_gib": runner.kv_cache_bytes / GiB,
@@ -83,7 +82,6 @@ def _rank_main(layout: Layout, replica: int, rank: int, port: int, args: dict, b
         if rank > 0:
             runner.follow()
         else:
-            engine = Engine(runner, cfg, max_len, set())
             warm_up(engine, cfg.max_num_batched_tokens)
             for workload in args["workloads"]:
                 prompts, output_len = workload_prompts(workload, args["scale"])

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
 from shardgen.actors.engine.config import EngineConfig
-from shardgen.jobs.native_stderr import start_filter, stop_filter
+from shardgen.jobs.native_stderr import start_filter
+from shardgen.jobs.process import run_then_exit, user_cache_dir
 
 ENGINE = EngineConfig()  # the engine's defaults, shown in --help (actors.config imports nothing heavy)
 
-
-class _DropTorchaoCppNotice(logging.Filter):
-    """torchao logs that its own C++ CPU ops are skipped; shardgen does not use them (int4 runs on fbgemm or dequantized)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Skipping import of cpp extensions" not in record.getMessage()
-
-
-logging.getLogger("torchao").addFilter(_DropTorchaoCppNotice())
 
 app = typer.Typer(
     name="shardgen",
@@ -48,39 +41,32 @@ def main() -> None:
     run_then_exit(app)
 
 
-def run_then_exit(entry: Callable[[], object]) -> None:
-    """Run a command line entry point, then ``quick_exit`` with its exit status."""
-    try:
-        entry()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-    quick_exit(code)
+# Core modules name the setting a message is about by its field name in backquotes (`max_model_len`): the names of
+# RunOptions and EngineConfig, which Python callers pass. On the command line each such setting is a flag.
+_FIELD = re.compile(r"`([a-z][a-z0-9_]*)`")
 
 
-def quick_exit(code: int) -> None:
-    """Stop Ray if this process uses it, flush, and leave without the interpreter's teardown."""
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    stop_filter()
-    os._exit(code)
+@functools.cache
+def _flags() -> frozenset[str]:
+    command = typer.main.get_command(app)
+    return frozenset(o for sub in command.commands.values() for p in sub.params for o in p.opts if o.startswith("--"))
 
 
-def user_cache_dir() -> Path:
-    """Where shardgen keeps what it measures once per machine (int4 kernel timings): $XDG_CACHE_HOME/shardgen."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shardgen"
+def as_flags(message: str) -> str:
+    """``message`` with each `field` it names written as the command line's flag (``--max-model-len``)."""
+    def flag(m: re.Match) -> str:
+        name = "--" + m.group(1).replace("_", "-")
+        return name if name in _flags() else m.group(1)
+
+    return _FIELD.sub(flag, message)
+
+
+def _echo(message: str) -> None:
+    typer.echo(as_flags(message))
 
 
 def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {as_flags(message)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 
 
@@ -197,16 +183,16 @@ def run(
                                 gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=not enforce_eager,
                                 kv_cache_dtype=kv_cache_dtype),
         )
-        from shardgen.pipeline.checks import check_files
+        from shardgen.pipeline.preflight import check_files
 
         check_files(options)  # files checked before torch and Ray load (seconds): refused at once
         from shardgen.pipeline.run import run as run_pipeline
 
         if not verbose:
             start_filter()  # Ray's C++ noise; run_then_exit stops the filter
-        run_pipeline(options, echo=typer.echo, progress=sys.stderr)
+        run_pipeline(options, echo=_echo, progress=sys.stderr)
     except Interrupted as e:
-        typer.secho(f"shardgen: {e}", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"shardgen: {as_flags(str(e))}", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(code=130)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
@@ -218,7 +204,7 @@ def _show_samples(output: str | Path, count: int = 3) -> None:
     """A few prompts and their completions, so a first run shows what the model does."""
     import pyarrow.dataset as pads
 
-    from shardgen.pipeline.write import existing_output
+    from shardgen.pipeline.stages.write import existing_output
 
     files = existing_output(output)
     rows = pads.dataset([f.path for f in files], format="parquet", filesystem=files[0].fs).to_table(columns=["id", "prompt", "completion"]).sort_by("id")
@@ -301,14 +287,14 @@ def inspect(
     problems = run_problems(model, allow_pickle, sorted(set(groups) | ({cfg.quant.group_size} if cfg.quant else set())))
     if problems:
         for problem in problems:
-            typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {as_flags(problem)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2)
     groups_by_module = {e.name.rsplit(".", 1)[0]: e.group_size for e in entries if e.is_int4}
     valid = cfg.valid_tp_sizes(groups_by_module)
     typer.echo(f"valid --tp: {valid}")
     for t in range(2, max(valid + [8]) + 1):  # why each small --tp that is not valid is not
         if t not in valid:
-            typer.echo(f"  --tp {t}: {'; '.join(cfg.tp_problems(t, groups_by_module))}")
+            _echo(f"  --tp {t}: {'; '.join(cfg.tp_problems(t, groups_by_module))}")
 
 
 def run_problems(model: Path, allow_pickle: bool, group_sizes: list[int]) -> list[str]:

@@ -5,7 +5,8 @@
 
 import typer
 
-from shardgen.jobs.cli import run, run_then_exit
+from shardgen.jobs.cli import run
+from shardgen.jobs.process import run_then_exit
 
 if __name__ == "__main__":
     run_then_exit(lambda: typer.run(run))

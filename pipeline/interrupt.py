@@ -24,17 +24,22 @@ class Interrupted(RuntimeError):
 
 class RunControl:
     """A Ray actor per run that the generate stages poll (has the run been asked to stop?) and tell how many tokens
-    their engines generated (for the progress line)."""
+    their engines generated (for the progress line) and the hardware layout their replicas run (for the summary)."""
 
     def __init__(self) -> None:
         self._stopping = False
         self._generated: dict[str, int] = {}
+        self._layouts: dict[str, str] = {}
 
-    def report(self, stage: str, generated_tokens: int) -> None:
+    def report(self, stage: str, generated_tokens: int, layout: str) -> None:
         self._generated[stage] = generated_tokens
+        self._layouts[stage] = layout
 
     def generated(self) -> int:
         return sum(self._generated.values())
+
+    def layouts(self) -> list[str]:
+        return sorted(set(self._layouts.values()))
 
     def stop(self) -> None:
         self._stopping = True

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.sequence import SamplingParams
+from shardgen.actors.int4.rules import LAYOUT_CHOICES
 
 DEVICES = ("auto", "cpu", "cuda")
 REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://, gs://, hf://, https:// ...
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-LAYOUTS = ("auto", "int4-tiled", "int4-preshuffled", "int4-plain")  # actors.int4.LAYOUT_CHOICES (not imported: torchao is slow)
 
 
 @dataclass(frozen=True)
@@ -40,25 +40,25 @@ class RunOptions:
     def __post_init__(self) -> None:
         problems = []
         if self.tp < 1:
-            problems.append(f"--tp must be >= 1, got {self.tp}")
+            problems.append(f"`tp` must be >= 1, got {self.tp}")
         if self.replicas < 1:
-            problems.append(f"--replicas must be >= 1, got {self.replicas}")
+            problems.append(f"`replicas` must be >= 1, got {self.replicas}")
         if self.batch_size is not None and self.batch_size < 1:
-            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
+            problems.append(f"`batch_size` must be >= 1, got {self.batch_size}")
         if self.device not in DEVICES:
-            problems.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            problems.append(f"`device` must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
-            problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.int4_layout not in LAYOUTS:
-            problems.append(f"--int4-layout must be one of {', '.join(LAYOUTS)}, got {self.int4_layout!r}")
+            problems.append(f"`dtype` must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.int4_layout not in LAYOUT_CHOICES:
+            problems.append(f"`int4_layout` must be one of {', '.join(LAYOUT_CHOICES)}, got {self.int4_layout!r}")
         if REMOTE.match(str(self.model)):  # Path("s3://b/x") is "s3:/b/x"
-            problems.append(f"--model {str(self.model).replace(':/', '://', 1)}: a model directory must be a local "
+            problems.append(f"`model` {str(self.model).replace(':/', '://', 1)}: a model directory must be a local "
                             f"path (on a cluster, a file system every node sees); copy the model there first. "
-                            f"--input and --output may be URIs")
+                            f"`input` and `output` may be URIs")
         if not self.prompt_column or self.id_column == "":
-            problems.append("--prompt-column and --id-column must not be empty")
-        for problem in self.sampling.problems():  # "top_p must be ..." -> "--top-p must be ..."
+            problems.append("`prompt_column` and `id_column` must not be empty")
+        for problem in self.sampling.problems():  # "top_p must be ..." -> "`top_p` must be ..."
             name, rest = problem.split(" ", 1)
-            problems.append(f"--{name.replace('_', '-')} {rest}")
+            problems.append(f"`{name}` {rest}")
         if problems:
             raise ValueError("; ".join(problems))

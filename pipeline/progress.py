@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Callable, TextIO
 
-from shardgen.pipeline import write
+from shardgen.pipeline.stages import write
 from shardgen.pipeline.storage import Location, Where
 
 

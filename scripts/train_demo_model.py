@@ -145,19 +145,17 @@ def demo_prompts(held: list[Path], n: int = 200) -> list[dict]:
 
 def greedy(model_dir: Path, device: str, prompts: list[list[int]], new_tokens: int, dtype: str = "auto",
            int4_layout: str = "auto", kv_cache_dtype: str = "auto") -> list[list[int]]:
+    from shardgen.actors.engine.build import build_engine
     from shardgen.actors.engine.config import EngineConfig
     from shardgen.actors.model.distributed import SINGLE
-    from shardgen.actors.engine.engine import Engine
     from shardgen.actors.model.loader import load_model
-    from shardgen.actors.engine.runner import ModelRunner
     from shardgen.actors.engine.sequence import Request, SamplingParams
 
     cfg = EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096, kv_cache_memory=2**28,
                        kv_cache_dtype=kv_cache_dtype)
     loaded = load_model(model_dir, SINGLE, device, dtype, int4_layout=int4_layout)
-    runner = ModelRunner(loaded, SINGLE, torch.device(device), cfg, 1024)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    done = Engine(runner, cfg, 1024, set()).generate([Request(str(i), p, params) for i, p in enumerate(prompts)])
+    done = build_engine(loaded, cfg).generate([Request(str(i), p, params) for i, p in enumerate(prompts)])
     return [c.token_ids for c in done]
 
 

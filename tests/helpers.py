@@ -11,7 +11,8 @@ import torch
 from shardgen.actors import int4
 from shardgen.actors.kernels import kv_cache
 from shardgen.actors.model.attention import AttentionMetadata
-from shardgen.actors.model.checkpoint import Checkpoint, PlannedTensor, save_checkpoint
+from shardgen.actors.model.checkpoint import Checkpoint
+from shardgen.actors.model.checkpoint_writer import PlannedTensor, save_checkpoint
 from shardgen.actors.model.config import QuantConfig
 from shardgen.actors.model.quantize import quantize_checkpoint
 
@@ -205,15 +206,12 @@ def model_with_tokenizer(family: str, tmp: Path, **overrides: object):
 def make_engine(loaded, kv_tokens: int = 4096, block_size: int = 4, eos: set[int] = frozenset(), detokenize=None,
                 **config):
     """A CPU engine over the ``model`` fixture's tiny Llama (tests/actors/conftest.py), its cache sized in tokens."""
+    from shardgen.actors.engine.build import build_engine
     from shardgen.actors.engine.config import EngineConfig
-    from shardgen.actors.model.distributed import SINGLE
-    from shardgen.actors.engine.engine import Engine
-    from shardgen.actors.engine.runner import ModelRunner
 
     bytes_per_block = 2 * 2 * block_size * 2 * 32 * 4  # k+v, 2 layers, block, 2 kv heads, head_dim 32, float32
     cfg = EngineConfig(block_size=block_size, kv_cache_memory=kv_tokens // block_size * bytes_per_block, **config)
-    runner = ModelRunner(loaded, SINGLE, torch.device("cpu"), cfg, cfg.max_model_len or 512)
-    return Engine(runner, cfg, cfg.max_model_len or 512, set(eos), detokenize)
+    return build_engine(loaded, cfg, eos_token_ids=eos, detokenize=detokenize)
 
 
 def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shardgen.actors.kernels.kv_cache import KV_CACHE_DTYPES
-
+# KV cache element types: the model's dtype, or float8 e4m3 with a scale per token and head (kernels/kv_cache.py).
+KV_CACHE_DTYPES = ("auto", "fp8")
 # How the scheduler admits sequences (actors/engine/scheduler.py).
 ADMISSIONS = ("greedy", "projected")
 
@@ -43,12 +43,12 @@ class EngineConfig:
         if self.admission not in ADMISSIONS:
             raise ValueError(f"admission must be one of {', '.join(ADMISSIONS)}, got {self.admission!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+            raise ValueError(f"`kv_cache_dtype` must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.max_num_seqs < 1:
-            raise ValueError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
+            raise ValueError(f"`max_num_seqs` must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+            raise ValueError(f"`max_model_len` must be >= 2, got {self.max_model_len}")
         if self.max_num_batched_tokens < 1 or self.block_size < 1:
             raise ValueError("the token budget per step and the block size must be >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ValueError(f"`gpu_memory_utilization` must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -136,7 +136,7 @@ class Engine:
         ahead = self.scheduler.plan_decode_ahead([batch.seqs[i] for i in going_on]) if quiet and going_on else None
         if ahead is not None:
             picked = [rows[i] for i in going_on]
-            ids = pending.device
+            ids = pending.tokens
             if picked != list(range(ids.numel())):
                 ids = ids[torch.tensor(picked).to(ids.device, non_blocking=True)]
             logits = self.runner.execute(self.runner.prepare(ahead, input_ids=ids))

@@ -104,7 +104,7 @@ class ModelRunner:
             num_blocks = int(n.item())
         if num_blocks < 1:
             raise ValueError(f"no memory left for the KV cache ({memory / GiB:.2f} GiB budgeted, one block needs "
-                             f"{block_bytes / 2**20:.1f} MiB); pass a larger --kv-cache-gb or use a larger --tp")
+                             f"{block_bytes / 2**20:.1f} MiB); pass a larger `kv_cache_gb` or use a larger `tp`")
         self.num_blocks = num_blocks
         self.kv_caches = self._allocate_cache(num_blocks + 1)  # + a block for CUDA graphs' padding rows
         if device.type == "cuda" and config.cuda_graphs:
@@ -154,11 +154,11 @@ class ModelRunner:
                  limit / GiB, in_use / GiB, self.activation_peak / GiB, memory / GiB)
         if memory < block_bytes:
             raise ValueError(
-                f"the GPU has no room for a KV cache: {total / GiB:.1f} GiB x --gpu-memory-utilization "
+                f"the GPU has no room for a KV cache: {total / GiB:.1f} GiB x `gpu_memory_utilization` "
                 f"{cfg.gpu_memory_utilization} = {limit / GiB:.1f} GiB, of which {in_use / GiB:.1f} GiB are in use "
                 f"(this rank's weights and the CUDA context, and any other process) and a step of "
-                f"--max-num-batched-tokens {tokens} needs {self.activation_peak / GiB:.2f} GiB of activations; "
-                f"lower --max-num-batched-tokens, raise --gpu-memory-utilization, or split the model with a larger --tp")
+                f"`max_num_batched_tokens` {tokens} needs {self.activation_peak / GiB:.2f} GiB of activations; "
+                f"lower `max_num_batched_tokens`, raise `gpu_memory_utilization`, or split the model with a larger `tp`")
         return memory
 
     def prepare(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None) -> StepInput:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from shardgen.actors.engine.sequence import SamplingParams
+from shardgen.actors.engine.sequence import SEED_MODULUS, SamplingParams
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
@@ -34,15 +34,15 @@ class PendingTokens:
     only, not for whatever was launched after it."""
 
     def __init__(self, logits: torch.Tensor) -> None:
-        self.device = logits.argmax(dim=-1)
+        self.tokens = logits.argmax(dim=-1)  # on the logits' device
         self._event = None
-        if self.device.is_cuda:
-            self._host = torch.empty(self.device.shape, dtype=self.device.dtype, pin_memory=True)
-            self._host.copy_(self.device, non_blocking=True)
+        if self.tokens.is_cuda:
+            self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self._host.copy_(self.tokens, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host = self.device
+            self._host = self.tokens
 
     def tolist(self) -> list[int]:
         if self._event is not None:
@@ -68,4 +68,4 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def _row_seed(seed: int | None, step: int) -> int:
     if seed is None:
         return int(torch.randint(0, 2**62, (1,)).item())
-    return (seed * 1_000_003 + step * 7_919 + 0x5EED) % (2**63 - 1)
+    return (seed * 1_000_003 + step * 7_919 + 0x5EED) % SEED_MODULUS

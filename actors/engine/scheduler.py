@@ -65,8 +65,8 @@ class Scheduler:
         if num_blocks * config.block_size < max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks of "
-                f"{config.block_size}), less than one sequence of --max-model-len {max_model_len}; "
-                f"lower --max-model-len or give the cache more memory"
+                f"{config.block_size}), less than one sequence of `max_model_len` {max_model_len}; "
+                f"lower `max_model_len` or give the cache more memory"
             )
         self.config = config
         self.max_model_len = max_model_len
@@ -110,7 +110,7 @@ class Scheduler:
                 self.waiting.popleft()
                 seq.status, seq.finish_reason = Status.FINISHED, FINISH_ERROR
                 seq.error = (f"prompt: {len(seq.tokens)} tokens leave no room to generate within "
-                             f"--max-model-len {self.max_model_len}; shorten it or raise --max-model-len")
+                             f"`max_model_len` {self.max_model_len}; shorten it or raise `max_model_len`")
                 refused.append(seq)
                 continue
             n = min(len(seq.tokens) - seq.num_computed, budget)

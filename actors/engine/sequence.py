@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import json
 import time
 from dataclasses import dataclass, field
 
 FINISH_STOP = "stop"  # EOS, a stop token or a stop string
 FINISH_LENGTH = "length"  # max_new_tokens or max_model_len
 FINISH_ERROR = "error"
+# Seeds are used modulo this (sampler._row_seed), so a seed and its remainder sample the same tokens.
+SEED_MODULUS = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -26,24 +26,16 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "SamplingParams":
-        d = json.loads(text)
-        return cls(**{**d, "stop": tuple(d["stop"]), "stop_token_ids": tuple(d["stop_token_ids"])})
-
     def problems(self) -> list[str]:
         """What is wrong with these values, as text naming each field (empty if all is well)."""
         out = []
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens < 2**31:
             out.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not self.temperature >= 0:
             out.append(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             out.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:
             out.append(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             out.append(f"stop must be a list of non-empty strings, got {list(self.stop)!r}")

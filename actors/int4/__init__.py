@@ -1,87 +1,44 @@
-"""Everything shardgen knows about torchao's plain int4 layout, in one package: the format (``format``), its
-tensor-parallel slices (``sharding``), and the hardware layouts a loaded slice is converted to (``layouts``), with
-the kernels that only those layouts use (``tiled``, ``w4a8``, ``kernel_choice``). Callers use the names below."""
+"""Everything shardgen knows about torchao's plain int4 layout, in one package.
 
-from torchao.quantization import Int4Tensor
+- ``rules``: group sizes, the TP split of int4 weights, layout names (plain Python: the CLI checks with it);
+- ``format``: what a plain int4 weight is, quantize and dequantize;
+- ``sharding``: which bytes of a weight a tensor-parallel rank holds, read and copied;
+- ``layouts``: the hardware layouts a loaded slice is converted to, and the linear over any of them, with the
+  kernels only those layouts use (``tiled``, ``w4a8``, ``kernel_choice``).
+
+Callers write ``from shardgen.actors import int4`` and ``int4.<name>``; each name is loaded from its module on first
+use, so that importing the rules costs no torch import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULES = {
+    "rules": ("MIN_CUDA_GROUP_SIZE", "GROUP_SIZES", "LAYOUT_PRESHUFFLED", "LAYOUT_PLAIN", "LAYOUT_CPU", "LAYOUT_TILED",
+              "LAYOUT_CHOICES", "check_group_size", "check_cuda_group_size", "row_slice_problem", "valid_tp_sizes"),
+    "format": ("INT4_DATA_NAMES", "is_int4", "group_size_of", "quantize", "unpack", "dequantize", "empty",
+               "contiguous", "param_attributes"),
+    "sharding": ("check_shardable", "shard_index", "read_shard", "narrow", "shard", "copy_rows"),
+    "layouts": ("TILED_PACK", "pack_tiled", "unpack_tiled", "pack_fp8act", "unpack_fp8act", "hardware_layout",
+                "convert_for_hardware", "TiledRuntime", "linear", "convert_module_weights"),
+}
+_MODULE_OF = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = ["Int4Tensor", *_MODULE_OF]
 
 
-from shardgen.actors.int4.format import (
-    INT4_DATA_NAMES,
-    MIN_CUDA_GROUP_SIZE,
-    GROUP_SIZES,
-    is_int4,
-    group_size_of,
-    quantize,
-    unpack,
-    dequantize,
-    empty,
-    contiguous,
-    param_attributes,
-    check_group_size,
-    check_cuda_group_size,
-)
-from shardgen.actors.int4.layouts import (
-    LAYOUT_PRESHUFFLED,
-    LAYOUT_PLAIN,
-    LAYOUT_CPU,
-    LAYOUT_TILED,
-    TILED_PACK,
-    LAYOUT_CHOICES,
-    pack_tiled,
-    unpack_tiled,
-    pack_fp8act,
-    unpack_fp8act,
-    hardware_layout,
-    convert_for_hardware,
-    TiledRuntime,
-    linear,
-    convert_module_weights,
-)
-from shardgen.actors.int4.sharding import (
-    check_shardable,
-    valid_tp_sizes,
-    shard_index,
-    read_shard,
-    narrow,
-    shard,
-    copy_rows,
-)
+def __getattr__(name: str) -> Any:
+    if name == "Int4Tensor":
+        from torchao.quantization import Int4Tensor
 
-__all__ = [
-    "Int4Tensor",
-    "INT4_DATA_NAMES",
-    "MIN_CUDA_GROUP_SIZE",
-    "GROUP_SIZES",
-    "is_int4",
-    "group_size_of",
-    "quantize",
-    "unpack",
-    "dequantize",
-    "empty",
-    "contiguous",
-    "param_attributes",
-    "check_group_size",
-    "check_cuda_group_size",
-    "LAYOUT_PRESHUFFLED",
-    "LAYOUT_PLAIN",
-    "LAYOUT_CPU",
-    "LAYOUT_TILED",
-    "TILED_PACK",
-    "LAYOUT_CHOICES",
-    "pack_tiled",
-    "unpack_tiled",
-    "pack_fp8act",
-    "unpack_fp8act",
-    "hardware_layout",
-    "convert_for_hardware",
-    "TiledRuntime",
-    "linear",
-    "convert_module_weights",
-    "check_shardable",
-    "valid_tp_sizes",
-    "shard_index",
-    "read_shard",
-    "narrow",
-    "shard",
-    "copy_rows",
-]
+        return Int4Tensor
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -23,11 +23,6 @@ _SUBCLASS_FIELDS = frozenset(
     {"qdata", "scale", "zero_point", "block_size", "act_pre_scale", "group_scale",
      "group_zero", "row_scale", "_is_param"}
 )
-# fbgemm's bf16 x int4 GEMMs (plain and preshuffled) compute wrong results below this group size on CUDA:
-# relative error 0.45-0.64 at G=32 against 0.0024 at G=64..256 (benchmarks/int4_group_sizes.py, H100).
-MIN_CUDA_GROUP_SIZE = 64
-# Group sizes shardgen runs (torchao's Int4WeightOnlyConfig choices): all on the CPU, from MIN_CUDA_GROUP_SIZE on CUDA.
-GROUP_SIZES = (32, 64, 128, 256)
 
 
 def is_int4(t: torch.Tensor) -> bool:
@@ -35,10 +30,8 @@ def is_int4(t: torch.Tensor) -> bool:
     return isinstance(t, Int4Tensor)
 
 
-
 def group_size_of(t: Int4Tensor) -> int:
     return int(t.block_size[-1])
-
 
 
 def quantize(w: torch.Tensor, group_size: int) -> Int4Tensor:
@@ -72,13 +65,11 @@ def quantize(w: torch.Tensor, group_size: int) -> Int4Tensor:
     return Int4Tensor(qdata, scale, zero, [1, group_size], torch.Size([n, k]))
 
 
-
 def unpack(qdata: torch.Tensor) -> torch.Tensor:
     """int8 (N, K/2) packed nibbles -> int8 (N, K) values in [-8, 7]."""
     low = torch.bitwise_right_shift(torch.bitwise_left_shift(qdata, 4), 4)  # sign-extends
     high = torch.bitwise_right_shift(qdata, 4)
     return torch.stack((low, high), dim=-1).reshape(qdata.shape[0], -1)
-
 
 
 def dequantize(t: Int4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -89,7 +80,6 @@ def dequantize(t: Int4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tenso
     scale = t.scale.t().to(dtype).unsqueeze(-1)
     zero = t.zero_point.t().to(dtype).unsqueeze(-1)
     return (q * scale + zero).reshape(n, k)
-
 
 
 def empty(shape: tuple[int, int], group_size: int, dtype: torch.dtype, device: torch.device | str) -> Int4Tensor:
@@ -105,7 +95,6 @@ def empty(shape: tuple[int, int], group_size: int, dtype: torch.dtype, device: t
     )
 
 
-
 def contiguous(t: Int4Tensor) -> Int4Tensor:
     """Same weight with contiguous inner tensors (copies only what is not contiguous already)."""
     return Int4Tensor(
@@ -113,26 +102,6 @@ def contiguous(t: Int4Tensor) -> Int4Tensor:
     )
 
 
-
 def param_attributes(param: nn.Parameter) -> dict[str, object]:
     """The attributes shardgen (or anyone) set on a parameter, without the subclass's own fields."""
     return {k: v for k, v in vars(param).items() if k not in _SUBCLASS_FIELDS}
-
-
-
-def check_group_size(group_size: int, source: str) -> None:
-    """Refuse a group size that none of shardgen's int4 kernels run, naming the ones each device runs."""
-    if group_size not in GROUP_SIZES:
-        cuda = [g for g in GROUP_SIZES if g >= MIN_CUDA_GROUP_SIZE]
-        raise ValueError(f"{source}: int4 group size {group_size} is not one shardgen runs; on the CPU: "
-                         f"{', '.join(map(str, GROUP_SIZES))}; on CUDA: {', '.join(map(str, cuda))}")
-
-
-
-def check_cuda_group_size(group_size: int) -> None:
-    """Refuse a group size that CUDA's int4 kernels (both layouts) get wrong."""
-    if group_size < MIN_CUDA_GROUP_SIZE:
-        raise ValueError(
-            f"int4 group size {group_size} cannot run on CUDA: fbgemm's int4 kernels give wrong results below "
-            f"{MIN_CUDA_GROUP_SIZE} (relative error ~0.5); re-quantize with --group-size 64 or 128, or use --device cpu")
-

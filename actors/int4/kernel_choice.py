@@ -50,38 +50,28 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _dot_tiles(m: int) -> list[tuple[int, int, int]]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) of the ``dot`` kernel worth trying at M rows."""
+# (BLOCK_N, BLOCK_K) worth trying per kernel at M <= 16, M <= 64 and M <= 512, and the whole (BLOCK_M, BLOCK_N,
+# BLOCK_K) tiles above that. The swapped ``dott`` kernel's BLOCK_N is the tensor cores' M side: 64 or 128.
+_TILES = {
+    "dot": (((64, 256), (128, 256), (128, 128), (256, 128)), ((64, 128), (64, 256), (128, 128)),
+            ((64, 128), (128, 128)), ()),
+    "dotk": (((64, 256), (128, 128), (128, 256), (256, 64)), ((64, 128), (128, 128), (128, 64)),
+             ((128, 64), (128, 128), (256, 64)), ((128, 128, 64), (128, 256, 64))),
+    "dott": (((64, 128), (64, 256), (128, 128), (128, 256)), ((64, 128), (128, 128), (128, 64)),
+             ((64, 128), (128, 64), (128, 128)), ()),
+}
+
+
+def _tiles(kernel: str, m: int) -> list[tuple[int, int, int]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of ``kernel`` worth trying at M rows."""
+    up_to_16, up_to_64, up_to_512, above = _TILES[kernel]
     if m <= 16:
-        return [(16, bn, bk) for bn, bk in ((64, 256), (128, 256), (128, 128), (256, 128))]
+        return [(16, bn, bk) for bn, bk in up_to_16]
     if m <= 64:
-        return [(bm, bn, bk) for bm in (32, 64) for bn, bk in ((64, 128), (64, 256), (128, 128))]
+        return [(bm, bn, bk) for bm in (32, 64) for bn, bk in up_to_64]
     if m <= 512:
-        return [(bm, bn, bk) for bm in (64, 128) for bn, bk in ((64, 128), (128, 128))]
-    return []
-
-
-def _dotk_tiles(m: int) -> list[tuple[int, int, int]]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) of the ``dotk`` kernel worth trying at M rows."""
-    if m <= 16:
-        return [(16, bn, bk) for bn, bk in ((64, 256), (128, 128), (128, 256), (256, 64))]
-    if m <= 64:
-        return [(bm, bn, bk) for bm in (32, 64) for bn, bk in ((64, 128), (128, 128), (128, 64))]
-    if m <= 512:
-        return [(bm, bn, bk) for bm in (64, 128) for bn, bk in ((128, 64), (128, 128), (256, 64))]
-    return [(128, 128, 64), (128, 256, 64)]
-
-
-def _dott_tiles(m: int) -> list[tuple[int, int, int]]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) of the swapped ``dott`` kernel worth trying at M rows (BLOCK_N is the tensor
-    cores' M side: 64 or 128)."""
-    if m <= 16:
-        return [(16, bn, bk) for bn, bk in ((64, 128), (64, 256), (128, 128), (128, 256))]
-    if m <= 64:
-        return [(bm, bn, bk) for bm in (32, 64) for bn, bk in ((64, 128), (128, 128), (128, 64))]
-    if m <= 512:
-        return [(bm, bn, bk) for bm in (64, 128) for bn, bk in ((64, 128), (128, 64), (128, 128))]
-    return []
+        return [(bm, bn, bk) for bm in (64, 128) for bn, bk in up_to_512]
+    return list(above)
 
 
 def candidates(m: int, n: int, k: int, n_sm: int = 132) -> list[KernelConfig]:
@@ -95,8 +85,8 @@ def candidates(m: int, n: int, k: int, n_sm: int = 132) -> list[KernelConfig]:
             for s in split_factors(_cdiv(n, bn) * m, k, bk, n_sm):
                 out.append(KernelConfig("gemv", block_n=bn, block_k=bk, chunk=chunk, split_k=s, num_warps=warps))
     # (kernel, its tiles, pipeline depths, the largest BLOCK_M x BLOCK_N that 4 warps take)
-    for kernel, tiles, depths, four_warps in (("dot", _dot_tiles(m), (3,), 4096), ("dotk", _dotk_tiles(m), (3, 4), 4096),
-                                              ("dott", _dott_tiles(m), (3, 4), 8192)):
+    for kernel, depths, four_warps in (("dot", (3,), 4096), ("dotk", (3, 4), 4096), ("dott", (3, 4), 8192)):
+        tiles = _tiles(kernel, m)
         for bm, bn, bk in tiles:
             for s in split_factors(_cdiv(n, bn) * _cdiv(m, bm), k, bk, n_sm):
                 out += [KernelConfig(kernel, block_m=bm, block_n=bn, block_k=bk, split_k=s,

@@ -11,7 +11,6 @@ from torch import nn
 from torchao.quantization import Int4Tensor
 
 from shardgen.actors.int4.format import (
-    check_cuda_group_size,
     contiguous,
     dequantize,
     group_size_of,
@@ -19,16 +18,16 @@ from shardgen.actors.int4.format import (
     param_attributes,
     unpack,
 )
+from shardgen.actors.int4.rules import (
+    LAYOUT_CHOICES,
+    LAYOUT_CPU,
+    LAYOUT_PLAIN,
+    LAYOUT_PRESHUFFLED,
+    LAYOUT_TILED,
+    check_cuda_group_size,
+)
 
-# The layout names that show up in logs, Parquet metadata and benchmarks.
-LAYOUT_PRESHUFFLED = "int4-preshuffled"
-LAYOUT_PLAIN = "int4-plain"
-LAYOUT_CPU = "cpu-dequantized"
-# shardgen's own layout for its Triton kernels (actors/int4/tiled.py); see pack_tiled.
-LAYOUT_TILED = "int4-tiled"
-TILED_PACK = 64
-# What --int4-layout accepts; "auto" is the fastest layout the device has.
-LAYOUT_CHOICES = ("auto", LAYOUT_TILED, LAYOUT_PRESHUFFLED, LAYOUT_PLAIN)
+TILED_PACK = 64  # k-values a run of 8 int32 words of the tiled layout holds
 
 
 def pack_tiled(t: Int4Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,7 +49,6 @@ def pack_tiled(t: Int4Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return words.t().contiguous(), t.scale.contiguous(), t.zero_point.contiguous()
 
 
-
 def unpack_tiled(words: torch.Tensor) -> torch.Tensor:
     """int32 (K/8, N) tiled words -> int8 (N, K) values in [-8, 7]: the inverse of ``pack_tiled``'s packing."""
     w = words.t().to(torch.int64) & 0xFFFFFFFF
@@ -58,7 +56,6 @@ def unpack_tiled(words: torch.Tensor) -> torch.Tensor:
     shifts = (torch.arange(8, device=w.device, dtype=torch.int64) * 4).view(1, 1, 8, 1)
     u = (w.reshape(n, -1, 1, 8) >> shifts) & 0xF  # (n, run, p, i)
     return (u - 8).to(torch.int8).reshape(n, -1)
-
 
 
 def pack_fp8act(t: Int4Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,14 +75,12 @@ def pack_fp8act(t: Int4Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return packed.contiguous(), t.scale.contiguous(), t.zero_point.contiguous()
 
 
-
 def unpack_fp8act(packed: torch.Tensor) -> torch.Tensor:
     """uint8 (N, K/2) W4A8 bytes -> int8 (N, K) values in [-8, 7]: the inverse of ``pack_fp8act``'s packing."""
     n = packed.shape[0]
     blocks = packed.reshape(n, -1, 1, 64)
     u = torch.cat((blocks & 0xF, blocks >> 4), dim=2)
     return (u.to(torch.int16) - 8).to(torch.int8).reshape(n, -1)
-
 
 
 def _preshuffle_available(device: torch.device) -> bool:
@@ -96,14 +91,12 @@ def _preshuffle_available(device: torch.device) -> bool:
     return _is_fbgemm_gpu_genai_available() and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-
 def _tiled_available(device: torch.device) -> bool:
     from shardgen.actors.int4 import tiled
 
     if device.type == "cpu":
         return tiled.interpreting()
     return tiled.triton is not None and torch.cuda.get_device_capability(device) >= (8, 0)
-
 
 
 def hardware_layout(device: torch.device | str, requested: str = "auto") -> str:
@@ -118,23 +111,22 @@ def hardware_layout(device: torch.device | str, requested: str = "auto") -> str:
     """
     device = torch.device(device)
     if requested not in LAYOUT_CHOICES:
-        raise ValueError(f"--int4-layout {requested!r} is not one of {', '.join(LAYOUT_CHOICES)}")
+        raise ValueError(f"`int4_layout` {requested!r} is not one of {', '.join(LAYOUT_CHOICES)}")
     if device.type == "cpu":
         if requested == LAYOUT_TILED and _tiled_available(device):
             return LAYOUT_TILED
         if requested != "auto":
-            raise ValueError(f"--int4-layout {requested} runs on CUDA GPUs; on the CPU int4 weights are dequantized "
-                             f"at load (leave --int4-layout at auto)")
+            raise ValueError(f"`int4_layout` {requested} runs on CUDA GPUs; on the CPU int4 weights are dequantized "
+                             f"at load (leave `int4_layout` at auto)")
         return LAYOUT_CPU
     usable = [layout for layout, ok in ((LAYOUT_PRESHUFFLED, _preshuffle_available(device)),
                                          (LAYOUT_PLAIN, True), (LAYOUT_TILED, _tiled_available(device))) if ok]
     if requested == "auto":
         return usable[0]  # the fastest measured end to end that the device runs (see above)
     if requested not in usable:
-        raise ValueError(f"--int4-layout {requested} cannot run on {torch.cuda.get_device_name(device)}; "
+        raise ValueError(f"`int4_layout` {requested} cannot run on {torch.cuda.get_device_name(device)}; "
                          f"it runs {', '.join(usable)} (or auto)")
     return requested
-
 
 
 def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype,
@@ -186,7 +178,6 @@ def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype,
     return out
 
 
-
 class TiledRuntime:
     """What the tiled int4 weights of one model share: the kernel choice of their GPU, and one scratch buffer
     (as large as the largest weight, in the model's dtype) into which the ``dequant`` path unpacks a weight for
@@ -198,7 +189,6 @@ class TiledRuntime:
 
         self.choice = KernelChoice(device, kernel_cache_dir)
         self.scratch = torch.empty(scratch_numel, dtype=dtype, device=device)
-
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -219,7 +209,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.reshape(*x.shape[:-1], n)
 
 
-
 def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
                            kernel_cache_dir: Path | None = None) -> int:
     """Convert every plain-int4 parameter under ``module`` in place of the old one; returns how many.
@@ -236,7 +225,7 @@ def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
             if w.shape[1] % TILED_PACK != 0 or group_size_of(w) % TILED_PACK != 0:
                 raise ValueError(f"an int4 weight of shape {tuple(w.shape)} with group size {group_size_of(w)} cannot "
                                  f"take the tiled layout: K and the group size must be multiples of {TILED_PACK}; "
-                                 f"use --int4-layout int4-preshuffled or int4-plain")
+                                 f"use `int4_layout` int4-preshuffled or int4-plain")
         runtime = TiledRuntime(weights[0].qdata.device, kernel_cache_dir, max(w.shape[0] * w.shape[1] for w in weights),
                                dtype)
         runtime.choice.prepare({(w.shape[0], w.shape[1], group_size_of(w)) for w in weights})

@@ -9,6 +9,7 @@ import torch
 from torchao.quantization import Int4Tensor
 
 from shardgen.actors.int4.format import group_size_of, is_int4
+from shardgen.actors.int4.rules import row_slice_problem, valid_tp_sizes
 
 def check_shardable(name: str, shape: tuple[int, int], dim: int, tp_size: int, group_size: int | None) -> None:
     """Refuse a shard that the plain int4 layout cannot express, naming the layer.
@@ -19,21 +20,13 @@ def check_shardable(name: str, shape: tuple[int, int], dim: int, tp_size: int, g
     size = shape[dim]
     if size % tp_size != 0:
         raise ValueError(
-            f"{name}: dimension {dim} of size {size} does not split over --tp {tp_size}; "
-            f"choose a --tp that divides {size}"
+            f"{name}: dimension {dim} of size {size} does not split over `tp` {tp_size}; "
+            f"choose a `tp` that divides {size}"
         )
-    if group_size is not None and dim == 1 and (size // tp_size) % group_size != 0:
-        raise ValueError(
-            f"{name}: row-parallel int4 slice K/T = {size}/{tp_size} = {size // tp_size} is not a "
-            f"multiple of the group size G = {group_size}; use a --tp with K/T divisible by {group_size} "
-            f"(valid here: {valid_tp_sizes(size, group_size)}) or re-quantize with a smaller --group-size"
-        )
-
-
-
-def valid_tp_sizes(k: int, group_size: int, limit: int = 64) -> list[int]:
-    return [t for t in range(1, limit + 1) if k % t == 0 and (k // t) % group_size == 0]
-
+    problem = row_slice_problem(size, tp_size, group_size) if group_size is not None and dim == 1 else None
+    if problem:
+        raise ValueError(f"{name}: {problem}; use a `tp` with K/T divisible by {group_size} (valid here: "
+                         f"{valid_tp_sizes(size, group_size)}) or re-quantize with a smaller `group_size`")
 
 
 def shard_index(dim: int, start: int, length: int, group_size: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
@@ -50,7 +43,6 @@ def shard_index(dim: int, start: int, length: int, group_size: int) -> tuple[tup
     q_cols = slice(start // 2, (start + length) // 2)
     s_rows = slice(start // group_size, (start + length) // group_size)
     return (everything, q_cols), (s_rows, everything)
-
 
 
 def read_shard(
@@ -76,12 +68,10 @@ def read_shard(
     return Int4Tensor(qdata, scale, zero, [1, group_size], new_shape)
 
 
-
 def narrow(t: Int4Tensor, dim: int, start: int, length: int) -> Int4Tensor:
     """Shard of an in-memory int4 tensor along ``dim``, with contiguous copies of its inner tensors."""
     inner = {"qdata": t.qdata, "scale": t.scale, "zero_point": t.zero_point}
     return read_shard(lambda name, index: inner[name][index].clone(), tuple(t.shape), group_size_of(t), dim, start, length)
-
 
 
 def shard(t: Int4Tensor, dim: int, tp_rank: int, tp_size: int, name: str = "weight") -> Int4Tensor:
@@ -89,7 +79,6 @@ def shard(t: Int4Tensor, dim: int, tp_rank: int, tp_size: int, name: str = "weig
     check_shardable(name, tuple(t.shape), dim, tp_size, group_size_of(t))
     size = t.shape[dim] // tp_size
     return narrow(t, dim, tp_rank * size, size)
-
 
 
 def copy_rows(dst: torch.Tensor, src: torch.Tensor, row_offset: int) -> None:

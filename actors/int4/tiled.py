@@ -120,6 +120,30 @@ if triton is not None:
         return words, s * 16, z - s * 24, k_of_row
 
     @triton.jit
+    def dot_acc(x, w, acc, W_LEFT: tl.constexpr, ASM: tl.constexpr):
+        """acc + x @ w (or w @ x with ``W_LEFT``), the unpacked weight cast to the activations' dtype for the tensor
+        cores; in float32 under Triton's CPU interpreter (tests), which gets bf16 dots wrong."""
+        if not ASM:
+            if W_LEFT:
+                acc = tl.dot(w, x.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+        else:
+            if W_LEFT:
+                acc = tl.dot(w.to(x.dtype), x, acc)
+            else:
+                acc = tl.dot(x, w.to(x.dtype), acc)
+        return acc
+
+    @triton.jit
+    def store_tile(acc, out_ptr, offsets, mask, pid_k, stride_split, SPLIT_K: tl.constexpr):
+        """The output tile in the output's dtype, or this K split's float32 partial sums (summed by ``sum_splits``)."""
+        if SPLIT_K == 1:
+            tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out_ptr + pid_k * stride_split + offsets, acc, mask=mask)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, stride_xm, stride_om, stride_split,
                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                      SPLIT_K: tl.constexpr, K_SPAN: tl.constexpr, ASM: tl.constexpr):
@@ -162,16 +186,9 @@ if triton is not None:
                     xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k_of_row + p * 8)[None, :],
                                  mask=mask_m[:, None], other=0)
                     w = _unpack(words, p, ASM) * s16 + z24
-                    if not ASM:  # Triton's CPU interpreter (tests) gets bf16 dots wrong
-                        acc = tl.dot(xk.to(tl.float32), w, acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(xk, w.to(xk.dtype), acc)
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(out + pid_k * stride_split, acc, mask=mask)
+                    acc = dot_acc(xk, w, acc, False, ASM)
+        store_tile(acc, out_ptr, offs_m[:, None] * stride_om + offs_n[None, :], mask_m[:, None] & mask_n[None, :],
+                   pid_k, stride_split, SPLIT_K)
 
     @triton.jit
     def _dot_runs_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, stride_om, stride_split,
@@ -205,16 +222,9 @@ if triton is not None:
                 s = tl.load(s_ptr + g, mask=mask_n[None, :], other=0).to(tl.float32)
                 z = tl.load(z_ptr + g, mask=mask_n[None, :], other=0).to(tl.float32)
             w = f * (s * 16) + (z - s * 24)
-            if not ASM:  # Triton's CPU interpreter (tests) gets bf16 dots wrong
-                acc = tl.dot(xk.to(tl.float32), w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xk, w.to(xk.dtype), acc)
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(out + pid_k * stride_split, acc, mask=mask)
+            acc = dot_acc(xk, w, acc, False, ASM)
+        store_tile(acc, out_ptr, offs_m[:, None] * stride_om + offs_n[None, :], mask_m[:, None] & mask_n[None, :],
+                   pid_k, stride_split, SPLIT_K)
 
     @triton.jit
     def _dot_swapped_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, stride_om, stride_split,
@@ -246,16 +256,9 @@ if triton is not None:
                 s = tl.load(s_ptr + g, mask=mask_n[:, None], other=0).to(tl.float32)
                 z = tl.load(z_ptr + g, mask=mask_n[:, None], other=0).to(tl.float32)
             w = f * (s * 16) + (z - s * 24)
-            if not ASM:  # Triton's CPU interpreter (tests) gets bf16 dots wrong
-                acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w.to(xt.dtype), xt, acc)
-        out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-        mask = mask_m[None, :] & mask_n[:, None]
-        if SPLIT_K == 1:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(out + pid_k * stride_split, acc, mask=mask)
+            acc = dot_acc(xt, w, acc, True, ASM)
+        store_tile(acc, out_ptr, offs_m[None, :] * stride_om + offs_n[:, None], mask_m[None, :] & mask_n[:, None],
+                   pid_k, stride_split, SPLIT_K)
 
     @triton.jit
     def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):

@@ -81,6 +81,7 @@ class Fp8Config:
 
 
 if triton is not None:
+    from shardgen.actors.int4.tiled import store_tile
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, sums_ptr, stride_x, K, N_SUMS,
@@ -121,12 +122,8 @@ if triton is not None:
     def _store(acc, xs_ptr, out_ptr, offs_m, mask_m, offs_n, mask_n, stride_om, stride_split, pid_k,
                SPLIT_K: tl.constexpr):
         acc = acc * tl.load(xs_ptr + offs_m, mask=mask_m, other=0)[:, None]
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(out + pid_k * stride_split, acc, mask=mask)
+        store_tile(acc, out_ptr, offs_m[:, None] * stride_om + offs_n[None, :], mask_m[:, None] & mask_n[None, :],
+                   pid_k, stride_split, SPLIT_K)
 
     @triton.jit
     def _w4a8_swapped_kernel(xq_ptr, xs_ptr, sums_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, n_sums, stride_wn,

@@ -16,9 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-# KV cache element types: the model's dtype, or float8 e4m3 with a scale per token and head.
-KV_CACHE_DTYPES = ("auto", "fp8")
-
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn
@@ -53,7 +50,7 @@ class LayerCache:
 
 
 def storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    assert kv_cache_dtype in KV_CACHE_DTYPES, kv_cache_dtype
+    assert kv_cache_dtype in ("auto", "fp8"), kv_cache_dtype
     return FP8 if kv_cache_dtype == "fp8" else model_dtype
 
 
@@ -87,8 +84,8 @@ def check_supported(kv_cache_dtype: str, device: torch.device) -> None:
         return
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
-        raise ValueError(f"--kv-cache-dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
-                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --kv-cache-dtype auto")
+        raise ValueError(f"`kv_cache_dtype` fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use `kv_cache_dtype` auto")
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shardgen.actors.int4.rules import row_slice_problem
+
 # Hugging Face architecture name -> shardgen's family (what differs is in ModelConfig's flags).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -161,21 +163,18 @@ class ModelConfig:
                 groups = {self.quant.group_size}
             else:
                 groups = {g for name, g in int4_groups.items() if name.endswith(f".{kind}")}
-            for g in sorted(groups):
-                if (k // tp_size) % g:
-                    out.append(f"{kind}: row-parallel int4 slice K/T = {k}/{tp_size} = {k // tp_size} is not a "
-                               f"multiple of the group size G = {g}")
+            out += [f"{kind}: {problem}" for g in sorted(groups) if (problem := row_slice_problem(k, tp_size, g))]
         return out
 
     def check_tp(self, tp_size: int, int4_groups: dict[str, int] | None = None) -> None:
         """Refuse a tensor-parallel degree this model cannot be split into, naming why and the valid ones."""
         if tp_size < 1:
-            raise ValueError(f"--tp must be >= 1, got {tp_size}")
+            raise ValueError(f"`tp` must be >= 1, got {tp_size}")
         problems = self.tp_problems(tp_size, int4_groups)
         if problems:
             split_heads = self.num_heads % tp_size or self.num_kv_heads % tp_size
             heads = " (shardgen splits KV heads across ranks and does not replicate them)" if split_heads else ""
-            raise ValueError(f"--tp {tp_size} {'; '.join(problems)}{heads}. Valid --tp for this model: "
+            raise ValueError(f"`tp` {tp_size} {'; '.join(problems)}{heads}. Valid `tp` for this model: "
                              f"{self.valid_tp_sizes(int4_groups)}")
 
     def valid_tp_sizes(self, int4_groups: dict[str, int] | None = None, limit: int = 64) -> list[int]:

@@ -32,7 +32,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch
     dtype = resolved_dtype_name(dtype, torch.device(device).type)
     choices = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if dtype not in choices:
-        raise ValueError(f"--dtype {dtype!r} is not one of auto, {', '.join(choices)}")
+        raise ValueError(f"`dtype` {dtype!r} is not one of auto, {', '.join(choices)}")
     return choices[dtype]
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardgen.actors import int4
-from shardgen.actors.model.checkpoint import INDEX_FILE, Checkpoint, PlannedTensor, save_checkpoint
+from shardgen.actors.model.checkpoint import INDEX_FILE, Checkpoint
+from shardgen.actors.model.checkpoint_writer import PlannedTensor, save_checkpoint
 from shardgen.actors.model.config import ModelConfig, QuantConfig
 
 _LAYER_LINEAR = re.compile(r"^model\.layers\.\d+\..*\.weight$")
@@ -47,7 +48,7 @@ def quantize_checkpoint(
     """Quantize the model in ``src`` into ``dst``. See the module docstring."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    int4.check_group_size(group_size, "--group-size")
+    int4.check_group_size(group_size, "`group_size`")
     cfg = ModelConfig.from_dir(src)
     if cfg.quant is not None:
         raise ValueError(f"{src} is already quantized (config.json has a quantization_config); pass the float model")
@@ -58,7 +59,7 @@ def quantize_checkpoint(
         raise ValueError(f"{dst} is a file; give a directory for the int4 checkpoint")
     if dst.exists() and any(dst.iterdir()):
         if not overwrite:
-            raise ValueError(f"{dst} is not empty; choose another output directory or pass --overwrite (it removes "
+            raise ValueError(f"{dst} is not empty; choose another output directory or pass `overwrite` (it removes "
                              f"only the files of a checkpoint)")
     report = QuantizeReport(dst)
     with Checkpoint(src, allow_pickle) as ckpt:
@@ -114,7 +115,7 @@ def quantize_checkpoint(
 
 def _nothing_to_quantize(src: Path, group_size: int, ks: list[int]) -> str:
     working = [g for g in int4.GROUP_SIZES if ks and all(k % g == 0 for k in ks)]
-    fix = (f"pass --group-size {max(working)}" if working else
+    fix = (f"pass `group_size` {max(working)}" if working else
            f"no group size shardgen runs ({', '.join(map(str, int4.GROUP_SIZES))}) divides them")
     return (f"{src}: no layer can be int4 at group size {group_size} (the decoder's linear layers have K = "
             f"{sorted(set(ks)) or 'none'}, and K must be a multiple of G); {fix}")

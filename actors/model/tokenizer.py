@@ -29,8 +29,8 @@ def check_tokenizer_files(model_dir: str | Path, chat: bool = False) -> None:
         raise FileNotFoundError(f"{model_dir} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy them "
                                 f"from the original model directory (shardgen quantize copies them)")
     if chat and not has_chat_template(model_dir):
-        raise ValueError(f"--chat: the tokenizer in {model_dir} has no chat template (no chat_template in "
-                         f"tokenizer_config.json, no {' or '.join(CHAT_TEMPLATE_FILES)}); drop --chat to send the "
+        raise ValueError(f"`chat`: the tokenizer in {model_dir} has no chat template (no chat_template in "
+                         f"tokenizer_config.json, no {' or '.join(CHAT_TEMPLATE_FILES)}); drop `chat` to send the "
                          f"prompts as plain text, or add the model's template")
 
 

@@ -20,9 +20,11 @@ from safetensors.torch import save_file
 
 from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.sequence import SamplingParams
-from shardgen.pipeline import resume
+from shardgen.jobs.cli import as_flags
+from shardgen.pipeline import output_dir
 from shardgen.pipeline.options import RunOptions
-from shardgen.pipeline.run import run, run_manifest
+from shardgen.pipeline.plan import run_manifest
+from shardgen.pipeline.run import run
 from tests.helpers import model_with_tokenizer
 
 
@@ -88,7 +90,7 @@ def _output_of_another_run(o: RunOptions, tmp: Path) -> RunOptions:
     out = tmp / "out"
     out.mkdir()
     pq.write_table(pa.table({"id": ["a"]}), out / "part-0.parquet")
-    resume.write_manifest(out, run_manifest(replace(o, sampling=SamplingParams(max_new_tokens=7))))
+    output_dir.write_manifest(out, run_manifest(replace(o, sampling=SamplingParams(max_new_tokens=7))))
     return replace(o, output=out)
 
 
@@ -243,7 +245,7 @@ def test_bad_input_is_refused_naming_what_to_fix(demo, tmp_path, setup, message)
         before = listing()
         run(options)
     print(f"{caught.typename}: {caught.value}")
-    assert message in str(caught.value)
+    assert message in as_flags(str(caught.value)), "the message, as the command line says it"
     assert listing() == before, "a refused run must leave the output as it was"
 
 
@@ -255,11 +257,11 @@ def test_bad_input_is_refused_naming_what_to_fix(demo, tmp_path, setup, message)
     ({"CPU": 5, "GPU": 8}, "cuda", 2, 2, "the Ray cluster has 5 CPUs; this run needs 7"),
 ])
 def test_a_cluster_too_small_for_the_run_is_refused_saying_what_it_needs(resources, device, tp, replicas, message):
-    from shardgen.pipeline.run import check_cluster
+    from shardgen.pipeline.plan import check_cluster
 
     with pytest.raises(ValueError) as caught:
         check_cluster(resources, device, tp, replicas)
-    assert message in str(caught.value)
+    assert message in as_flags(str(caught.value))
     check_cluster({"CPU": 4}, "cpu", 1, 1)  # the smallest that runs
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from shardgen.actors.engine.sequence import SamplingParams
 from shardgen.jobs.demo import demo_assets
-from shardgen.pipeline import resume
+from shardgen.pipeline import output_dir
 from shardgen.pipeline.options import RunOptions
 from shardgen.pipeline.run import run
 
@@ -68,7 +68,7 @@ def test_a_run_reads_prompts_from_s3_writes_parquet_there_and_resumes(s3, tmp_pa
     assert summary.rows == 6 and summary.errors == 0 and str(summary.output) == f"s3://{BUCKET}/out"
     out = outputs("out")
     assert set(out) == {p["id"] for p in PROMPTS}
-    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"out/{resume.MANIFEST}")["Body"].read())
+    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"out/{output_dir.MANIFEST}")["Body"].read())
     assert manifest["input"] == f"s3://{BUCKET}/in"
 
     # the same rows, from local files: identical completions
@@ -91,7 +91,7 @@ def test_a_run_reads_prompts_from_s3_writes_parquet_there_and_resumes(s3, tmp_pa
     said = []
     assert run(replace_overwrite(other), echo=said.append).rows == 6
     assert s3.get_object(Bucket=BUCKET, Key="out/notes.txt")["Body"].read() == b"the user's own"
-    assert any("--overwrite: removed" in line and "1 other entry left" in line for line in said), said
+    assert any("`overwrite`: removed" in line and "1 other entry left" in line for line in said), said
     assert {r["completion_tokens"] for r in outputs("out").values()} <= {1, 2}
 
 
@@ -104,7 +104,7 @@ def replace_overwrite(options: RunOptions) -> RunOptions:
 def test_an_output_inside_an_s3_input_prefix_is_refused(s3):
     model, _ = demo_assets()
     with pytest.raises(ValueError, match="is inside the input directory"):
-        resume.check_locations(f"s3://{BUCKET}/in/out", f"s3://{BUCKET}/in", model)
+        output_dir.check_locations(f"s3://{BUCKET}/in/out", f"s3://{BUCKET}/in", model)
     with pytest.raises(ValueError, match="holds the input"):
-        resume.check_locations(f"s3://{BUCKET}", f"s3://{BUCKET}/in/a.jsonl", model)
-    resume.check_locations(f"s3://{BUCKET}/in-out", f"s3://{BUCKET}/in", model)  # a sibling prefix is fine
+        output_dir.check_locations(f"s3://{BUCKET}", f"s3://{BUCKET}/in/a.jsonl", model)
+    output_dir.check_locations(f"s3://{BUCKET}/in-out", f"s3://{BUCKET}/in", model)  # a sibling prefix is fine

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardgen.pipeline.progress import Progress, _duration
-from shardgen.pipeline.write import WriteStats
+from shardgen.pipeline.stages.write import WriteStats
 
 
 def part(output, name: str, tokens: list[int]) -> None:

@@ -129,14 +129,14 @@ def test_a_rerun_resumes_and_a_different_run_is_refused_without_overwrite(demo, 
     other = replace(options, sampling=SamplingParams(max_new_tokens=3))
     with pytest.raises(ValueError, match=r"holds another run's output \(\d+ part files; what differs, that run -> "
                                          r"this one: sampling.max_new_tokens: \d+ -> 3\); rerun that run's "
-                                         r"command to resume it, pass --overwrite to replace it"):
+                                         r"command to resume it, pass `overwrite` to replace it"):
         run(other)
     (tmp_path / "out" / "notes.txt").write_text("the user's own")
     said = []
     assert run(replace(other, overwrite=True), echo=said.append).rows == 200
     assert len(read_output(tmp_path / "out")) == 200
     assert (tmp_path / "out" / "notes.txt").read_text() == "the user's own"  # --overwrite removes only shardgen's files
-    assert any(line.startswith(f"shardgen: --overwrite: removed ") and "_shardgen_run.json); 1 other entry left as "
+    assert any(line.startswith("shardgen: `overwrite`: removed ") and "_shardgen_run.json); 1 other entry left as "
                "they were" in line for line in said), said
     assert json.loads((tmp_path / "out" / "_shardgen_run.json").read_text())["sampling"]["max_new_tokens"] == 3
 
@@ -204,7 +204,7 @@ def test_each_replica_holds_four_engine_waves_of_rows_within_rank0s_concurrency(
 
 
 def test_the_default_batch_is_256_rows_or_small_enough_for_four_batches_a_replica():
-    from shardgen.pipeline.run import auto_batch_size
+    from shardgen.pipeline.plan import auto_batch_size
 
     assert auto_batch_size(1_000_000, 2) == 256
     assert auto_batch_size(None, 1) == 256  # a text input too big to count

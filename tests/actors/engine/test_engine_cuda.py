@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 
+from shardgen.actors.engine.build import build_engine
+
 from shardgen.actors.engine.config import EngineConfig
-from shardgen.actors.model.distributed import SINGLE
 from shardgen.actors.engine.engine import Engine
 from shardgen.actors.model.loader import load_model
-from shardgen.actors.engine.runner import ModelRunner
 from shardgen.actors.engine.sequence import Request, SamplingParams
 from tests.helpers import require_gpu_kernels
 from tests.actors.model.test_model_cuda import SHAPE
@@ -33,8 +33,7 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 def engine(path, **config) -> Engine:
     cfg = EngineConfig(**{"max_num_seqs": 32, "max_num_batched_tokens": 512, **config})
-    runner = ModelRunner(load_model(path, device="cuda"), SINGLE, torch.device("cuda"), cfg, 512)
-    return Engine(runner, cfg, 512, set())
+    return build_engine(load_model(path, device="cuda"), cfg)
 
 
 def test_kv_cache_is_sized_from_memory_left_after_weights_and_measured_activations(checkpoint):
@@ -52,7 +51,7 @@ def test_kv_cache_is_sized_from_memory_left_after_weights_and_measured_activatio
 
 def test_a_budget_that_cannot_fit_says_so_with_numbers(checkpoint):
     _, path = checkpoint
-    with pytest.raises(ValueError, match=r"GiB x --gpu-memory-utilization 0.001 .* GiB are in use"):
+    with pytest.raises(ValueError, match=r"GiB x `gpu_memory_utilization` 0.001 .* GiB are in use"):
         engine(path, gpu_memory_utilization=0.001)
 
 

@@ -113,12 +113,12 @@ def test_misaligned_row_parallel_slice_is_refused_naming_layer_k_t_and_g():
     with pytest.raises(ValueError) as e:
         int4.shard(t, 1, 0, 2, name="model.layers.0.mlp.down_proj")
     msg = str(e.value)
-    assert "model.layers.0.mlp.down_proj" in msg and "384" in msg and "192" in msg and "128" in msg and "--tp" in msg
+    assert "model.layers.0.mlp.down_proj" in msg and "384" in msg and "192" in msg and "128" in msg and "`tp`" in msg
 
 
 def test_slice_not_dividing_the_dimension_is_refused():
     t = int4.quantize(torch.randn(10, 128), 32)
-    with pytest.raises(ValueError, match="does not split over --tp 4"):
+    with pytest.raises(ValueError, match="does not split over `tp` 4"):
         int4.shard(t, 0, 0, 4, name="q_proj")
 
 
@@ -190,5 +190,5 @@ def test_convert_module_weights_replaces_only_int4_parameters():
 def test_group_sizes_the_cuda_kernels_get_wrong_are_refused_with_the_fix():
     for ok in (64, 128, 256):
         int4.check_cuda_group_size(ok)
-    with pytest.raises(ValueError, match="int4 group size 32 cannot run on CUDA.*--group-size 64 or 128, or use --device cpu"):
+    with pytest.raises(ValueError, match="int4 group size 32 cannot run on CUDA.*`group_size` 64 or 128, or use `device` cpu"):
         int4.check_cuda_group_size(32)

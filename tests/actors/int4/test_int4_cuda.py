@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from shardgen.actors import int4
-from shardgen.actors.model.checkpoint import Checkpoint, PlannedTensor, save_checkpoint
+from shardgen.actors.model.checkpoint import Checkpoint
+from shardgen.actors.model.checkpoint_writer import PlannedTensor, save_checkpoint
 from shardgen.actors.model.distributed import TPGroup
 from shardgen.actors.model.layers import MergedColumnParallelLinear, ParallelLMHead, RowParallelLinear
 from tests.helpers import require_gpu_kernels
@@ -173,5 +174,5 @@ def test_a_group_size_the_cuda_kernels_get_wrong_is_refused(layout):
     layer = torch.nn.Linear(256, 128, bias=False)
     layer.weight = torch.nn.Parameter(int4.quantize(torch.randn(128, 256, device=CUDA).to(torch.bfloat16), 32),
                                       requires_grad=False)
-    with pytest.raises(ValueError, match="int4 group size 32 cannot run on CUDA.*--group-size 64 or 128"):
+    with pytest.raises(ValueError, match="int4 group size 32 cannot run on CUDA.*`group_size` 64 or 128"):
         int4.convert_module_weights(layer, layout, torch.bfloat16)

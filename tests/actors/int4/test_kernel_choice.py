@@ -6,10 +6,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from shardgen.actors import int4
 from shardgen.actors.int4.tiled import KernelConfig
 from shardgen.actors.int4.kernel_choice import KernelChoice, candidates
-from shardgen.pipeline.options import LAYOUTS
 
 GEMV = KernelConfig("gemv", block_n=64, block_k=256, chunk=128)
 DOT = KernelConfig("dot", block_m=16, block_n=128, block_k=256)
@@ -47,7 +45,3 @@ def test_every_candidate_fits_its_shape_and_small_m_gets_every_kernel(m, n, k):
     kinds = {c.kernel for c in configs}
     want = {"gemv", "dot", "dotk"} if m == 1 else {"dot", "dotk", "dequant"} if 64 <= m <= 512 else kinds
     assert want <= kinds, (m, kinds)
-
-
-def test_the_cli_offers_exactly_the_layouts_int4_knows():
-    assert LAYOUTS == int4.LAYOUT_CHOICES

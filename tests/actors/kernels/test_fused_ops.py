@@ -76,7 +76,7 @@ def fp8_store_vs_torch(dtype: torch.dtype, device: str = "cpu") -> dict[str, flo
 
 
 def _interpret(dtype: str, check: str = "fused_vs_torch") -> dict[str, float]:
-    code = ("import json, torch; from actors import fused_ops; fused_ops.INTERPRETED = True; "
+    code = ("import json, torch; from shardgen.actors.kernels import fused_ops; fused_ops.INTERPRETED = True; "
             f"from tests.actors.kernels.test_fused_ops import {check}; "
             f"print(json.dumps({check}(torch.{dtype})))")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from shardgen.actors.engine.build import build_engine
+
 from shardgen.actors.kernels import kv_cache
 from shardgen.actors.engine.config import EngineConfig
-from shardgen.actors.model.distributed import SINGLE
 from shardgen.actors.model.loader import load_model
-from shardgen.actors.engine.runner import ModelRunner
 from shardgen.actors.engine.sequence import Request, SamplingParams
 from shardgen.jobs.demo import demo_assets
 from tests.helpers import greedy_paged, make_engine, random_prompts
@@ -39,21 +39,21 @@ def test_the_runner_fits_more_blocks_of_fp8_in_the_same_memory(model):
     _, loaded = model
     auto = make_engine(loaded).runner
     cfg = EngineConfig(block_size=4, kv_cache_memory=auto.config.kv_cache_memory, kv_cache_dtype="fp8")
-    fp8 = ModelRunner(loaded, SINGLE, torch.device("cpu"), cfg, 512)
+    fp8 = build_engine(loaded, cfg).runner
     assert fp8.kv_caches[0].k.dtype == torch.float8_e4m3fn and fp8.kv_caches[0].quantized
     assert fp8.num_blocks == auto.num_blocks * 32 * 4 // (32 + 4)  # float32 model: 4 bytes -> 1 + a scale per head
     assert fp8.kv_cache_bytes <= auto.kv_cache_bytes
 
 
 def test_an_unknown_kv_cache_dtype_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match=r"--kv-cache-dtype must be one of auto, fp8, got 'int8'"):
+    with pytest.raises(ValueError, match=r"`kv_cache_dtype` must be one of auto, fp8, got 'int8'"):
         EngineConfig(kv_cache_dtype="int8")
 
 
 def test_a_gpu_without_fp8_conversions_is_refused_naming_the_fix(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
-    with pytest.raises(ValueError, match=r"compute capability 8.9 or newer .* A100.* is 8.0: use --kv-cache-dtype auto"):
+    with pytest.raises(ValueError, match=r"compute capability 8.9 or newer .* A100.* is 8.0: use `kv_cache_dtype` auto"):
         kv_cache.check_supported("fp8", torch.device("cuda", 0))
     kv_cache.check_supported("auto", torch.device("cuda", 0))  # the model's dtype runs anywhere
 

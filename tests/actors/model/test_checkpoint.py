@@ -14,7 +14,8 @@ from torchao.prototype.safetensors.safetensors_support import (
 )
 
 from shardgen.actors import int4
-from shardgen.actors.model.checkpoint import Checkpoint, PlannedTensor, save_checkpoint
+from shardgen.actors.model.checkpoint import Checkpoint
+from shardgen.actors.model.checkpoint_writer import PlannedTensor, save_checkpoint
 from tests.helpers import ROOT, synthetic_int4_checkpoint
 
 

@@ -81,7 +81,7 @@ def test_non_plain_int4_quantization_is_refused(qc, match):
 
 
 def test_tp_that_does_not_divide_kv_heads_is_refused_with_the_valid_choices():
-    with pytest.raises(ValueError, match=r"--tp 4 does not divide.*KV heads \(2\).*Valid --tp for this model: \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"`tp` 4 does not divide.*KV heads \(2\).*Valid `tp` for this model: \[1, 2\]"):
         cfg().check_tp(4)
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from shardgen.actors.engine.build import build_engine
+
 from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.model.distributed import SINGLE, TPGroup, destroy_tp_group, free_port, init_tp_group
-from shardgen.actors.engine.engine import Engine
 from shardgen.actors.model.loader import load_model
-from shardgen.actors.engine.runner import ModelRunner
 from shardgen.actors.engine.sequence import Request, SamplingParams
 from tests.helpers import require_gpu_kernels
 from tests.actors.model.test_model_cuda import SHAPE
@@ -36,7 +36,7 @@ TP_SHAPE = dict(SHAPE, num_attention_heads=8, num_key_value_heads=4)
 MAX_LEN = 512
 IDS = torch.randint(0, SHAPE["vocab_size"], (4, 33), generator=torch.Generator().manual_seed(0))
 NEW_TOKENS = 32
-ENGINE = EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048, gpu_memory_utilization=0.5)
+ENGINE = EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048, gpu_memory_utilization=0.5, max_model_len=MAX_LEN)
 
 
 def prompts(n: int = 128) -> list[list[int]]:
@@ -85,11 +85,11 @@ def assemble(name: str, ranks: list[torch.Tensor], local_sizes: list[int] | None
 def engine_greedy(loaded, tp: TPGroup) -> tuple[list[list[int]] | None, bool]:
     """Greedy completions of ``prompts()`` through the engine (rank 0; other ranks follow), and whether decode
     steps ran as CUDA graphs."""
-    runner = ModelRunner(loaded, tp, torch.device("cuda", torch.cuda.current_device()), ENGINE, MAX_LEN)
+    engine = build_engine(loaded, ENGINE, tp)
+    runner = engine.runner
     if tp.rank > 0:
         runner.follow()
         return None, runner.graphs is not None
-    engine = Engine(runner, ENGINE, MAX_LEN, set())
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     done = engine.generate([Request(str(i), p, params) for i, p in enumerate(prompts())])
     runner.stop_followers()

@@ -14,7 +14,8 @@ import json
 import pyarrow as pa
 
 from shardgen.actors.engine.sequence import SamplingParams
-from shardgen.pipeline.read import READ_ERROR
+from shardgen.pipeline.columns import params_array
+from shardgen.pipeline.stages.read import READ_ERROR
 
 READS = ("id", "prompt", "row")
 WRITES = ("id", "prompt", "prompt_token_ids", "params", "error")
@@ -34,7 +35,7 @@ class TokenizeStage:
         self.chat = chat
         self.defaults = defaults
         if chat and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"--chat was given but the tokenizer in {model_dir} has no chat template")
+            raise ValueError(f"`chat` was given but the tokenizer in {model_dir} has no chat template")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids, prompts = batch.column("id").to_pylist(), batch.column("prompt").to_pylist()
@@ -42,12 +43,12 @@ class TokenizeStage:
         for row_id, prompt, row in zip(ids, prompts, batch.column("row").to_pylist()):
             toks, p, err = self._one(row_id, prompt, json.loads(row))
             token_ids.append(toks)
-            params.append(p.to_json() if p else None)
+            params.append(p)
             errors.append(err)
         return pa.table({
             "id": pa.array(ids, pa.string()), "prompt": pa.array(prompts, pa.string()),
             "prompt_token_ids": pa.array(token_ids, pa.list_(pa.int32())),
-            "params": pa.array(params, pa.string()), "error": pa.array(errors, pa.string()),
+            "params": params_array(params), "error": pa.array(errors, pa.string()),
         })
 
     def _one(self, row_id: str | None, prompt: str | None, row: dict) -> tuple[list[int], SamplingParams | None, str | None]:
@@ -66,7 +67,7 @@ class TokenizeStage:
             except json.JSONDecodeError:
                 messages = None
             if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-                return [], params, "prompt: with --chat a prompt must be a JSON list of {role, content} messages"
+                return [], params, "prompt: with `chat` a prompt must be a JSON list of {role, content} messages"
             toks = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
             if hasattr(toks, "keys"):  # transformers 5 returns a BatchEncoding
                 toks = toks["input_ids"]

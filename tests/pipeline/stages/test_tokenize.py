@@ -3,9 +3,9 @@ import json
 import pyarrow as pa
 import pytest
 
-from shardgen.actors.engine.sequence import SamplingParams
+from shardgen.actors.engine.sequence import SEED_MODULUS, SamplingParams
 from shardgen.jobs.demo import build_byte_tokenizer
-from shardgen.pipeline.tokenize import TokenizeStage, row_seed
+from shardgen.pipeline.stages.tokenize import TokenizeStage, row_seed
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def run_stage(stage: TokenizeStage, rows: list[tuple[str, str | None, dict]]) ->
 def test_prompts_become_byte_tokens_and_defaults_fill_params(tokenizer_dir):
     out = run_stage(TokenizeStage(tokenizer_dir, False, SamplingParams(max_new_tokens=9)), [("a", "hi!", {})])[0]
     assert out["prompt_token_ids"] == [ord("h"), ord("i"), ord("!")] and out["error"] is None
-    assert json.loads(out["params"])["max_new_tokens"] == 9
+    assert out["params"]["max_new_tokens"] == 9
 
 
 @pytest.mark.parametrize(
@@ -50,20 +50,20 @@ def test_bad_rows_become_error_rows_naming_the_column(tokenizer_dir, prompt, row
 def test_row_overrides_win_and_a_csv_stop_list_is_read_as_json(tokenizer_dir):
     row = {"max_new_tokens": 5.0, "temperature": 0.7, "top_k": 3, "seed": 42, "stop": '["\\n\\n", "END"]'}
     out = run_stage(TokenizeStage(tokenizer_dir, False, SamplingParams()), [("r", "x", row)])[0]
-    p = json.loads(out["params"])
+    p = out["params"]
     assert (p["max_new_tokens"], p["temperature"], p["top_k"], p["seed"], p["stop"]) == (5, 0.7, 3, 42, ["\n\n", "END"])
 
 
 @pytest.mark.parametrize("stop,expected", [("\n", ["\n"]), ("not json [", ["not json ["]), ('["a", "b"]', ["a", "b"])])
 def test_a_stop_string_is_one_stop_string_and_a_json_list_is_a_list(tokenizer_dir, stop, expected):
     out = run_stage(TokenizeStage(tokenizer_dir, False, SamplingParams()), [("r", "x", {"stop": stop})])[0]
-    assert out["error"] is None and json.loads(out["params"])["stop"] == expected
+    assert out["error"] is None and out["params"]["stop"] == expected
 
 
 def test_run_seed_gives_each_row_its_own_stable_seed(tokenizer_dir):
     stage = TokenizeStage(tokenizer_dir, False, SamplingParams(temperature=1.0, seed=7))
     a, b = run_stage(stage, [("a", "x", {}), ("b", "x", {})])
-    assert json.loads(a["params"])["seed"] == row_seed(7, "a") != json.loads(b["params"])["seed"]
+    assert a["params"]["seed"] == row_seed(7, "a") % SEED_MODULUS != b["params"]["seed"]
 
 
 def test_chat_applies_the_template_and_refuses_non_messages(tokenizer_dir):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from shardgen.actors.engine.sequence import SamplingParams
+from shardgen.pipeline.columns import params_list
 
 READS = ("completion_token_ids", "completion_tokens", "params", "finish_reason")
 WRITES = ("completion", "completion_token_ids", "completion_tokens")
@@ -29,13 +29,13 @@ class DetokenizeStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         completions, ids = [], []
         for toks, params, reason in zip(batch.column("completion_token_ids").to_pylist(),
-                                        batch.column("params").to_pylist(), batch.column("finish_reason").to_pylist()):
+                                        params_list(batch.column("params")), batch.column("finish_reason").to_pylist()):
             if reason == "error":
                 completions.append(None)
                 ids.append(toks)
                 continue
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            stops = SamplingParams.from_json(params).stop if params else ()
+            stops = params.stop if params else ()
             cut = cut_at_stop(text, stops) if stops else text
             if len(cut) < len(text):
                 toks = self._tokens_before(toks, cut)

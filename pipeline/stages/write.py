@@ -11,21 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
 
-from shardgen.pipeline.resume import PART_PREFIX, is_part_file
+from shardgen.pipeline.columns import OUTPUT_SCHEMA
+from shardgen.pipeline.output_dir import PART_PREFIX, is_part_file
 from shardgen.pipeline.storage import Location, Where
 
 READS = ("id", "prompt", "completion", "completion_token_ids", "prompt_tokens", "completion_tokens",
          "finish_reason", "error", "layout")
-OUTPUT_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("prompt", pa.string()),
-    ("completion", pa.string()),
-    ("completion_token_ids", pa.list_(pa.int32())),
-    ("prompt_tokens", pa.int32()),
-    ("completion_tokens", pa.int32()),
-    ("finish_reason", pa.string()),
-    ("error", pa.string()),
-])
 
 
 @dataclass

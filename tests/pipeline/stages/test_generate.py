@@ -9,8 +9,9 @@ from shardgen.actors import replica as replica_module
 from shardgen.actors.replica import ReplicaFailed
 from shardgen.actors.engine.sequence import Completion, SamplingParams
 from shardgen.actors.worker import ReplicaSpec
-from shardgen.pipeline import generate, write
-from shardgen.pipeline.generate import GenerateStage
+from shardgen.pipeline.columns import params_array
+from shardgen.pipeline.stages import generate, write
+from shardgen.pipeline.stages.generate import GenerateStage
 
 
 class FlakyReplica:
@@ -48,9 +49,9 @@ def flaky(monkeypatch):
 
 
 def batch() -> pa.Table:
-    params = SamplingParams(max_new_tokens=2).to_json()
+    params = params_array([SamplingParams(max_new_tokens=2)] * 3)
     return pa.table({"id": ["a", "b", "c"], "prompt": ["x", None, "z"], "prompt_token_ids": [[1, 2], [], [3]],
-                     "params": [params] * 3, "error": [None, "prompt: empty or null", None]})
+                     "params": params, "error": [None, "prompt: empty or null", None]})
 
 
 def test_a_failed_replica_is_replaced_and_only_its_unfinished_rows_rerun(flaky):

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from shardgen.actors.engine.sequence import FINISH_ERROR, Completion, Request, SamplingParams
+from shardgen.actors.engine.sequence import FINISH_ERROR, Completion, Request
 from shardgen.actors.worker import ReplicaSpec
+from shardgen.pipeline.columns import params_list
 from shardgen.pipeline.storage import Location
 
 READS = ("id", "prompt", "prompt_token_ids", "params", "error")
@@ -98,7 +99,7 @@ class GenerateStage:
             log.debug("no token count from the replica: %s", e)
             return
         if replica is self.replica:  # not replaced meanwhile (its count is in _tokens_before then)
-            control.report.remote(self._key, self._tokens_before + generated)
+            control.report.remote(self._key, self._tokens_before + generated, replica.layout)
 
     def _stream(self, requests: list[Request]):
         """(index, completion) lists as they finish, across replacements of a failed replica (only the requests
@@ -139,10 +140,10 @@ class GenerateStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch.column("error").to_pylist()
         tokens = batch.column("prompt_token_ids").to_pylist()
-        params = batch.column("params").to_pylist()
+        params = params_list(batch.column("params"))
         ids = batch.column("id").to_pylist()
         todo = [i for i, e in enumerate(errors) if e is None]
-        requests = [Request(ids[i], tokens[i], SamplingParams.from_json(params[i])) for i in todo]
+        requests = [Request(ids[i], tokens[i], params[i]) for i in todo]
         mine = _InFlight(batch, unwritten=[i for i, e in enumerate(errors) if e is not None])  # error rows: ready
         with self._flush_lock:
             self._in_flight.append(mine)
@@ -207,18 +208,9 @@ class GenerateStage:
 
     def _write(self, rows: pa.Table) -> None:
         """Detokenize and write finished rows now, as the detokenize stage and the sink would."""
-        from shardgen.pipeline import write
-        from shardgen.pipeline.detokenize import DetokenizeStage
+        from shardgen.pipeline.stages import write
+        from shardgen.pipeline.stages.detokenize import DetokenizeStage
 
         if self._detokenize is None:
             self._detokenize = DetokenizeStage(self.flush.model_dir)
         write.write_part(self.flush.output, self._detokenize(rows), self.flush.metadata)
-
-    def __del__(self) -> None:
-        self.stopping.set()
-        replica = getattr(self, "replica", None)
-        if replica is not None:
-            try:
-                replica.shutdown()
-            except Exception:  # the cluster may already be going down
-                pass

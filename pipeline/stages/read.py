@@ -42,12 +42,12 @@ def input_files(where: Where) -> list[Location]:
         files = [f for f in path.files(recursive=True)
                  if not any(part.startswith((".", "_")) for part in f.relative_to(path).split("/"))]
         if not files:
-            raise ValueError(f"--input {path} is an empty directory; put .parquet, .jsonl or .csv files in it")
+            raise ValueError(f"`input` {path} is an empty directory; put .parquet, .jsonl or .csv files in it")
     else:
-        raise FileNotFoundError(f"--input {path} does not exist")
+        raise FileNotFoundError(f"`input` {path} does not exist")
     unknown = [p.name for p in files if p.suffix.lower() not in FORMATS]
     if unknown:
-        raise ValueError(f"--input holds files of unknown type ({', '.join(unknown[:5])}); shardgen reads "
+        raise ValueError(f"`input` holds files of unknown type ({', '.join(unknown[:5])}); shardgen reads "
                          f"{', '.join(sorted(FORMATS))}")
     return files
 
@@ -108,11 +108,11 @@ def check_inputs(files: list[Where], prompt_column: str, id_column: str | None) 
     with_rows = [f for f in files if schemas[f.path].has_rows]
     if not with_rows:
         where = files[0] if len(files) == 1 else f"{str(files[0]).rsplit('/', 1)[0]} ({len(files)} files)"
-        raise ValueError(f"--input {where} has no rows; give prompts, one row each")
+        raise ValueError(f"`input` {where} has no rows; give prompts, one row each")
     for f in with_rows:
         if prompt_column not in schemas[f.path].columns:
             raise ValueError(f"{f} has no column {prompt_column!r} (columns found: {schemas[f.path].columns}); "
-                             f"pass --prompt-column with one of them")
+                             f"pass `prompt_column` with one of them")
     wanted = id_column or DEFAULT_ID_COLUMN
     lacking = [f for f in with_rows if wanted not in schemas[f.path].columns]
     if id_column is None and len(lacking) == len(with_rows):
@@ -122,11 +122,11 @@ def check_inputs(files: list[Where], prompt_column: str, id_column: str | None) 
         named = ", ".join(str(f) for f in lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
         found = f"columns found: {schemas[lacking[0].path].columns}"
         if not having:
-            raise ValueError(f"--id-column {wanted!r} is not in {named} ({found}); pass --id-column with one of "
+            raise ValueError(f"`id_column` {wanted!r} is not in {named} ({found}); pass `id_column` with one of "
                              f"them, or leave it out for <file>:<row> ids")
         raise ValueError(f"the id column {wanted!r} is missing from {named} ({found}) but {having} other file(s) "
                          f"have it; either every input file has the id column or none does: add it to them, or pass "
-                         f"--id-column with a column every file has")
+                         f"`id_column` with a column every file has")
     return wanted
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from shardgen.actors.model.config import ModelConfig
 from shardgen.actors.model.tokenizer import check_tokenizer_files
-from shardgen.pipeline import read, resume
+from shardgen.pipeline import output_dir
+from shardgen.pipeline.stages import read
 from shardgen.pipeline.options import RunOptions
 from shardgen.pipeline.storage import Location
 
@@ -29,11 +30,11 @@ def check_files(options: RunOptions) -> FilePlan:
     """The model's config and tokenizer files, every input file's schema, and where the output goes."""
     config = ModelConfig.from_dir(options.model)
     files = read.input_files(options.input)
-    resume.check_locations(options.output, options.input, options.model)
+    output_dir.check_locations(options.output, options.input, options.model)
     check_tokenizer_files(options.model, chat=options.chat)
     limit = options.engine.max_model_len
     if limit is not None and limit > config.max_position_embeddings:
-        raise ValueError(f"--max-model-len {limit} is above the model's max_position_embeddings "
+        raise ValueError(f"`max_model_len` {limit} is above the model's max_position_embeddings "
                          f"({config.max_position_embeddings}, {options.model / 'config.json'}); pass at most that")
     id_column = read.check_inputs(files, options.prompt_column, options.id_column)
     given = Location.of(options.input)

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shardgen.pipeline import read
+from shardgen.pipeline.columns import params_list
+from shardgen.pipeline.stages import read
 
 
 def rows_of(path, prompt_column="prompt", id_column="id") -> list[dict]:
@@ -49,7 +50,7 @@ def test_every_per_row_column_of_a_csv_with_empty_cells_gives_the_default_or_its
     """Through the tokenize stage: the row with empty cells gets the run's defaults; every other cell, read as
     text, becomes its column's type."""
     from shardgen.actors.engine.sequence import SamplingParams
-    from shardgen.pipeline.tokenize import TokenizeStage
+    from shardgen.pipeline.stages.tokenize import TokenizeStage
     from tests.helpers import model_with_tokenizer
 
     header = "id,prompt," + ",".join(read.OVERRIDE_COLUMNS)
@@ -59,7 +60,7 @@ def test_every_per_row_column_of_a_csv_with_empty_cells_gives_the_default_or_its
     defaults = SamplingParams(max_new_tokens=5, stop=("END",))
     out = TokenizeStage(str(model_dir), False, defaults)(table)
     assert out.column("error").to_pylist() == [None, None, None]
-    params = [SamplingParams.from_json(p) for p in out.column("params").to_pylist()]
+    params = params_list(out.column("params"))
     assert params[0] == params[2] == defaults
     assert params[1] == SamplingParams(max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=("x",))
 

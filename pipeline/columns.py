@@ -1,0 +1,51 @@
+"""The columns that travel between the stages in their Arrow form: a row's sampling parameters as one struct column
+(written by tokenize, read by generate and detokenize), and the output schema the writer keeps."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from shardgen.actors.engine.sequence import SEED_MODULUS, SamplingParams
+
+PARAMS = pa.struct([
+    ("max_new_tokens", pa.int64()),
+    ("temperature", pa.float64()),
+    ("top_p", pa.float64()),
+    ("top_k", pa.int64()),
+    ("seed", pa.int64()),  # null: unseeded
+    ("stop", pa.list_(pa.string())),
+    ("stop_token_ids", pa.list_(pa.int64())),
+    ("ignore_eos", pa.bool_()),
+])
+
+OUTPUT_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("prompt", pa.string()),
+    ("completion", pa.string()),
+    ("completion_token_ids", pa.list_(pa.int32())),
+    ("prompt_tokens", pa.int32()),
+    ("completion_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
+    ("error", pa.string()),
+])
+
+
+def params_array(params: list[SamplingParams | None]) -> pa.Array:
+    """Each row's parameters (None: a row that failed before it had any) as a ``PARAMS`` column."""
+    def row(p: SamplingParams | None) -> dict | None:
+        if p is None:
+            return None
+        # A seed of any size fits int64 as its remainder, which samples exactly as the seed does.
+        seed = None if p.seed is None else p.seed % SEED_MODULUS
+        return {"max_new_tokens": p.max_new_tokens, "temperature": float(p.temperature), "top_p": float(p.top_p),
+                "top_k": p.top_k, "seed": seed, "stop": list(p.stop), "stop_token_ids": list(p.stop_token_ids),
+                "ignore_eos": p.ignore_eos}
+
+    return pa.array([row(p) for p in params], PARAMS)
+
+
+def params_list(column: pa.ChunkedArray | pa.Array) -> list[SamplingParams | None]:
+    """The ``SamplingParams`` of each row of a ``PARAMS`` column."""
+    return [None if d is None else SamplingParams(**{**d, "stop": tuple(d["stop"]),
+                                                     "stop_token_ids": tuple(d["stop_token_ids"])})
+            for d in column.to_pylist()]

@@ -1,0 +1,46 @@
+"""What a finished run says: rows, errors, tokens, throughput, wall time, and the device and layouts that ran it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shardgen.pipeline.stages import write
+from shardgen.pipeline.storage import Location
+
+
+@dataclass
+class RunSummary:
+    output: Location
+    rows: int
+    errors: int
+    prompt_tokens: int
+    generated_tokens: int
+    wall_s: float
+    files: int
+    device: str
+    layout: str  # the hardware layouts of this run's replicas ("nothing written" when no row was generated)
+    resumed: int = 0  # rows a resumed run found already written
+
+    def lines(self) -> list[str]:
+        wall = max(self.wall_s, 1e-9)
+        before = f"; {self.resumed:,} rows were there already" if self.resumed else ""
+        return [
+            f"shardgen run: {self.rows:,} rows ({self.errors:,} errors) written to {self.output} ({self.files} files){before}",
+            f"  tokens: {self.prompt_tokens:,} prompt, {self.generated_tokens:,} generated; "
+            f"{self.generated_tokens / wall:,.1f} generated tokens/s, {(self.prompt_tokens + self.generated_tokens) / wall:,.1f} total tokens/s",
+            f"  wall time {self.wall_s:.1f} s on {self.device} ({self.layout})",
+        ]
+
+
+def summarise(output: Location, before: list[Location], wall_s: float, device: str, layouts: list[str],
+              resumed: int) -> RunSummary:
+    """The summary of the part files in ``output`` that were not there ``before`` (rows written early by the generate
+    stage never pass the sink, so they are counted from the files). ``layouts``: what the replicas reported."""
+    seen = {f.path for f in before}
+    stats = write.WriteStats()
+    for path in write.existing_output(output):
+        if path.path not in seen:
+            stats.add(write.read_stats(path))
+    layout = ", ".join(sorted(set(layouts))) if stats.rows else "nothing written"
+    return RunSummary(output, stats.rows, stats.errors, stats.prompt_tokens, stats.completion_tokens, wall_s,
+                      stats.files, device, layout or "?", resumed)

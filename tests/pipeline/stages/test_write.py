@@ -1,0 +1,47 @@
+"""Part files: written whole under a name of their own, in the output schema, with the run's metadata; and what a
+part file counts for the summary and the progress line."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shardgen.pipeline.columns import OUTPUT_SCHEMA
+from shardgen.pipeline.stages.write import existing_output, read_stats, rows_in, run_metadata, stats_of, write_part
+
+
+def rows(n: int, layout: str = "int4-tiled") -> pa.Table:
+    return pa.table({
+        "id": [str(i) for i in range(n)], "prompt": ["p"] * n, "completion": ["c"] * n,
+        "completion_token_ids": pa.array([[1, 2]] * n, pa.list_(pa.int64())), "prompt_tokens": [3] * n,
+        "completion_tokens": [2] * n, "finish_reason": ["length"] * n, "error": pa.array([None] * n, pa.string()),
+        "layout": [layout] * n, "params": [None] * n,  # columns the writer does not keep
+    })
+
+
+def test_a_part_file_has_the_output_schema_the_runs_metadata_and_the_layout_that_wrote_it(tmp_path):
+    stats = write_part(tmp_path, rows(3), run_metadata(tp=2, model="m", sampling={"seed": 1}))
+    (part,) = existing_output(tmp_path)
+    assert part.name.startswith("part-") and part.name.endswith(".parquet")
+    table = pq.read_table(part.open())
+    assert table.schema.remove_metadata() == OUTPUT_SCHEMA
+    meta = table.schema.metadata
+    assert meta[b"shardgen.tp"] == b"2" and meta[b"shardgen.model"] == b"m" and meta[b"shardgen.sampling"] == b'{"seed": 1}'
+    assert meta[b"shardgen.hardware_layout"] == b"int4-tiled"
+    assert (stats.rows, stats.prompt_tokens, stats.completion_tokens) == (3, 9, 6) == (
+        read_stats(part).rows, read_stats(part).prompt_tokens, read_stats(part).completion_tokens)
+
+
+def test_each_block_is_a_file_of_its_own_and_an_empty_block_writes_nothing(tmp_path):
+    write_part(tmp_path, rows(2), {})
+    write_part(tmp_path, rows(5), {})
+    write_part(tmp_path, rows(0), {})
+    (tmp_path / "notes.txt").write_text("not a part file")
+    parts = existing_output(tmp_path)
+    assert len(parts) == 2 and rows_in(parts) == 7
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # written through a temporary name
+
+
+def test_an_error_rows_prompt_tokens_do_not_count_toward_throughput():
+    table = pa.table({"finish_reason": ["length", "error", "stop"], "prompt_tokens": pa.array([10, 5_000_000, 7], pa.int32()),
+                      "completion_tokens": pa.array([4, 0, 2], pa.int32())})
+    s = stats_of(table)
+    assert (s.rows, s.errors, s.prompt_tokens, s.completion_tokens, s.files) == (3, 1, 17, 6, 1)
