@@ -18,14 +18,14 @@ from shardgen.pipeline.options import RunOptions
 from shardgen.pipeline.stages import read, write
 from shardgen.pipeline.storage import Location
 
-# Each batch costs the pipeline something however many rows it has (H100, mixed workload, 1,024 rows in flight:
-# batches of 64 rows ran at 0.83x the engine alone, 128 at 0.93x, 256 at 1.00x; benchmarks/README.md). Small inputs
-# get smaller batches, so every replica still gets several.
+# Each batch costs the pipeline something however many rows it has: batches of 256 rows kept up with the engine
+# alone, smaller ones did not (benchmarks/pipeline_vs_engine.py; figures in benchmarks/README.md). Small inputs get
+# smaller batches, so every replica still gets several.
 MAX_AUTO_BATCH_SIZE = 256
 BATCHES_PER_REPLICA_AT_LEAST = 4
-# Logical CPUs the Ray Data stages hold besides the ranks: a tokenize and a detokenize actor (1 CPU each, held for
-# the whole run) and one CPU for the read, batch and write tasks.
-STAGE_CPUS = 3
+# Logical CPUs the Ray Data stages need besides the ranks: one for the read tasks (with the batch stage fused into
+# them); the tokenize and detokenize actors and the write tasks ask for none (run.STAGE_ACTOR_CPUS).
+STAGE_CPUS = 1
 # Loggers whose lines tell a shardgen user nothing (shown with `verbose`): Ray Data's per-operator progress dump
 # every 10 s and its execution plan, and, on a local cluster that shardgen starts, the token-authentication notice.
 QUIET_LOGGERS = ("ray.data", "ray._private.authentication.authentication_token_setup")
@@ -142,9 +142,9 @@ def check_cluster(resources: dict[str, float], device: str, tp: int, replicas: i
     need = ranks + STAGE_CPUS
     if cpus < need:
         raise ValueError(f"the Ray cluster has {cpus:g} CPUs; this run needs {need} ({ranks} for `tp` {tp} x "
-                         f"`replicas` {replicas}, one a rank, and {STAGE_CPUS} for reading, tokenizing, detokenizing "
-                         f"and writing); start the head with more logical CPUs (ray start --head --num-cpus={need}), "
-                         f"add a node, or lower `replicas` or `tp`")
+                         f"`replicas` {replicas}, one a rank, and {STAGE_CPUS} for reading the input); start the head "
+                         f"with more logical CPUs (ray start --head --num-cpus={need}), add a node, or lower `replicas` "
+                         f"or `tp`")
 
 
 def connect(options: RunOptions) -> None:

@@ -21,6 +21,11 @@ from shardgen.pipeline.summary import RunSummary, summarise
 # last rows finish and the next batch is on its way.
 ROWS_IN_FLIGHT_PER_ENGINE_SLOT = 4
 MIN_BATCHES_IN_FLIGHT = 4
+# The tokenize and detokenize actors live as long as the run but work in short bursts (a batch of 256 prompts
+# tokenizes in milliseconds), and a write task only moves bytes: they ask for no CPU of their own, so a replica and
+# the read tasks are all a run needs (plan.STAGE_CPUS). The read tasks keep Ray's one CPU: the "batch" stage's
+# streaming repartition fuses into them only when both ask for the same.
+STAGE_ACTOR_CPUS = 0
 
 
 def batches_in_flight(batch_size: int, max_num_seqs: int) -> int:
@@ -59,7 +64,7 @@ def build_stages(p: RunPlan, finished: resume.FinishedIds | None, flush: generat
         Stage("batch", (), (), lambda ds: ds.repartition(target_num_rows_per_block=batch)),
         Stage("tokenize", tokenize.READS, tokenize.WRITES, lambda ds: ds.map_batches(
             tokenize.TokenizeStage, fn_constructor_args=(model, o.chat, o.sampling), batch_format="pyarrow",
-            batch_size=batch, compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=1)),
+            batch_size=batch, compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=STAGE_ACTOR_CPUS)),
         Stage("generate", generate.READS, generate.WRITES, lambda ds: ds.map_batches(
             generate.GenerateStage, fn_constructor_args=(p.spec, flush), batch_format="pyarrow", batch_size=batch,
             compute=ActorPoolStrategy(size=o.replicas, max_tasks_in_flight_per_actor=in_flight,
@@ -67,7 +72,7 @@ def build_stages(p: RunPlan, finished: resume.FinishedIds | None, flush: generat
             num_cpus=0)),
         Stage("detokenize", detokenize.READS, detokenize.WRITES, lambda ds: ds.map_batches(
             detokenize.DetokenizeStage, fn_constructor_args=(model,), batch_format="pyarrow", batch_size=batch,
-            compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=1)),
+            compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=STAGE_ACTOR_CPUS)),
     ]
     return stages
 
@@ -122,7 +127,7 @@ def execute(p: RunPlan, echo: Callable[[str], None] = print, progress: TextIO | 
         watch = Progress(output, todo, progress, tokens=lambda: ray.get(control.generated.remote(), timeout=5)).start()
     try:
         with interrupt.stop_on_signals(control, lambda: len(write.existing_output(output)), echo) as stop:
-            ds.write_datasink(write.ParquetSink(output, p.metadata))
+            ds.write_datasink(write.ParquetSink(output, p.metadata), ray_remote_args={"num_cpus": 0})
             if stop.requested:  # the stages returned early and the dataset ran out before the drain stopped it
                 raise KeyboardInterrupt
         layouts = _layouts(control)

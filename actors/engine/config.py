@@ -31,8 +31,7 @@ class EngineConfig:
     # nothing cached, through FlashAttention); off: one paged-kernel launch for the whole step (attention.py).
     attention_by_parts: bool = True
     # Long uncached sequences through cuDNN's fused attention on Hopper (prefill_attention.py); off: FlashAttention.
-    # Off by default: FlashAttention was faster on prefill-heavy on both GPUs measured (H100: 33,107 vs 32,915
-    # tok/s; H200: 33,478 vs 24,412, issue 16).
+    # Off by default: FlashAttention was faster on prefill-heavy on both GPUs measured (benchmarks/README.md).
     cudnn_prompts: bool = False
     kv_cache_dtype: str = "auto"
     # Admit sequences by what their next chunk needs (greedy, preempting when the cache runs out) or only while the

@@ -4,6 +4,12 @@ static buffers.
 An eager decode step of an 8B model launches some 600 kernels and spends most of its time on the host; a
 replayed graph launches them in one call. A step of ``n`` sequences runs in the smallest bucket ``b >= n``;
 rows ``n..b`` are padding that attends to one token of a reserved cache block and writes only there.
+
+Every graph writes its logits into one output buffer of ``max_num_seqs`` rows, and all graphs share one memory
+pool, captured largest first: what a graph allocates inside the capture is free again once it is captured, so the
+graphs together hold about what the largest one needs (the runner sets that aside before it sizes the KV cache),
+however many buckets there are. A graph that kept its own logits would hold sum(buckets) x vocabulary floats: 17
+GiB at 1,024 sequences of a 128K vocabulary.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.full((n, table_width), pad_block, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: torch.Tensor | None = None  # (max_num_seqs, vocabulary): every graph's output
         self._capture(forward)
 
     def _inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -48,13 +55,16 @@ class DecodeGraphs:
     def _capture(self, forward: DecodeForward) -> None:
         pool = None
         for b in reversed(self.buckets):  # largest first: the smaller graphs fit in its memory pool
-            forward(*self._inputs(b))  # warm-up outside capture: Triton compiles, libraries initialise
+            warm = forward(*self._inputs(b))  # warm-up outside capture: Triton compiles, libraries initialise
+            if self.logits is None:
+                self.logits = torch.empty(self.buckets[-1], warm.shape[-1], dtype=warm.dtype, device=warm.device)
+            del warm
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = forward(*self._inputs(b))
+                self.logits[:b].copy_(forward(*self._inputs(b)))
             pool = graph.pool()
-            self.graphs[b] = (graph, logits)
+            self.graphs[b] = graph
         torch.cuda.synchronize()
 
     def fits(self, num_seqs: int, max_q_len: int) -> bool:
@@ -75,6 +85,5 @@ class DecodeGraphs:
             self.slot_mapping[n:b].fill_(self.pad_slot)
             self.context_lens[n:b].fill_(1)
             self.block_tables[n:b, 0].fill_(self.pad_block)
-        graph, logits = self.graphs[b]
-        graph.replay()
-        return logits[:n]
+        self.graphs[b].replay()
+        return self.logits[:n]

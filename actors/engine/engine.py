@@ -26,6 +26,7 @@ import torch
 
 from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.runner import ModelRunner
+from shardgen.actors.engine import stops
 from shardgen.actors.engine.sampler import PendingTokens, sample
 from shardgen.actors.engine.scheduler import ScheduledBatch, Scheduler
 from shardgen.actors.engine.sequence import (
@@ -166,16 +167,12 @@ class Engine:
             return self._finish(seq, FINISH_STOP)  # the stop token itself is not part of the completion
         seq.tokens.append(token)
         self.stats.generated_tokens += 1
-        if p.stop and self.detokenize is not None and self._hit_stop_string(seq):
+        if p.stop and self.detokenize is not None and stops.hits_stop(
+                self.detokenize(seq.output_ids[-stops.tail_tokens(p.stop):]), p.stop):
+            seq.cut = stops.cut_completion(seq.output_ids, p.stop, self.detokenize)
             return self._finish(seq, FINISH_STOP)
         if seq.num_output >= p.max_new_tokens or len(seq.tokens) >= self.scheduler.max_model_len:
             return self._finish(seq, FINISH_LENGTH)
-
-    def _hit_stop_string(self, seq: Sequence) -> bool:
-        # Decode only a tail long enough to hold the longest stop string (a token is >= 1 character).
-        window = max(len(s) for s in seq.params.stop) + 8
-        text = self.detokenize(seq.output_ids[-window:])
-        return any(s in text for s in seq.params.stop)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

@@ -90,6 +90,7 @@ class ModelRunner:
         self.kv_caches: list[kv_cache.LayerCache] = []
         self.graphs: DecodeGraphs | None = None
         self.activation_peak = 0
+        self.graphs_reserve = 0  # GPU bytes set aside for the decode graphs before the KV cache is sized
         if config.kv_cache_memory:
             memory = config.kv_cache_memory
         elif device.type == "cuda":
@@ -136,7 +137,8 @@ class ModelRunner:
         step = StepInput.prefill(lengths, self.block_size)
         # Sample every sequence's row, as a full decode batch would: the float32 logits are part of the peak.
         torch.cuda.empty_cache()
-        self.kv_caches = self._allocate_cache(int(step.block_tables.max()) + 1)
+        # Blocks for the step, and for the decode step of every sequence measured after it (one block each).
+        self.kv_caches = self._allocate_cache(max(int(step.block_tables.max()) + 1, cfg.max_num_seqs))
         torch.cuda.synchronize(d)
         torch.cuda.reset_peak_memory_stats(d)
         before = torch.cuda.memory_allocated(d)
@@ -144,14 +146,25 @@ class ModelRunner:
             self._forward(step)
         torch.cuda.synchronize(d)
         self.activation_peak = torch.cuda.max_memory_allocated(d) - before
+        if cfg.cuda_graphs:
+            # The decode graphs' pool stays allocated beside the eager steps' activations: about one decode step
+            # of every sequence, plus the graphs' one logits buffer (cuda_graphs.py).
+            decode = StepInput.prefill([1] * cfg.max_num_seqs, self.block_size)
+            torch.cuda.reset_peak_memory_stats(d)
+            with torch.inference_mode():
+                logits = self._forward(decode)
+            torch.cuda.synchronize(d)
+            self.graphs_reserve = torch.cuda.max_memory_allocated(d) - before + logits.numel() * logits.element_size()
+            del logits
         self.kv_caches = []
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(d)
         limit = total * cfg.gpu_memory_utilization
         in_use = total - free
-        memory = int(limit - in_use - self.activation_peak)
-        log.info("GPU memory: limit %.2f GiB, in use %.2f GiB, activation peak %.2f GiB -> KV cache %.2f GiB",
-                 limit / GiB, in_use / GiB, self.activation_peak / GiB, memory / GiB)
+        memory = int(limit - in_use - self.activation_peak - self.graphs_reserve)
+        log.info("GPU memory: limit %.2f GiB, in use %.2f GiB, activation peak %.2f GiB, CUDA graphs %.2f GiB -> KV "
+                 "cache %.2f GiB", limit / GiB, in_use / GiB, self.activation_peak / GiB, self.graphs_reserve / GiB,
+                 memory / GiB)
         if memory < block_bytes:
             raise ValueError(
                 f"the GPU has no room for a KV cache: {total / GiB:.1f} GiB x `gpu_memory_utilization` "

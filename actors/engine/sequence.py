@@ -57,6 +57,7 @@ class Completion:
     prompt_tokens: int
     error: str | None = None
     time_to_first_token_s: float | None = None  # from reaching the engine to its first generated token
+    text: str | None = None  # set when a stop string ended it: the text before it (token_ids are cut with it)
 
 
 class Status(enum.Enum):
@@ -78,6 +79,7 @@ class Sequence:
     error: str | None = None
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    cut: tuple[list[int], str] | None = None  # (token ids, text) before the stop string that ended it
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -103,4 +105,5 @@ class Sequence:
     def completion(self) -> Completion:
         assert self.finish_reason is not None
         ttft = None if self.first_token_at is None else self.first_token_at - self.arrival
-        return Completion(self.request.request_id, self.output_ids, self.finish_reason, self.num_prompt, self.error, ttft)
+        token_ids, text = self.cut if self.cut is not None else (self.output_ids, None)
+        return Completion(self.request.request_id, token_ids, self.finish_reason, self.num_prompt, self.error, ttft, text)

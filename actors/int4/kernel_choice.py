@@ -1,6 +1,6 @@
 """Which int4 kernel config runs a linear of shape (N, K) at M rows, chosen by measurement on the GPU at hand.
 
-A config tuned on one GPU is never assumed right on another (issue 16). ``candidates`` lists what is worth trying
+A config tuned on one GPU is never assumed right on another. ``candidates`` lists what is worth trying
 for a shape; ``benchmarks/int4_decode_gemm.py`` times all of them on a GPU and writes the winners as a table
 (``actors/int4/kernel_tables/<device>.json``). A ``KernelChoice`` looks configs up by M in the table of its own GPU;
 shapes the table lacks (another model, another TP degree, a GPU with no table) are timed at load by ``probe``, over

@@ -103,9 +103,8 @@ def hardware_layout(device: torch.device | str, requested: str = "auto") -> str:
     """The layout int4 weights take on ``device``.
 
     ``auto``: on CUDA, fbgemm's preshuffled layout (SM90+), else plain; on the CPU, the dequantized weight.
-    shardgen's tiled layout (its own Triton kernels, SM80+) is taken only by name: on an H200 it was slower end to
-    end than preshuffled (decode-heavy 11,592 vs 11,962 tok/s, prefill-heavy 26,076 vs 33,523, one call,
-    2026-12-03), though faster per linear at M <= 16 (benchmarks/README.md). A layout asked for by name that
+    shardgen's tiled layout (its own Triton kernels, SM80+) is taken only by name: end to end it was slower than
+    preshuffled, though faster per linear at M <= 16 (benchmarks/README.md). A layout asked for by name that
     ``device`` cannot run is refused with the layouts it can. (The tiled layout runs on the CPU under Triton's
     interpreter: tests.)
     """

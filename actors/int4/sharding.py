@@ -56,7 +56,7 @@ def read_shard(
     """Build the shard of an int4 weight from ``read(data_name, index)``, reading only its bytes.
 
     The result's inner tensors are fresh and contiguous: a row-parallel slice
-    converted while non-contiguous gives silently wrong results (DESIGN.md).
+    converted while non-contiguous gives silently wrong results (fbgemm reads the strides as contiguous).
     """
     q_index, s_index = shard_index(dim, start, length, group_size)
     qdata = read("qdata", q_index).contiguous()

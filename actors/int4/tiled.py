@@ -1,8 +1,8 @@
 """shardgen's own int4 GEMM kernels (Triton), on the tiled layout that ``int4.pack_tiled`` makes at conversion.
 
 Why our own: at decode sizes (M <= 256 rows) a linear layer is a stream of weight bytes, and int4 moves a
-quarter of bf16's. fbgemm's W4A16 kernels reach ~1 TB/s of int4 weights on an H200 that copies at ~4.8 TB/s
-(issue 16), so they are barely faster than cuBLAS bf16. These kernels unpack nibbles with the float
+quarter of bf16's. fbgemm's W4A16 kernels reach a fraction of the GPU's copy bandwidth on int4 weights
+(benchmarks/README.md), so they are barely faster than cuBLAS bf16. These kernels unpack nibbles with the float
 "magic number" trick (a nibble u OR-ed into the mantissa of 1.0 is the float 1 + u/16), not with slow
 int-to-float conversions,
 and split K over several programs where N alone cannot fill the GPU (o_proj, down_proj).

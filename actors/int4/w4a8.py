@@ -2,7 +2,7 @@
 on the byte layout that ``int4.pack_fp8act`` makes at conversion. The weights stay exactly the checkpoint's.
 
 Why: on an H100/H200 an fp8 tensor-core MMA does twice the work of a bf16 one per cycle. From M ~ 64 rows up a
-linear is bound by the MMA, not by its weight bytes, so int4 weights alone cannot beat bf16 there (issue 16).
+linear is bound by the MMA, not by its weight bytes, so int4 weights alone cannot beat bf16 there.
 
 How the weights stay exact. A nibble u in [0, 15] stored alone in a byte *is* the e4m3 number u * 2**-9: e4m3's
 subnormals (exponent field 0) are m * 2**-9 for m < 8, and its first binade continues them evenly (8..15 -> 1.m *
@@ -14,14 +14,11 @@ subnormals (exponent field 0) are m * 2**-9 for m < 8, and its first binade cont
 where x ~ xq * xs is the token's fp8 row and its scale. Each group's MMA is taken into a float32 accumulator on its
 own (Hopper's fp8 MMA accumulates with fewer bits over long K), scaled by the group's scale in float32, and the
 zero-point term comes from the row's sums of xq per 64 columns, which the quantization writes beside xq.
-The only rounding W4A8 adds is x to fp8: relative output error 2.65e-2, all of it x's own (H200).
+The only rounding W4A8 adds is x to fp8.
 
-What it measured (H200, ``benchmarks/w4a8_gemm.py``, 8B shapes, time against cuBLAS bf16, quantization apart):
-faster than bf16 up to M = 64 (1.25-1.55x at M = 16, 0.89-1.24x at M = 64), slower from M = 128 on (0.69-0.93x;
-0.63-0.74x at M = 2048), where fbgemm's fp8 kernel on re-quantized weights runs 1.3-1.9x faster than bf16. The
-float32 rescale after every group's MMA is what holds Triton's fp8 MMAs back: expanding the weight to fp8 bytes
-first, so that both operands reach the tensor cores as plain pipelined loads, was no faster (gate_up at M = 2048:
-972 vs 956 us). So the engine does not run it yet (issue 16).
+Measured (``benchmarks/w4a8_gemm.py``; figures in benchmarks/README.md), it is faster than cuBLAS bf16 up to M = 64
+and slower from M = 128 on, where fbgemm's fp8 kernel on re-quantized weights is faster than bf16. The float32
+rescale after every group's MMA is what holds Triton's fp8 MMAs back. So the engine does not run it yet.
 """
 
 from __future__ import annotations

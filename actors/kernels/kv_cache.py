@@ -6,8 +6,8 @@ the model's dtype. With ``"fp8"`` they are float8 e4m3 with one float32 scale pe
 largest magnitude, so no token's range is clipped by a neighbour's and no calibration is needed. That costs 4
 bytes per 128 stored; the cache holds 1.94x the tokens of bf16. The attention kernels widen fp8 tiles to float16
 and fold the scales into the scores (keys) and the probabilities (values): q . (s k) = s (q . k),
-sum_n p_n (s_n v_n) = (p s) . v. Decode reads half the bytes but, widening included, runs at the bf16 cache's speed
-on an H200 (issue 16): the gain is capacity.
+sum_n p_n (s_n v_n) = (p s) . v. Decode reads half the bytes but, widening included, runs at about the bf16
+cache's speed (benchmarks/README.md): the gain is capacity.
 """
 
 from __future__ import annotations

@@ -27,11 +27,9 @@ try:
 except ImportError:  # CPU-only installs; attention uses the PyTorch path
     triton = None
 
-# Launch shapes (benchmarks/attention_configs.py measures alternatives). rows: query rows per program (tl.dot
-# needs >= 16, so a decode program stacks its group's heads and idle padding); key_tile: keys per iteration.
-# Chosen on an H100 at 8B shapes with the key loop software-pipelined (tl.range): decode 202 us per layer (2.47
-# TB/s of KV; 224 us before pipelining), prefill 1046 us (1101 us before; the old 32-key tile at 8 warps and 3
-# stages takes 1369 us once pipelined).
+# Launch shapes, the fastest measured at 8B shapes with the key loop software-pipelined (tl.range; the figures and
+# the alternatives, from benchmarks/attention_configs.py, are in benchmarks/README.md). rows: query rows per program
+# (tl.dot needs >= 16, so a decode program stacks its group's heads and idle padding); key_tile: keys per iteration.
 MAX_DECODE_SPLITS = 16
 DECODE = {"rows": 16, "key_tile": 128, "num_warps": 4, "num_stages": 3}
 PREFILL = {"rows": 128, "key_tile": 64, "num_warps": 4, "num_stages": 3}

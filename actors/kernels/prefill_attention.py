@@ -27,9 +27,9 @@ except ImportError:  # torch before 2.9: uncached prompts take the paged kernel
 # Newer torch asks for GQA explicitly; 2.11's FlashAttention takes fewer KV heads as they come.
 _VARLEN_GQA = {"enable_gqa": True} if varlen_attn and "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
 
-# From this many tokens cuDNN runs a sequence in about half FlashAttention's GPU time (H100, one layer: 1,280
-# tokens 52 vs 102 us, 2 x 4,096 577 vs 906 us); at 1,024 it does not (7 x 1,024: 310-400 vs ~300 us). Each
-# cuDNN call also costs the host ~200 us, hidden behind the GPU work of a long-prompt step.
+# From this many tokens cuDNN runs a sequence in about half FlashAttention's GPU time; at 1,024 it does not
+# (benchmarks/prefill_attention.py; figures in benchmarks/README.md). Each cuDNN call also costs the host ~200 us,
+# hidden behind the GPU work of a long-prompt step.
 CUDNN_MIN_TOKENS = 1280
 CUDNN_LENGTH_STEP = 256
 

@@ -23,8 +23,8 @@ from shardgen.pipeline.columns import params_list
 from shardgen.pipeline.storage import Location
 
 READS = ("id", "prompt", "prompt_token_ids", "params", "error")
-WRITES = ("id", "prompt", "completion_token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "error",
-          "params", "layout")
+WRITES = ("id", "prompt", "completion_token_ids", "completion_text", "prompt_tokens", "completion_tokens",
+          "finish_reason", "error", "layout")
 
 
 log = logging.getLogger(__name__)
@@ -190,10 +190,11 @@ class GenerateStage:
         taken = batch.take(pa.array(rows, pa.int64()))
         tokens = taken.column("prompt_token_ids").to_pylist()
         errors = taken.column("error").to_pylist()
-        out_ids, finish, prompt_n, completion_n, err = [], [], [], [], []
+        out_ids, texts, finish, prompt_n, completion_n, err = [], [], [], [], [], []
         for k, i in enumerate(rows):
             r = results.get(i)
             out_ids.append(r.token_ids if r else [])
+            texts.append(r.text if r else None)
             finish.append(r.finish_reason if r else FINISH_ERROR)
             prompt_n.append(r.prompt_tokens if r else len(tokens[k] or []))
             completion_n.append(len(r.token_ids) if r else 0)
@@ -201,9 +202,10 @@ class GenerateStage:
         return pa.table({
             "id": taken.column("id"), "prompt": taken.column("prompt"),
             "completion_token_ids": pa.array(out_ids, pa.list_(pa.int32())),
+            "completion_text": pa.array(texts, pa.string()),
             "prompt_tokens": pa.array(prompt_n, pa.int32()), "completion_tokens": pa.array(completion_n, pa.int32()),
             "finish_reason": pa.array(finish, pa.string()), "error": pa.array(err, pa.string()),
-            "params": taken.column("params"), "layout": pa.array([self.replica.layout] * len(rows), pa.string()),
+            "layout": pa.array([self.replica.layout] * len(rows), pa.string()),
         })
 
     def _write(self, rows: pa.Table) -> None:

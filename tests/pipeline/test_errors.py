@@ -250,11 +250,11 @@ def test_bad_input_is_refused_naming_what_to_fix(demo, tmp_path, setup, message)
 
 
 @pytest.mark.parametrize("resources,device,tp,replicas,message", [
-    ({"CPU": 2}, "cpu", 1, 1, "the Ray cluster has 2 CPUs; this run needs 4 (1 for --tp 1 x --replicas 1, one a rank, "
-                              "and 3 for reading, tokenizing, detokenizing and writing); start the head with more "
-                              "logical CPUs (ray start --head --num-cpus=4), add a node, or lower --replicas or --tp"),
+    ({"CPU": 2}, "cpu", 2, 1, "the Ray cluster has 2 CPUs; this run needs 3 (2 for --tp 2 x --replicas 1, one a rank, "
+                              "and 1 for reading the input); start the head with more logical CPUs (ray start --head "
+                              "--num-cpus=3), add a node, or lower --replicas or --tp"),
     ({"CPU": 64, "GPU": 2}, "cuda", 2, 2, "--tp 2 x --replicas 2 needs 4 GPUs; the cluster has 2; lower --replicas"),
-    ({"CPU": 5, "GPU": 8}, "cuda", 2, 2, "the Ray cluster has 5 CPUs; this run needs 7"),
+    ({"CPU": 4, "GPU": 8}, "cuda", 2, 2, "the Ray cluster has 4 CPUs; this run needs 5"),
 ])
 def test_a_cluster_too_small_for_the_run_is_refused_saying_what_it_needs(resources, device, tp, replicas, message):
     from shardgen.pipeline.plan import check_cluster
@@ -262,7 +262,7 @@ def test_a_cluster_too_small_for_the_run_is_refused_saying_what_it_needs(resourc
     with pytest.raises(ValueError) as caught:
         check_cluster(resources, device, tp, replicas)
     assert message in as_flags(str(caught.value))
-    check_cluster({"CPU": 4}, "cpu", 1, 1)  # the smallest that runs
+    check_cluster({"CPU": 2}, "cpu", 1, 1)  # the smallest that runs: a plain `ray start --head` on 2 cores
 
 
 def test_the_table_covers_at_least_25_cases():

@@ -201,15 +201,3 @@ def test_each_replica_holds_four_engine_waves_of_rows_within_rank0s_concurrency(
     assert batches_in_flight(100, 256) == 11  # rounded up: never fewer rows than four waves
     assert batches_in_flight(4096, 8) == MIN_BATCHES_IN_FLIGHT  # big batches: still several, so one's tail overlaps
     assert batches_in_flight(1, 256) == RANK0_CONCURRENCY  # more would only queue in front of rank 0
-
-
-def test_the_default_batch_is_256_rows_or_small_enough_for_four_batches_a_replica():
-    from shardgen.pipeline.plan import auto_batch_size
-
-    assert auto_batch_size(1_000_000, 2) == 256
-    assert auto_batch_size(None, 1) == 256  # a text input too big to count
-    assert auto_batch_size(1000, 1) == 250
-    assert auto_batch_size(200, 2) == 25
-    assert auto_batch_size(3, 4) == 1
-    assert auto_batch_size(0, 1) == 1  # an input of only a header: still a valid batch size
-
