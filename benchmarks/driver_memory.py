@@ -24,7 +24,6 @@ from shardgen.actors.engine.sequence import SamplingParams
 from shardgen.jobs.demo import demo_assets
 from shardgen.pipeline import output_dir
 from shardgen.pipeline.columns import OUTPUT_SCHEMA
-from shardgen.pipeline.stages import write
 from shardgen.pipeline.options import RunOptions
 from shardgen.pipeline.plan import connect, run_manifest
 from shardgen.pipeline.run import run
@@ -79,8 +78,10 @@ def write_finished(output: Path, options: RunOptions, n: int, rows_per_file: int
         table = pa.table({
             "id": [f"row-{i:09d}" for i in range(start, start + k)], "prompt": ["def f("] * k, "completion": ["x"] * k,
             "completion_token_ids": [[120]] * k, "prompt_tokens": [6] * k, "completion_tokens": [1] * k,
-            "finish_reason": ["length"] * k, "error": [None] * k}, schema=OUTPUT_SCHEMA)
-        pq.write_table(table, output / f"{write.PART_PREFIX}synthetic-{start // rows_per_file:05d}.parquet")
+            "finish_reason": ["length"] * k, "error": [None] * k, "logprobs": [None] * k, "top_logprobs": [None] * k,
+            "prompt_logprobs": [None] * k},
+            schema=OUTPUT_SCHEMA)
+        pq.write_table(table, output / f"{output_dir.PART_PREFIX}synthetic-{start // rows_per_file:05d}.parquet")
     output_dir.write_manifest(output, run_manifest(options))
 
 

@@ -117,6 +117,11 @@ def run(
     top_k: int = typer.Option(0, help="Sample from the k most likely tokens; 0 turns it off."),
     seed: Optional[int] = typer.Option(None, help="Makes sampling reproducible: each row's seed derives from it and the row id."),
     ignore_eos: bool = typer.Option(False, help="Keep generating past EOS (fixed-length outputs, for benchmarks)."),
+    logprobs: int = typer.Option(0, help="K > 0: each completion token's log-probability (logprobs column) and the K "
+                                         "most likely tokens at its step (top_logprobs); a row's logprobs column "
+                                         "overrides. 0 turns it off."),
+    prompt_logprobs: bool = typer.Option(False, help="Each prompt token's log-probability given the tokens before it "
+                                                     "(prompt_logprobs column; the first token's is null)."),
     prompt_column: str = typer.Option("prompt", help="Column holding the prompt text."),
     id_column: Optional[str] = typer.Option(None, help="Column holding a unique row id, in every input file (default: "
                                                        "id when every file has it; else ids are <file>:<row>)."),
@@ -176,7 +181,8 @@ def run(
             address=address, int4_layout=int4_layout, allow_pickle=allow_pickle, verbose=verbose,
             kernel_cache_dir=user_cache_dir(),
             sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    seed=seed, ignore_eos=ignore_eos),
+                                    seed=seed, ignore_eos=ignore_eos, logprobs=logprobs,
+                                    prompt_logprobs=prompt_logprobs),
             engine=EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len,
                                 kv_cache_memory=int(kv_cache_gb * 2**30) if kv_cache_gb else None,

@@ -16,7 +16,10 @@ PARAMS = pa.struct([
     ("stop", pa.list_(pa.string())),
     ("stop_token_ids", pa.list_(pa.int64())),
     ("ignore_eos", pa.bool_()),
+    ("logprobs", pa.int64()),
+    ("prompt_logprobs", pa.bool_()),
 ])
+TOP_LOGPROBS = pa.list_(pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])))
 
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -27,6 +30,9 @@ OUTPUT_SCHEMA = pa.schema([
     ("completion_tokens", pa.int32()),
     ("finish_reason", pa.string()),
     ("error", pa.string()),
+    ("logprobs", pa.list_(pa.float32())),  # null unless the row asked for logprobs
+    ("top_logprobs", TOP_LOGPROBS),
+    ("prompt_logprobs", pa.list_(pa.float32())),  # null unless asked; the first prompt token's is null
 ])
 
 
@@ -39,7 +45,8 @@ def params_array(params: list[SamplingParams | None]) -> pa.Array:
         seed = None if p.seed is None else p.seed % SEED_MODULUS
         return {"max_new_tokens": p.max_new_tokens, "temperature": float(p.temperature), "top_p": float(p.top_p),
                 "top_k": p.top_k, "seed": seed, "stop": list(p.stop), "stop_token_ids": list(p.stop_token_ids),
-                "ignore_eos": p.ignore_eos}
+                "ignore_eos": p.ignore_eos, "logprobs": p.logprobs,
+                "prompt_logprobs": p.prompt_logprobs}
 
     return pa.array([row(p) for p in params], PARAMS)
 

@@ -27,7 +27,7 @@ import torch
 from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.runner import ModelRunner
 from shardgen.actors.engine import stops
-from shardgen.actors.engine.sampler import PendingTokens, sample
+from shardgen.actors.engine.sampler import PendingTokens, sample, token_logprobs
 from shardgen.actors.engine.scheduler import ScheduledBatch, Scheduler
 from shardgen.actors.engine.sequence import (
     FINISH_LENGTH,
@@ -100,15 +100,35 @@ class Engine:
             self._resolve(seq)
         if not batch.seqs:
             return 0
-        logits = self.runner.execute(self.runner.prepare(batch))
+        step = self.runner.prepare(batch)
+        logits = self.runner.execute(step)
         sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        if step.prompt_rows:
+            self._prompt_logprobs(batch, step.prompt_rows, logits[len(sampled):])
+            logits = logits[: len(sampled)]
         if self._overlappable(batch, sampled):
             return self._finish_decode(batch, PendingTokens(logits), list(range(len(batch.seqs))))
         tokens = sample(logits, [s.params for s in sampled], [s.num_output for s in sampled])
         self._advance(batch)
-        for seq, token in zip(sampled, tokens):
+        for i, (seq, token) in enumerate(zip(sampled, tokens)):
+            if seq.params.logprobs:
+                lp, top = token_logprobs(logits[i], token, seq.params.logprobs)
+                seq.logprobs.append(lp)
+                seq.top_logprobs.append(top)
             self._append(seq, token)
         return batch.total_tokens
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, rows: tuple[tuple[int, int, int], ...], logits: torch.Tensor) -> None:
+        """Each listed prompt position's log-probability of the next prompt token. A position already recorded (a
+        preempted sequence computes its prompt again) is not recorded twice."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        offset = 0
+        for i, first, count in rows:
+            seq = batch.seqs[i]
+            if first == len(seq.prompt_logprobs):
+                nxt = torch.tensor(seq.tokens[first + 1 : first + 1 + count], device=lp.device)
+                seq.prompt_logprobs.extend(lp[offset : offset + count].gather(1, nxt[:, None])[:, 0].tolist())
+            offset += count
 
     def _advance(self, batch: ScheduledBatch) -> None:
         """Count the batch's tokens as computed (into the KV cache)."""
@@ -120,9 +140,11 @@ class Engine:
         self.stats.running_per_step.append(len(batch.seqs))
 
     def _overlappable(self, batch: ScheduledBatch, sampled: list[Sequence]) -> bool:
-        """A pure greedy decode step, on a runner that can launch the next one ahead."""
+        """A pure greedy decode step, on a runner that can launch the next one ahead (rows that report logprobs
+        read their logits on the host: not launched ahead)."""
         return (self.runner.can_overlap and len(sampled) == len(batch.seqs) and batch.total_tokens == len(batch.seqs)
-                and all(s.params.temperature == 0 for s in sampled))
+                and all(s.params.temperature == 0 and not s.params.logprobs and not s.params.prompt_logprobs
+                        for s in sampled))
 
     def _finish_decode(self, batch: ScheduledBatch, pending: PendingTokens, rows: list[int]) -> int:
         """Plan and launch the next decode step on ``pending``'s device tokens, then read them and append them

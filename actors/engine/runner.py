@@ -45,6 +45,9 @@ class StepInput:
     max_context_len: int
     logits_indices: torch.Tensor  # rows of the flattened tokens whose next token is sampled
     parts: StepParts | None = None  # the sequences by kind, for attention (None: one paged launch)
+    # (sequence, first position, count) of prompt positions whose logits follow the sampled rows' in the output:
+    # sequences that asked for prompt_logprobs (position p's logits give prompt token p + 1 its log-probability).
+    prompt_rows: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
     def prefill(cls, lengths: list[int], block_size: int) -> "StepInput":
@@ -184,7 +187,7 @@ class ModelRunner:
         ids: list[int] = []
         slots: list[np.ndarray | int] = []
         pos: list[np.ndarray | int] = []
-        q_lens, ctx, cached, logits_idx = [], [], [], []
+        q_lens, ctx, cached, logits_idx, prompt_idx, prompt_rows = [], [], [], [], [], []
         total = 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed
@@ -203,6 +206,10 @@ class ModelRunner:
             cached.append(start)
             if input_ids is not None or batch.samples(i):
                 logits_idx.append(total - 1)
+            last = min(start + n, seq.num_prompt - 1)
+            if seq.params.prompt_logprobs and input_ids is None and last > start:
+                prompt_rows.append((i, start, last - start))
+                prompt_idx.extend(range(total - n, total - n + last - start))
         width = max(len(s.block_table) for s in batch.seqs)
         if not self.use_triton:
             width = -(-width // TABLE_WIDTH_BUCKET) * TABLE_WIDTH_BUCKET  # stable shapes for the SDPA path's plans
@@ -217,7 +224,8 @@ class ModelRunner:
         assert input_ids.numel() == total, (input_ids.numel(), total)
         return StepInput(input_ids, torch.from_numpy(flat(pos)), torch.from_numpy(cu),
                          torch.tensor(ctx, dtype=torch.int32), torch.from_numpy(flat(slots)), torch.from_numpy(tables),
-                         max(q_lens), max(ctx), torch.tensor(logits_idx, dtype=torch.int64), StepParts.of(q_lens, cached))
+                         max(q_lens), max(ctx), torch.tensor(logits_idx + prompt_idx, dtype=torch.int64),
+                         StepParts.of(q_lens, cached), tuple(prompt_rows))
 
     @property
     def can_overlap(self) -> bool:

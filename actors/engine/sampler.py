@@ -28,6 +28,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
     return out
 
 
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``tokens`` under one row's logits (the model's own distribution: before temperature,
+    top-k and top-p), and the ``k`` most likely (token id, log-probability) pairs."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(lp, k)
+    return float(lp[tokens]), list(zip(top.indices.tolist(), top.values.tolist()))
+
+
 class PendingTokens:
     """Greedy tokens of a step that may still be running: on the device (the input of a decode step planned ahead)
     and on their way to pinned host memory, copied without blocking the stream, so ``tolist`` waits for this step

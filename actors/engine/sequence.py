@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 FINISH_STOP = "stop"  # EOS, a stop token or a stop string
 FINISH_LENGTH = "length"  # max_new_tokens or max_model_len
 FINISH_ERROR = "error"
+MAX_LOGPROBS = 20  # the most alternatives a token reports (OpenAI's top_logprobs limit)
 # Seeds are used modulo this (sampler._row_seed), so a seed and its remainder sample the same tokens.
 SEED_MODULUS = 2**63 - 1
 
@@ -25,6 +26,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int = 0  # K > 0: each completion token's log-probability and the K most likely tokens at its step
+    prompt_logprobs: bool = False  # each prompt token's log-probability given the tokens before it
 
     def problems(self) -> list[str]:
         """What is wrong with these values, as text naming each field (empty if all is well)."""
@@ -37,6 +40,8 @@ class SamplingParams:
             out.append(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:
             out.append(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS:
+            out.append(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (0 turns it off), got {self.logprobs!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             out.append(f"stop must be a list of non-empty strings, got {list(self.stop)!r}")
         return out
@@ -58,6 +63,10 @@ class Completion:
     error: str | None = None
     time_to_first_token_s: float | None = None  # from reaching the engine to its first generated token
     text: str | None = None  # set when a stop string ended it: the text before it (token_ids are cut with it)
+    # With params.logprobs: per token, its log-probability and the most likely (token id, log-probability) pairs.
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None  # with params.prompt_logprobs: None for the first token
 
 
 class Status(enum.Enum):
@@ -80,6 +89,9 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     cut: tuple[list[int], str] | None = None  # (token ids, text) before the stop string that ended it
+    logprobs: list[float] = field(default_factory=list)  # with params.logprobs, one per output token
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)  # of prompt tokens 1.. (token 0 has no context)
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -106,4 +118,8 @@ class Sequence:
         assert self.finish_reason is not None
         ttft = None if self.first_token_at is None else self.first_token_at - self.arrival
         token_ids, text = self.cut if self.cut is not None else (self.output_ids, None)
-        return Completion(self.request.request_id, token_ids, self.finish_reason, self.num_prompt, self.error, ttft, text)
+        n = len(token_ids)
+        logprobs = (self.logprobs[:n], self.top_logprobs[:n]) if self.params.logprobs else (None, None)
+        prompt = [None, *self.prompt_logprobs] if self.params.prompt_logprobs else None
+        return Completion(self.request.request_id, token_ids, self.finish_reason, self.num_prompt, self.error, ttft, text,
+                          *logprobs, prompt)

@@ -19,12 +19,12 @@ import pyarrow as pa
 
 from shardgen.actors.engine.sequence import FINISH_ERROR, Completion, Request
 from shardgen.actors.worker import ReplicaSpec
-from shardgen.pipeline.columns import params_list
+from shardgen.pipeline.columns import TOP_LOGPROBS, params_list
 from shardgen.pipeline.storage import Location
 
 READS = ("id", "prompt", "prompt_token_ids", "params", "error")
 WRITES = ("id", "prompt", "completion_token_ids", "completion_text", "prompt_tokens", "completion_tokens",
-          "finish_reason", "error", "layout")
+          "finish_reason", "error", "logprobs", "top_logprobs", "prompt_logprobs", "layout")
 
 
 log = logging.getLogger(__name__)
@@ -190,11 +190,15 @@ class GenerateStage:
         taken = batch.take(pa.array(rows, pa.int64()))
         tokens = taken.column("prompt_token_ids").to_pylist()
         errors = taken.column("error").to_pylist()
-        out_ids, texts, finish, prompt_n, completion_n, err = [], [], [], [], [], []
+        out_ids, texts, finish, prompt_n, completion_n, err, lps, tops, plps = [], [], [], [], [], [], [], [], []
         for k, i in enumerate(rows):
             r = results.get(i)
             out_ids.append(r.token_ids if r else [])
             texts.append(r.text if r else None)
+            lps.append(r.logprobs if r else None)
+            plps.append(r.prompt_logprobs if r else None)
+            tops.append([[{"token_id": t, "logprob": v} for t, v in step] for step in r.top_logprobs]
+                        if r and r.top_logprobs is not None else None)
             finish.append(r.finish_reason if r else FINISH_ERROR)
             prompt_n.append(r.prompt_tokens if r else len(tokens[k] or []))
             completion_n.append(len(r.token_ids) if r else 0)
@@ -205,6 +209,8 @@ class GenerateStage:
             "completion_text": pa.array(texts, pa.string()),
             "prompt_tokens": pa.array(prompt_n, pa.int32()), "completion_tokens": pa.array(completion_n, pa.int32()),
             "finish_reason": pa.array(finish, pa.string()), "error": pa.array(err, pa.string()),
+            "logprobs": pa.array(lps, pa.list_(pa.float32())), "top_logprobs": pa.array(tops, TOP_LOGPROBS),
+            "prompt_logprobs": pa.array(plps, pa.list_(pa.float32())),
             "layout": pa.array([self.replica.layout] * len(rows), pa.string()),
         })
 

@@ -16,7 +16,7 @@ from shardgen.pipeline.output_dir import PART_PREFIX, is_part_file
 from shardgen.pipeline.storage import Location, Where
 
 READS = ("id", "prompt", "completion", "completion_token_ids", "prompt_tokens", "completion_tokens",
-         "finish_reason", "error", "layout")
+         "finish_reason", "error", "logprobs", "top_logprobs", "prompt_logprobs", "layout")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from shardgen.pipeline.columns import PARAMS, params_array, params_list
 
 def test_sampling_parameters_come_back_as_they_went_in_and_a_failed_row_has_none():
     rows = [SamplingParams(max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=("x", "\n\n"),
-                           stop_token_ids=(2, 5), ignore_eos=True), None, SamplingParams()]
+                           stop_token_ids=(2, 5), ignore_eos=True, logprobs=4, prompt_logprobs=True), None, SamplingParams()]
     column = params_array(rows)
     assert column.type == PARAMS and column.null_count == 1
     assert params_list(column) == rows

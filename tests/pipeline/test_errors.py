@@ -203,6 +203,8 @@ CASES = [
     ("--top-p outside (0, 1]", _option(sampling=SamplingParams(top_p=0)), "--top-p must be in (0, 1]"),
     ("--temperature negative", _option(sampling=SamplingParams(temperature=-1)), "--temperature must be"),
     ("--max-new-tokens zero", _option(sampling=SamplingParams(max_new_tokens=0)), "--max-new-tokens must be"),
+    ("--logprobs above 20", _option(sampling=SamplingParams(logprobs=21)),
+     "--logprobs must be an integer in [0, 20] (0 turns it off), got 21"),
     ("--tp zero", _option(tp=0), "--tp must be >= 1, got 0"),
     ("--model on object storage", _option(model=Path("s3://bucket/model")),
      "--model s3://bucket/model: a model directory must be a local path"),

@@ -2,6 +2,7 @@
 
 import pyarrow as pa
 
+from shardgen.pipeline.columns import TOP_LOGPROBS
 from shardgen.pipeline.stages.write import existing_output, write_part
 from shardgen.pipeline.storage import Location
 from shardgen.pipeline.summary import summarise
@@ -11,7 +12,9 @@ def rows(n: int, reason: str = "length") -> pa.Table:
     return pa.table({"id": [str(i) for i in range(n)], "prompt": ["p"] * n, "completion": ["c"] * n,
                      "completion_token_ids": pa.array([[1]] * n, pa.list_(pa.int32())), "prompt_tokens": [4] * n,
                      "completion_tokens": [1] * n, "finish_reason": [reason] * n,
-                     "error": pa.array([None] * n, pa.string()), "layout": ["int4-tiled"] * n})
+                     "error": pa.array([None] * n, pa.string()), "logprobs": pa.array([None] * n, pa.list_(pa.float32())),
+                     "top_logprobs": pa.array([None] * n, TOP_LOGPROBS),
+                     "prompt_logprobs": pa.array([None] * n, pa.list_(pa.float32())), "layout": ["int4-tiled"] * n})
 
 
 def test_rows_of_an_earlier_run_are_not_this_runs_and_the_layouts_are_the_replicas(tmp_path):

@@ -1,6 +1,7 @@
 """The engine without Ray: continuous batching, stop conditions, sampling, preemption."""
 
 import pytest
+import torch
 
 from shardgen.actors.engine.sequence import (
     FINISH_ERROR,
@@ -150,3 +151,42 @@ def test_decode_steps_launched_ahead_give_the_same_completions(model, setting):
     assert ahead == sync
     assert FINISH_STOP in [r for _, r in ahead] and FINISH_LENGTH in [r for _, r in ahead]
     assert (preemptions > 0) == (setting == "tight cache")
+
+
+def test_logprobs_are_the_models_own_log_softmax_at_each_token_as_transformers_computes_it(model):
+    """Against transformers on the dequantized weights (float32, CPU): the chosen token's log-probability before
+    temperature and top-k, and the K most likely tokens, at every step; a row without logprobs reports none."""
+    reference, loaded = model
+    prompts = random_prompts([7, 12], seed=3)
+    asked = SamplingParams(max_new_tokens=6, temperature=0.8, top_k=5, seed=1, logprobs=3, ignore_eos=True)
+    done = make_engine(loaded).generate([Request("a", prompts[0], asked),
+                                         Request("b", prompts[1], SamplingParams(max_new_tokens=4))])
+    got, plain = done
+    assert plain.logprobs is None and plain.top_logprobs is None
+    assert len(got.logprobs) == len(got.top_logprobs) == len(got.token_ids) == 6
+    with torch.no_grad():
+        ids = torch.tensor([prompts[0] + got.token_ids])
+        ref = torch.log_softmax(reference(ids).logits[0].float(), dim=-1)
+    for j, token in enumerate(got.token_ids):
+        step = ref[len(prompts[0]) + j - 1]
+        assert abs(got.logprobs[j] - float(step[token])) <= 1e-4
+        top = torch.topk(step, 3)
+        assert [t for t, _ in got.top_logprobs[j]] == top.indices.tolist()
+        assert max(abs(v - w) for (_, v), w in zip(got.top_logprobs[j], top.values.tolist())) <= 1e-4
+
+
+def test_prompt_logprobs_match_transformers_across_prefill_chunks_and_preemption(model):
+    """Each prompt token's log-probability given the tokens before it, with the prompt prefilled in chunks of 5 and
+    a cache small enough to preempt: recomputed positions are not recorded twice."""
+    reference, loaded = model
+    prompts = random_prompts([13, 9], seed=4)
+    params = SamplingParams(max_new_tokens=20, prompt_logprobs=True, ignore_eos=True)
+    engine = make_engine(loaded, kv_tokens=40, max_model_len=40, max_num_batched_tokens=5)
+    done = engine.generate([Request(str(i), p, params) for i, p in enumerate(prompts)])
+    assert engine.scheduler.num_preemptions > 0
+    for prompt, got in zip(prompts, done):
+        assert len(got.prompt_logprobs) == len(prompt) and got.prompt_logprobs[0] is None
+        with torch.no_grad():
+            ref = torch.log_softmax(reference(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        want = [float(ref[j - 1, prompt[j]]) for j in range(1, len(prompt))]
+        assert max(abs(a - b) for a, b in zip(got.prompt_logprobs[1:], want)) <= 1e-4

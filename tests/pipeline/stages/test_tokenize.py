@@ -48,10 +48,14 @@ def test_bad_rows_become_error_rows_naming_the_column(tokenizer_dir, prompt, row
 
 
 def test_row_overrides_win_and_a_csv_stop_list_is_read_as_json(tokenizer_dir):
-    row = {"max_new_tokens": 5.0, "temperature": 0.7, "top_k": 3, "seed": 42, "stop": '["\\n\\n", "END"]'}
+    row = {"max_new_tokens": 5.0, "temperature": 0.7, "top_k": 3, "seed": 42, "stop": '["\\n\\n", "END"]',
+           "logprobs": "2"}
     out = run_stage(TokenizeStage(tokenizer_dir, False, SamplingParams()), [("r", "x", row)])[0]
     p = out["params"]
-    assert (p["max_new_tokens"], p["temperature"], p["top_k"], p["seed"], p["stop"]) == (5, 0.7, 3, 42, ["\n\n", "END"])
+    assert (p["max_new_tokens"], p["temperature"], p["top_k"], p["seed"], p["stop"], p["logprobs"]) == (
+        5, 0.7, 3, 42, ["\n\n", "END"], 2)
+    bad = run_stage(TokenizeStage(tokenizer_dir, False, SamplingParams()), [("r", "x", {"logprobs": 99})])[0]
+    assert bad["error"] == "logprobs must be an integer in [0, 20] (0 turns it off), got 99"
 
 
 @pytest.mark.parametrize("stop,expected", [("\n", ["\n"]), ("not json [", ["not json ["]), ('["a", "b"]', ["a", "b"])])

@@ -4,7 +4,7 @@ part file counts for the summary and the progress line."""
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardgen.pipeline.columns import OUTPUT_SCHEMA
+from shardgen.pipeline.columns import OUTPUT_SCHEMA, TOP_LOGPROBS
 from shardgen.pipeline.stages.write import existing_output, read_stats, rows_in, run_metadata, stats_of, write_part
 
 
@@ -13,6 +13,8 @@ def rows(n: int, layout: str = "int4-tiled") -> pa.Table:
         "id": [str(i) for i in range(n)], "prompt": ["p"] * n, "completion": ["c"] * n,
         "completion_token_ids": pa.array([[1, 2]] * n, pa.list_(pa.int64())), "prompt_tokens": [3] * n,
         "completion_tokens": [2] * n, "finish_reason": ["length"] * n, "error": pa.array([None] * n, pa.string()),
+        "logprobs": pa.array([None] * n, pa.list_(pa.float32())), "top_logprobs": pa.array([None] * n, TOP_LOGPROBS),
+        "prompt_logprobs": pa.array([None] * n, pa.list_(pa.float32())),
         "layout": [layout] * n, "params": [None] * n,  # columns the writer does not keep
     })
 
