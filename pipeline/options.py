@@ -27,7 +27,7 @@ class RunOptions:
     prompt_column: str = "prompt"
     id_column: str | None = None  # None: "id" when every input file has it, else ids are <file>:<row>
     chat: bool = False
-    batch_size: int | None = None  # None: pipeline.run.auto_batch_size
+    batch_size: int | None = None  # None: pipeline.plan.auto_batch_size
     overwrite: bool = False
     address: str | None = None
     int4_layout: str = "auto"

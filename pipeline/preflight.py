@@ -1,7 +1,7 @@
 """What a run checks before any worker starts, so a mistake is named in seconds with a one-line message.
 
 ``check_files`` reads only small files and headers (no torch, no Ray): the CLI runs it before the heavy imports,
-and ``pipeline.run`` runs it again with ``check_model``, which reads every rank's tensor headers through torch.
+and ``pipeline.plan`` runs it again with ``check_model``, which reads every rank's tensor headers through torch.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,3 +231,13 @@ def require_gpu_kernels() -> None:
         import fbgemm_gpu.experimental.gen_ai  # noqa: F401
     except ImportError:
         pytest.skip("needs fbgemm-gpu-genai (pip install shardgen[gpu])", allow_module_level=True)
+
+
+def in_triton_interpreter(code: str, *args: str, timeout: int = 900) -> object:
+    """Run ``code`` (Python whose last line of output is one JSON value) in a child process under Triton's CPU
+    interpreter, and return that value. TRITON_INTERPRET is read when kernels are defined, so it cannot be switched
+    on inside the test process."""
+    done = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

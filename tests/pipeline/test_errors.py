@@ -1,7 +1,7 @@
 """Bad files, checkpoints, options and outputs: each is refused with a message naming what to fix, before any
 worker starts, and leaves no output behind that a later run would trust.
 
-One table: (case, how to break things, the message). Every case goes through ``pipeline.run.run`` (or the options
+One table: (case, how to break things, the message). Every case goes through ``pipeline.run.run`` (``execute(plan(options))``; or the options
 object the CLI builds), the path ``shardgen run`` and ``python -m shardgen.jobs.generate`` take.
 """
 

@@ -11,6 +11,15 @@ def seq(name: str, prompt_len: int, max_new_tokens: int = 8) -> Sequence:
     return Sequence(Request(name, list(range(1, prompt_len + 1)), SamplingParams(max_new_tokens=max_new_tokens)))
 
 
+def scheduler(num_blocks: int, max_model_len: int, *seqs: Sequence, **config) -> Scheduler:
+    """A scheduler of blocks of 4 tokens with ``seqs`` waiting."""
+    sched = Scheduler(EngineConfig(**{"block_size": 4, "max_num_seqs": 8, "max_num_batched_tokens": 100, **config}),
+                      num_blocks, max_model_len)
+    for s in seqs:
+        sched.add(s)
+    return sched
+
+
 def run_step(scheduler: Scheduler, batch) -> None:
     """What the engine does after a step: the scheduled tokens are computed; a sequence that reached its last token
     gets a new one."""
@@ -22,10 +31,8 @@ def run_step(scheduler: Scheduler, batch) -> None:
 
 
 def test_decodes_come_first_then_prompt_chunks_fill_the_token_budget():
-    sched = Scheduler(EngineConfig(max_num_batched_tokens=10, block_size=4, max_num_seqs=8), 64, 64)
     a, b = seq("a", 6), seq("b", 12)
-    sched.add(a)
-    sched.add(b)
+    sched = scheduler(64, 64, a, b, max_num_batched_tokens=10)
     batch, refused = sched.schedule()
     assert not refused and batch.seqs == [a, b] and batch.num_tokens == [6, 4]  # b's prompt is chunked
     assert batch.samples(0) and not batch.samples(1)
@@ -36,19 +43,15 @@ def test_decodes_come_first_then_prompt_chunks_fill_the_token_budget():
 
 
 def test_max_num_seqs_caps_the_running_sequences():
-    sched = Scheduler(EngineConfig(max_num_batched_tokens=100, block_size=4, max_num_seqs=2), 64, 64)
     seqs = [seq(str(i), 3) for i in range(3)]
-    for s in seqs:
-        sched.add(s)
+    sched = scheduler(64, 64, *seqs, max_num_seqs=2)
     batch, _ = sched.schedule()
     assert batch.seqs == seqs[:2] and list(sched.waiting) == [seqs[2]]
 
 
 def test_when_the_cache_runs_out_the_newest_sequence_is_preempted_and_recomputed_later():
-    sched = Scheduler(EngineConfig(max_num_batched_tokens=100, block_size=4, max_num_seqs=8), 4, 16)
     a, b = seq("a", 8), seq("b", 8)
-    sched.add(a)
-    sched.add(b)
+    sched = scheduler(4, 16, a, b)
     batch, _ = sched.schedule()
     assert batch.seqs == [a, b] and not sched.blocks.free  # 2 blocks each: the cache is full
     run_step(sched, batch)
@@ -58,20 +61,15 @@ def test_when_the_cache_runs_out_the_newest_sequence_is_preempted_and_recomputed
 
 
 def test_projected_admission_waits_until_the_cache_can_hold_every_sequence_at_its_limit():
-    config = EngineConfig(max_num_batched_tokens=100, block_size=4, max_num_seqs=8, admission="projected")
-    sched = Scheduler(config, 6, 24)
     a, b = seq("a", 4, max_new_tokens=12), seq("b", 4, max_new_tokens=12)  # 16 tokens at the end: 4 blocks each
-    sched.add(a)
-    sched.add(b)
+    sched = scheduler(6, 24, a, b, admission="projected")
     batch, _ = sched.schedule()
     assert batch.seqs == [a] and list(sched.waiting) == [b]  # greedy admission would take both and preempt later
 
 
 def test_a_prompt_that_leaves_no_room_to_generate_is_refused_as_an_error():
-    sched = Scheduler(EngineConfig(block_size=4), 64, 16)
     long, ok = seq("long", 16), seq("ok", 5)
-    sched.add(long)
-    sched.add(ok)
+    sched = scheduler(64, 16, long, ok)
     batch, refused = sched.schedule()
     assert refused == [long] and batch.seqs == [ok]
     assert long.finish_reason == FINISH_ERROR and "16 tokens" in long.error and "`max_model_len` 16" in long.error
@@ -84,9 +82,8 @@ def test_a_cache_smaller_than_one_sequence_is_refused():
 
 
 def test_a_decode_step_is_planned_ahead_only_when_schedule_could_not_decide_otherwise():
-    sched = Scheduler(EngineConfig(max_num_batched_tokens=100, block_size=4, max_num_seqs=8), 3, 12)
     a = seq("a", 4)
-    sched.add(a)
+    sched = scheduler(3, 12, a)
     batch, _ = sched.schedule()
     run_step(sched, batch)
     ahead = sched.plan_decode_ahead([a])

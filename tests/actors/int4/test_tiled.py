@@ -1,16 +1,11 @@
 """shardgen's Triton int4 kernels on the tiled layout, run on CPU by Triton's interpreter, in float32 (the
 interpreter truncates where the GPU rounds to bf16); tests/actors/int4/test_tiled_cuda.py runs them compiled."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from shardgen.actors import int4
-from tests.helpers import ROOT
+from tests.helpers import in_triton_interpreter
 
 
 @pytest.mark.parametrize("shape,group_size", [((40, 256), 64), ((64, 512), 128), ((8, 1024), 256)])
@@ -61,12 +56,8 @@ def kernels_vs_reference() -> dict[str, float]:
 
 def test_int4_kernels_match_the_dequantized_weight_in_triton_interpreter():
     pytest.importorskip("triton")
-    code = ("import json; from tests.actors.int4.test_tiled import kernels_vs_reference; "
-            "print(json.dumps(kernels_vs_reference()))")
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = in_triton_interpreter("import json; from tests.actors.int4.test_tiled import kernels_vs_reference; "
+                                   "print(json.dumps(kernels_vs_reference()))")
     print(errors)
     assert len(errors) == 2 * (1 + 9 + 9 + 7), errors  # per shape: dequantize, 9 configs at M=1 and 3, gemv not at M=20
     assert max(errors.values()) < 1e-5, errors
@@ -104,12 +95,8 @@ def tiled_model_vs_reference(tmp: str) -> dict:
 @pytest.mark.slow
 def test_model_in_the_tiled_layout_matches_transformers_at_tp1_and_tp2_in_triton_interpreter(tmp_path):
     pytest.importorskip("triton")
-    code = ("import json, sys; from tests.actors.int4.test_tiled import tiled_model_vs_reference; "
-            "print(json.dumps(tiled_model_vs_reference(sys.argv[1])))")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = in_triton_interpreter("import json, sys; from tests.actors.int4.test_tiled import tiled_model_vs_reference; "
+                                   "print(json.dumps(tiled_model_vs_reference(sys.argv[1])))", str(tmp_path))
     print(result)
     assert result["layout"] == int4.LAYOUT_TILED and result["tp2_layouts"] == [int4.LAYOUT_TILED] * 2
     assert result["rel_logits"] < 1e-4 and result["tp2_rel_logits"] < 1e-4, result

@@ -2,17 +2,11 @@
 keeps every nibble; the kernels, run by Triton's interpreter in float32, compute exactly the fp8 rows times the
 dequantized weight. tests/actors/int4/test_w4a8_cuda.py runs them compiled."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from shardgen.actors import int4
-from tests.helpers import ROOT
-
+from tests.helpers import in_triton_interpreter
 
 
 @pytest.mark.parametrize("shape,group_size", [((40, 256), 64), ((64, 512), 128), ((8, 1024), 256)])
@@ -71,12 +65,8 @@ def kernel_vs_reference() -> dict[str, float]:
 
 def test_w4a8_kernel_matches_fp8_rows_times_the_dequantized_weight_in_triton_interpreter():
     pytest.importorskip("triton")
-    code = ("import json; from tests.actors.int4.test_w4a8 import kernel_vs_reference; "
-            "print(json.dumps(kernel_vs_reference()))")
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = in_triton_interpreter("import json; from tests.actors.int4.test_w4a8 import kernel_vs_reference; "
+                                   "print(json.dumps(kernel_vs_reference()))")
     print(errors)
     assert len(errors) == 3 * 3 * 4 - 3, errors  # K = 256 has no split of 4 x 128
     assert max(errors.values()) < 1e-5, errors

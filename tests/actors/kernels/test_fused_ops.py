@@ -1,17 +1,12 @@
 """The fused Triton kernels (residual + RMSNorm, rotary, SiLU * up, KV store) against their PyTorch code, run on CPU by
 Triton's interpreter; tests/actors/kernels/test_fused_ops_cuda.py runs the same checks compiled, in bf16."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from tests.helpers import ROOT
+
+from tests.helpers import in_triton_interpreter
 
 pytest.importorskip("triton")
-
 
 
 def fused_vs_torch(dtype: torch.dtype, device: str = "cpu") -> dict[str, float]:
@@ -79,10 +74,7 @@ def _interpret(dtype: str, check: str = "fused_vs_torch") -> dict[str, float]:
     code = ("import json, torch; from shardgen.actors.kernels import fused_ops; fused_ops.INTERPRETED = True; "
             f"from tests.actors.kernels.test_fused_ops import {check}; "
             f"print(json.dumps({check}(torch.{dtype})))")
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_triton_interpreter(code, timeout=600)
 
 
 def test_fused_kernels_match_pytorch_in_float32():

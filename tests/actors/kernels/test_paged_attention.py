@@ -3,18 +3,13 @@
 The same cases run compiled on the GPU in tests/actors/kernels/test_paged_attention_cuda.py.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from benchmarks.synthetic import cache_to, make_case
 from shardgen.actors.model.attention import AttentionMetadata, attention
 from shardgen.actors.kernels.kv_cache import LayerCache
-from tests.helpers import ROOT
+from tests.helpers import in_triton_interpreter
 
 pytest.importorskip("triton")
 
@@ -101,11 +96,7 @@ def _interpret(dtype: str) -> dict[str, float]:
             f"e.update({{n + ' (fp8 cache, 4 splits)': kernel_vs_reference(n, torch.{dtype}, splits=4, kv_cache_dtype='fp8') "
             f"for n in DECODE_CASES}}); "
             f"print(json.dumps(e))")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_triton_interpreter(code, timeout=600)
 
 
 @pytest.fixture(scope="module")
