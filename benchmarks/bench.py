@@ -22,13 +22,17 @@ from shardgen.actors.engine.build import build_engine
 from shardgen.actors.engine.config import EngineConfig
 
 DEFAULT_WORKLOADS = ("decode-heavy", "prefill-heavy", "mixed")
-SYSTEMS = ("shardgen-int4-tiled", "shardgen-int4-preshuffled", "shardgen-int4-plain", "shardgen-bf16", "hf-bf16",
-           "hf-int4-preshuffled")
+SYSTEMS = ("shardgen-int4", "shardgen-int4-humming", "shardgen-int4-humming-fp8act", "shardgen-int4-tiled", "shardgen-int4-preshuffled",
+           "shardgen-int4-plain", "shardgen-bf16", "hf-bf16", "hf-int4-preshuffled")
+INT4_LAYOUTS = ("int4-humming-fp8act", "int4-humming", "int4-tiled", "int4-preshuffled", "int4-plain")  # longest first
 # Run only when named, for comparisons: a shardgen system (the name's prefix) with one EngineConfig field changed.
 ENGINE_VARIANTS = {"shardgen-int4-tiled-no-overlap": {"overlap_decode": False},
                    "shardgen-int4-tiled-one-attention-launch": {"attention_by_parts": False},
                    "shardgen-int4-tiled-cudnn-prompts": {"cudnn_prompts": True},
+                   "shardgen-int4-fp8-kv": {"kv_cache_dtype": "fp8"},
                    "shardgen-int4-preshuffled-fp8-kv": {"kv_cache_dtype": "fp8"},
+                   "shardgen-int4-humming-fp8-kv": {"kv_cache_dtype": "fp8"},
+                   "shardgen-int4-humming-fp8act-fp8-kv": {"kv_cache_dtype": "fp8"},
                    "shardgen-int4-tiled-fp8-kv": {"kv_cache_dtype": "fp8"},
                    "shardgen-bf16-fp8-kv": {"kv_cache_dtype": "fp8"},
                    "shardgen-int4-preshuffled-projected-admission": {"admission": "projected"},
@@ -101,7 +105,8 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     if system.startswith("shardgen-bf16"):
         loaded = random_model(LLAMA_8B, "bf16")
     else:
-        layout = next(name for name in ("int4-tiled", "int4-preshuffled", "int4-plain") if name in system)
+        # shardgen-int4 is the default path (int4_layout auto); the others force a layout, for comparisons.
+        layout = next((name for name in INT4_LAYOUTS if name in system), "auto")
         loaded = load_model(config.checkpoint_dir, device="cuda", int4_layout=layout,
                             kernel_cache_dir=config.kernel_cache_dir)
     weights = torch.cuda.memory_allocated()

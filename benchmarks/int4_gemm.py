@@ -1,45 +1,81 @@
-"""int4 GEMM kernels at the shapes of a Llama-3.1-8B layer, side by side on one GPU: bf16 F.linear (cuBLAS),
-plain Int4Tensor (fbgemm bf16i4bf16_rowwise), Int4PreshuffledTensor (fbgemm bf16i4bf16_shuffled), all through
-shardgen's own quantize + convert path. Median microseconds (CUDA events, triton.testing.do_bench).
+"""int4 GEMMs at the shapes of a Llama-3.1-8B layer, side by side on one GPU: bf16 F.linear (cuBLAS) against every
+int4 layout shardgen converts a plain slice to (fbgemm's preshuffled and plain, humming's W4A16 and W4A8), all
+through shardgen's own quantize + convert + ``int4.linear`` path.
 
-    python -m benchmarks.int4_gemm
+Each time is one call's GPU time under a CUDA graph that cycles through enough copies of the weight that none is in
+L2 when it comes round (``kernel_choice.graph_time_us``), as a decode step sees it. ``err`` is the relative error
+against x @ W with W the dequantized plain weight in float32 (what the checkpoint means).
+
+    python -m benchmarks.int4_gemm [--ms 1,16,64,128,256,512,1024,2048] [--layouts ...]
 Writes benchmarks/results/int4_gemm-<device>.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 from shardgen.actors import int4
+from shardgen.actors.int4.humming import available as humming_available
+from shardgen.actors.int4.kernel_choice import graph_time_us, weight_copies
 
-SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]  # qkv, o, gate_up, down, lm_head
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+MS = (1, 16, 64, 128, 256, 512, 1024, 2048)
+
+
+def converted(w: torch.Tensor, layout: str, copies: int) -> list[torch.nn.Parameter]:
+    """``copies`` parameters of ``w`` quantized (G=128) and converted to ``layout``."""
+    out = []
+    for _ in range(copies):
+        module = torch.nn.Module()
+        module.weight = torch.nn.Parameter(int4.quantize(w, 128), requires_grad=False)
+        int4.convert_module_weights(module, layout, torch.bfloat16)
+        out.append(module.weight)
+    return out
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--layouts", default=None, help="comma-separated int4 layouts (default: every one the GPU runs)")
+    args = parser.parse_args()
     device = torch.cuda.get_device_name()
+    cuda = torch.device("cuda")
+    layouts = args.layouts.split(",") if args.layouts else [int4.LAYOUT_PRESHUFFLED, int4.LAYOUT_PLAIN] + (
+        list(int4.HUMMING_LAYOUTS) if humming_available(cuda) else [])
+    ms = [int(m) for m in args.ms.split(",")]
     rows = []
-    for n, k in SHAPES:
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        plain = int4.convert_for_hardware(torch.nn.Parameter(int4.quantize(w, 128), requires_grad=False), int4.LAYOUT_PLAIN, torch.bfloat16)
-        shuffled = int4.convert_for_hardware(torch.nn.Parameter(int4.quantize(w, 128), requires_grad=False), int4.LAYOUT_PRESHUFFLED, torch.bfloat16)
-        for m in (1, 128, 2048):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            row = {"N": n, "K": k, "M": m}
-            for name, weight in (("bf16", w), ("plain", plain), ("preshuffled", shuffled)):
-                row[name] = round(do_bench(lambda: F.linear(x, weight), warmup=25, rep=100, return_mode="median") * 1000, 1)
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        torch.manual_seed(0)
+        w = (torch.randn(n, k, device=cuda) * 0.02).to(torch.bfloat16)
+        reference = int4.dequantize(int4.quantize(w, 128), torch.float32)
+        dense = [w.clone() for _ in range(weight_copies(n * k * 2, cuda))]
+        weights = {layout: converted(w, layout, weight_copies(n * k // 2, cuda)) for layout in layouts}
+        for m in ms:
+            x = torch.randn(m, k, device=cuda, dtype=torch.bfloat16)
+            want = x.float() @ reference.T
+            bf16_us = graph_time_us([lambda d=d: F.linear(x, d) for d in dense])
+            row = {"shape": name, "N": n, "K": k, "M": m, "bf16_us": round(bf16_us, 1)}
+            for layout, params in weights.items():
+                us = graph_time_us([lambda p=p: int4.linear(x, p) for p in params])
+                got = int4.linear(x, params[0]).float()
+                row[layout] = {"us": round(us, 1), "x_bf16": round(bf16_us / us, 2),
+                               "err": float(f"{((got - want).norm() / want.norm()).item():.2e}")}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\nint4 GEMMs on {device}, median microseconds")
-    print(f"{'N x K':>14} {'M':>5} {'bf16':>8} {'plain':>8} {'preshuffled':>12}")
+    print(f"\nint4 GEMMs on {device}: speed-up over cuBLAS bf16 (relative error), L2-cold, under CUDA graphs")
+    print(f"{'shape':>8} {'M':>5} {'bf16 us':>8} " + " ".join(f"{layout:>22}" for layout in layouts))
     for r in rows:
-        print(f"{r['N']:>7} x {r['K']:<5} {r['M']:>5} {r['bf16']:>8} {r['plain']:>8} {r['preshuffled']:>12}")
+        cells = [f"{r[la]['x_bf16']:>5.2f}x ({r[la]['err']:.1e})" for la in layouts]
+        print(f"{r['shape']:>8} {r['M']:>5} {r['bf16_us']:>8} " + " ".join(f"{c:>22}" for c in cells))
     out = Path(__file__).parent / "results" / f"int4_gemm-{device.replace(' ', '_')}.json"
-    out.write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"device": device, "layouts": layouts, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

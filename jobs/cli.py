@@ -144,7 +144,8 @@ def run(
     int4_layout: str = typer.Option("auto", help="int4 weights on the GPU: auto (int4-preshuffled on SM90+, "
                                                  "else int4-plain), int4-preshuffled (fbgemm), int4-plain, or "
                                                  "int4-tiled (shardgen's own Triton kernels, SM80+; faster per "
-                                                 "linear at small batches, slower end to end so far)."),
+                                                 "linear at small batches, slower end to end so far), int4-humming "
+                                                 "or int4-humming-fp8act (humming's W4A16 / W4A8 GEMMs, SM90)."),
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to attach to; default: start a local one."),
     overwrite: bool = typer.Option(False, help="Replace an earlier run's output (only shardgen's own files are removed)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),

@@ -17,7 +17,8 @@ from typing import Any
 
 _MODULES = {
     "rules": ("MIN_CUDA_GROUP_SIZE", "GROUP_SIZES", "LAYOUT_PRESHUFFLED", "LAYOUT_PLAIN", "LAYOUT_CPU", "LAYOUT_TILED",
-              "LAYOUT_CHOICES", "check_group_size", "check_cuda_group_size", "row_slice_problem", "valid_tp_sizes"),
+              "LAYOUT_HUMMING", "LAYOUT_HUMMING_FP8", "HUMMING_LAYOUTS", "LAYOUT_CHOICES", "check_group_size",
+              "check_cuda_group_size", "row_slice_problem", "valid_tp_sizes"),
     "format": ("INT4_DATA_NAMES", "is_int4", "group_size_of", "quantize", "unpack", "dequantize", "empty",
                "contiguous", "param_attributes"),
     "sharding": ("check_shardable", "shard_index", "read_shard", "narrow", "shard", "copy_rows"),

@@ -4,6 +4,7 @@ runs a weight in any of them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +20,18 @@ from shardgen.actors.int4.format import (
     unpack,
 )
 from shardgen.actors.int4.rules import (
+    HUMMING_LAYOUTS,
     LAYOUT_CHOICES,
     LAYOUT_CPU,
+    LAYOUT_HUMMING_FP8,
     LAYOUT_PLAIN,
     LAYOUT_PRESHUFFLED,
     LAYOUT_TILED,
     check_cuda_group_size,
 )
+
+if TYPE_CHECKING:
+    from shardgen.actors.int4.humming import HummingRuntime
 
 TILED_PACK = 64  # k-values a run of 8 int32 words of the tiled layout holds
 
@@ -118,8 +124,12 @@ def hardware_layout(device: torch.device | str, requested: str = "auto") -> str:
             raise ValueError(f"`int4_layout` {requested} runs on CUDA GPUs; on the CPU int4 weights are dequantized "
                              f"at load (leave `int4_layout` at auto)")
         return LAYOUT_CPU
+    from shardgen.actors.int4 import humming
+
+    humming_ok = humming.available(device)
     usable = [layout for layout, ok in ((LAYOUT_PRESHUFFLED, _preshuffle_available(device)),
-                                         (LAYOUT_PLAIN, True), (LAYOUT_TILED, _tiled_available(device))) if ok]
+                                         (LAYOUT_PLAIN, True), (LAYOUT_TILED, _tiled_available(device)),
+                                         *((name, humming_ok) for name in HUMMING_LAYOUTS)) if ok]
     if requested == "auto":
         return usable[0]  # the fastest measured end to end that the device runs (see above)
     if requested not in usable:
@@ -129,7 +139,7 @@ def hardware_layout(device: torch.device | str, requested: str = "auto") -> str:
 
 
 def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype,
-                         runtime: TiledRuntime | None = None) -> nn.Parameter:
+                         runtime: TiledRuntime | HummingRuntime | None = None) -> nn.Parameter:
     """Turn a loaded plain-int4 parameter into the parameter the forward pass will use.
 
     - ``int4-preshuffled``: ``Int4PreshuffledTensor`` through torchao's
@@ -139,6 +149,8 @@ def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype,
     - ``int4-tiled``: the int32 words of ``pack_tiled`` (K/8, N), with the scale and zero point as the
       parameter's ``tiled_scale`` / ``tiled_zero`` and the group size as ``int4_group_size``; ``linear`` runs it
       through shardgen's Triton kernels (``runtime``, shared by a model's weights, picks them).
+    - ``int4-humming`` / ``int4-humming-fp8act``: humming's packed weight, with what its kernels need beside it as
+      the parameter's ``humming`` (actors/int4/humming.py; ``runtime`` is the model's ``HummingRuntime``).
     - ``int4-plain``: the plain ``Int4Tensor``, inner tensors made contiguous.
     - ``cpu-dequantized``: the dequantized float weight in ``dtype``.
 
@@ -160,6 +172,9 @@ def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype,
     elif layout == LAYOUT_TILED:
         assert runtime is not None, "the tiled layout needs the model's TiledRuntime"
         new, tiled_scale, tiled_zero = pack_tiled(weight)
+    elif layout in HUMMING_LAYOUTS:
+        assert runtime is not None, "the humming layouts need the model's HummingRuntime"
+        new, humming_meta = runtime.convert(weight, dtype)
     elif layout == LAYOUT_PLAIN:
         new = weight
     elif layout == LAYOUT_CPU:
@@ -174,6 +189,8 @@ def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype,
     if layout == LAYOUT_TILED:
         out.tiled_scale, out.tiled_zero, out.int4_group_size = tiled_scale, tiled_zero, group_size_of(weight)
         out.tiled_runtime = runtime
+    if layout in HUMMING_LAYOUTS:
+        out.humming = humming_meta
     return out
 
 
@@ -192,7 +209,16 @@ class TiledRuntime:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ b) for a weight in any layout ``convert_for_hardware`` makes; x contiguous."""
-    if getattr(weight, "int4_layout", None) != LAYOUT_TILED:
+    layout = getattr(weight, "int4_layout", None)
+    if layout in HUMMING_LAYOUTS:
+        from shardgen.actors.int4 import humming
+
+        meta = weight.humming
+        y = humming.linear(x.reshape(-1, x.shape[-1]), weight.data, meta)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], meta.n)
+    if layout != LAYOUT_TILED:
         return F.linear(x, weight, bias)
     from shardgen.actors.int4 import tiled
 
@@ -219,6 +245,12 @@ def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
         for w in weights:
             check_cuda_group_size(group_size_of(w))
     runtime = None
+    if layout in HUMMING_LAYOUTS and weights:
+        from shardgen.actors.int4.humming import HummingRuntime
+
+        for w in weights:
+            check_cuda_group_size(group_size_of(w))
+        runtime = HummingRuntime(weights[0].qdata.device, kernel_cache_dir, layout == LAYOUT_HUMMING_FP8)
     if layout == LAYOUT_TILED and weights:
         for w in weights:
             if w.shape[1] % TILED_PACK != 0 or group_size_of(w) % TILED_PACK != 0:
@@ -234,5 +266,7 @@ def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
             if is_int4(param.data) and not getattr(param, "int4_converted", False):
                 setattr(sub, name, convert_for_hardware(param, layout, dtype, runtime))
                 count += 1
+    if layout in HUMMING_LAYOUTS and runtime is not None:
+        runtime.prepare()  # compiled now, before any CUDA graph is captured
     return count
 

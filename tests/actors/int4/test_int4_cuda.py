@@ -4,6 +4,8 @@ converted to the hardware layout, against the dequantized reference.
 Tolerances: bf16 activations and bf16 scales give relative errors of a few 1e-3
 (DESIGN.md measured 0.0024 for a correct conversion); 1e-2 passes every correct
 path and fails the known-wrong one (non-contiguous row-parallel slice: 1.47).
+humming's W4A8 layout rounds every activation to e4m3 (3 mantissa bits, one scale a token): its relative error
+against the bf16 product is a few 1e-2, so it gets 6e-2, still far from a wrong result's ~1.
 """
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from shardgen.actors import int4
+from shardgen.actors.int4 import humming
 from shardgen.actors.model.checkpoint import Checkpoint
 from shardgen.actors.model.checkpoint_writer import PlannedTensor, save_checkpoint
 from shardgen.actors.model.distributed import TPGroup
@@ -25,6 +28,9 @@ from torchao.quantization import Int4PreshuffledTensor, Int4Tensor  # noqa: E402
 CUDA = torch.device("cuda")
 SM90 = torch.cuda.get_device_capability() >= (9, 0)
 LAYOUTS = [int4.LAYOUT_PRESHUFFLED, int4.LAYOUT_PLAIN] if SM90 else [int4.LAYOUT_PLAIN]
+if humming.available(CUDA):
+    LAYOUTS += list(int4.HUMMING_LAYOUTS)
+TOLS = {int4.LAYOUT_HUMMING_FP8: 6e-2}
 TOL = 1e-2
 
 
@@ -65,7 +71,7 @@ def test_a_noncontiguous_row_parallel_slice_is_converted_correctly():
         strided = int4.quantize(w, 128)[:, 1024:]
         assert not strided.qdata.is_contiguous()
         out = int4.convert_for_hardware(torch.nn.Parameter(strided, requires_grad=False), layout, torch.bfloat16)
-        assert rel(F.linear(x, out), want) < TOL, layout
+        assert rel(int4.linear(x, out), want) < TOLS.get(layout, TOL), layout
 
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, G = 1024, 2816, 8, 2, 128, 4096, 128
@@ -122,7 +128,7 @@ def test_every_layer_type_sliced_at_t2_and_converted_matches_the_dequantized_ref
             half_o, half_i = HEADS * HEAD_DIM // 2, INTER // 2
             got["o"].append(o._linear(xo[:, rank * half_o:(rank + 1) * half_o], None))
             got["down"].append(down._linear(xi[:, rank * half_i:(rank + 1) * half_i], None))
-            got["lm_head"].append(F.linear(x, head.weight))
+            got["lm_head"].append(int4.linear(x, head.weight))
     q = torch.cat([r[0] for r in got["qkv"]], -1)
     k = torch.cat([r[1] for r in got["qkv"]], -1)
     v = torch.cat([r[2] for r in got["qkv"]], -1)
@@ -138,7 +144,7 @@ def test_every_layer_type_sliced_at_t2_and_converted_matches_the_dequantized_ref
     }
     errors = {name: rel(a, b) for name, (a, b) in checks.items()}
     print(f"layout={layout} tokens={tokens} " + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
-    assert all(e < TOL for e in errors.values()), errors
+    assert all(e < TOLS.get(layout, TOL) for e in errors.values()), errors
 
 
 def test_a_converted_slice_never_reads_the_shuffled_source():
@@ -163,9 +169,9 @@ def test_every_group_size_the_gpu_accepts_computes_correctly(group_size, layout)
     layer.weight = torch.nn.Parameter(int4.quantize(w, group_size), requires_grad=False)
     int4.convert_module_weights(layer, layout, torch.bfloat16)
     x = torch.randn(37, 1024, device=CUDA).to(torch.bfloat16)
-    err = rel(layer(x), x.float() @ want_w.T)
+    err = rel(int4.linear(x, layer.weight), x.float() @ want_w.T)
     print(f"G={group_size} {layout}: rel err {err:.2e}")
-    assert err < TOL
+    assert err < TOLS.get(layout, TOL)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

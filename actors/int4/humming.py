@@ -1,0 +1,137 @@
+"""humming's Hopper GEMMs (PyPI ``humming-kernels``, the vllm-project's humming) over a plain int4 slice.
+
+Two layouts, both made per rank after loading from the plain ``Int4Tensor`` slice, with the checkpoint's exact
+codes and group scales:
+
+- ``int4-humming`` (W4A16): bf16 activations x uint4 weights with a float zero point per group. The plain format
+  stores ``w = q * s + z`` with q in [-8, 7]; humming computes ``(u - zp) * s`` with u = q + 8, so
+  ``zp = 8 - z / s``. humming applies it in bf16 (``__hsub2``), which rounds ``u - zp`` to 8 significant bits: the
+  weight it multiplies differs from the dequantized one by up to 2**-5 of a quantization step (tests state the
+  tolerance).
+- ``int4-humming-fp8act`` (W4A8): every token's activations quantized to e4m3 with one scale (inside the call),
+  times the signed codes q with their group scales on fp8 tensor cores. humming's fp8 path has no float zero point,
+  so the zero point goes through a split: ``x . w = sum_g s_g (x_g . q_g) + sum_g z_g (sum of x over group g)``;
+  the second term is a small bf16 GEMM of the group sums (M x K/G) with the zero points (K/G x N).
+
+humming compiles its kernels (NVRTC) the first time a weight shape is seen, for every M interval of its
+heuristics at once; ``HummingRuntime.prepare`` does that at load, before any CUDA graph is captured, and the
+cubins are kept under ``cache_dir`` so that a second run starts in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchao.quantization import Int4Tensor
+
+from shardgen.actors.int4.format import group_size_of, unpack
+
+log = logging.getLogger(__name__)
+# humming's Stream-K locks: one buffer per model is enough because a model's linears run one after another on one
+# stream (humming's own layers keep one each so that layers on different streams cannot share it).
+LOCKS = 2048
+
+
+def available(device: torch.device) -> bool:
+    """humming-kernels is installed and ``device`` is a GPU whose kernels it builds and shardgen has measured (SM90)."""
+    import importlib.util
+
+    if device.type != "cuda" or importlib.util.find_spec("humming") is None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
+@dataclass(frozen=True)
+class HummingWeight:
+    """What a linear over a humming weight needs besides the packed weight itself (the parameter's data)."""
+
+    config: object  # humming's LayerConfig: dtypes, shape and group size, the key of the compiled kernels
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None  # W4A16: humming's transformed float zero points
+    group_zero: torch.Tensor | None  # W4A8: the checkpoint's zero points (K/G, N) for the split's second term
+    group_size: int
+    n: int
+    runtime: HummingRuntime
+
+
+class HummingRuntime:
+    """What the humming weights of one model share: the Stream-K locks, the kernel cache, the configs compiled."""
+
+    def __init__(self, device: torch.device, cache_dir: Path | None, fp8_activations: bool) -> None:
+        if cache_dir is not None:
+            # humming reads its cache directory from the environment once, on first use: set it before the import.
+            os.environ.setdefault("HUMMING_CACHE_DIR", str(Path(cache_dir) / "humming"))
+        import importlib
+
+        importlib.import_module("humming")  # fails here, at load, when the GPU extra is missing
+
+        self.device = device
+        self.fp8_activations = fp8_activations
+        self.locks = torch.zeros(LOCKS, dtype=torch.int32, device=device)
+        self.configs: set[str] = set()
+
+    def convert(self, t: Int4Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, HummingWeight]:
+        """humming's packed weight of a plain int4 slice, and what ``linear`` needs beside it."""
+        from humming.schema import BaseInputSchema, BaseWeightSchema
+        from humming import ops
+        from humming.transform import prepare_and_transform_humming_tensors
+
+        assert dtype == torch.bfloat16, "humming's int4 layouts run bf16 models"
+        n, k = t.shape
+        g = group_size_of(t)
+        codes = unpack(t.qdata).to(torch.int32) + 8  # u = q + 8 in [0, 15], humming's offset-binary codes
+        tensors = {"weight": ops.pack_weight(codes.contiguous(), 4), "weight_scale": t.scale.t().contiguous()}
+        if self.fp8_activations:
+            weight_cfg = {"quant_method": "humming", "dtype": "int4", "group_size": g}
+            input_schema = BaseInputSchema.from_config({"quant_method": "humming", "dtype": "float8e4m3"})
+        else:
+            weight_cfg = {"quant_method": "humming", "dtype": "uint4", "group_size": g, "has_zero_point": True,
+                          "is_fp_zero_point": True}
+            input_schema = None
+            tensors["zero_point"] = float_zero_point(t, dtype)
+        del codes
+        config, out = prepare_and_transform_humming_tensors(
+            tensors, n, k, BaseWeightSchema.from_config(weight_cfg),
+            input_schema.to_humming_schema(dtype) if input_schema is not None else None,
+            torch_dtype=dtype, device=self.device)
+        self.configs.add(config.to_str())
+        return out["weight"], HummingWeight(
+            config=config, scale=out["weight_scale"], zero_point=out.get("zero_point"),
+            group_zero=t.zero_point.contiguous() if self.fp8_activations else None,
+            group_size=g, n=n, runtime=self)
+
+    def prepare(self) -> None:
+        """Compile (or load from the cache) every kernel the converted weights will run, for every M interval."""
+        from humming.kernel.humming import HummingKernel
+
+        started = time.perf_counter()
+        for key in sorted(self.configs):
+            HummingKernel.prepare_kernels(key, None, None, self.device)
+        log.info("humming kernels for %d weight shapes ready in %.1f s", len(self.configs),
+                 time.perf_counter() - started)
+
+
+def float_zero_point(t: Int4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """humming's zero point (N, K/G) for a plain weight: ``(u - zp) * s == q * s + z`` with u = q + 8, so
+    ``zp = 8 - z / s``; computed in float32 and rounded once to ``dtype``, the precision the kernel applies it in."""
+    return (8 - t.zero_point.float() / t.scale.float()).t().to(dtype).contiguous()
+
+
+def linear(x2: torch.Tensor, weight: torch.Tensor, meta: HummingWeight) -> torch.Tensor:
+    """x2 (M, K) contiguous, in the model's dtype -> (M, N)."""
+    from humming.forward import humming_forward
+
+    # W4A8: humming quantizes the rows to e4m3 itself (one scale a token) before its GEMM.
+    y = humming_forward(meta.config, inputs=x2, weight=weight, weight_scale=meta.scale, zero_point=meta.zero_point,
+                        locks=meta.runtime.locks)
+    if meta.group_zero is not None:
+        m, k = x2.shape
+        sums = x2.view(m, k // meta.group_size, meta.group_size).sum(-1, dtype=torch.float32).to(x2.dtype)
+        y.addmm_(sums, meta.group_zero)
+    return y
+

@@ -1,0 +1,34 @@
+"""The arithmetic of humming's int4 layouts that runs without a GPU: how a plain weight's zero point becomes
+humming's, and when the layouts are offered. The kernels themselves are checked in test_int4_cuda.py."""
+
+import pytest
+import torch
+
+from shardgen.actors import int4
+from shardgen.actors.int4 import humming
+
+
+def test_the_float_zero_point_gives_back_the_plain_weight():
+    torch.manual_seed(0)
+    t = int4.quantize(torch.randn(64, 256) * 0.05 + 0.01, 128)
+    zp = humming.float_zero_point(t, torch.float32)  # (N, K/G), humming's orientation
+    u = int4.unpack(t.qdata).float() + 8
+    rebuilt = (u - zp.repeat_interleave(128, dim=1)) * t.scale.t().float().repeat_interleave(128, dim=1)
+    torch.testing.assert_close(rebuilt, int4.dequantize(t), rtol=0, atol=1e-5)
+
+
+def test_in_bf16_the_zero_point_is_off_by_at_most_a_rounding_of_its_own():
+    """What the kernel sees: zp rounded to bf16 moves the weight by at most half a bf16 step of zp, times s."""
+    torch.manual_seed(1)
+    t = int4.quantize((torch.randn(256, 512) * 0.05).to(torch.bfloat16), 128)
+    exact = humming.float_zero_point(t, torch.float32)
+    rounded = humming.float_zero_point(t, torch.bfloat16).float()
+    step = 2.0 ** (torch.floor(torch.log2(exact.abs())) - 7)  # bf16 keeps 8 significant bits
+    assert ((rounded - exact).abs() <= step / 2 + 1e-7).all()
+
+
+def test_the_humming_layouts_are_not_offered_on_the_cpu():
+    assert not humming.available(torch.device("cpu"))
+    for layout in int4.HUMMING_LAYOUTS:
+        with pytest.raises(ValueError, match=f"`int4_layout` {layout} runs on CUDA GPUs"):
+            int4.hardware_layout("cpu", layout)
