@@ -30,6 +30,8 @@ ENGINE_VARIANTS = {"shardgen-int4-tiled-no-overlap": {"overlap_decode": False},
                    "shardgen-int4-tiled-one-attention-launch": {"attention_by_parts": False},
                    "shardgen-int4-tiled-cudnn-prompts": {"cudnn_prompts": True},
                    "shardgen-int4-fp8-kv": {"kv_cache_dtype": "fp8"},
+                   "shardgen-int4-no-prefix-caching": {"prefix_caching": False},
+                   "shardgen-bf16-no-prefix-caching": {"prefix_caching": False},
                    "shardgen-int4-preshuffled-fp8-kv": {"kv_cache_dtype": "fp8"},
                    "shardgen-int4-humming-fp8-kv": {"kv_cache_dtype": "fp8"},
                    "shardgen-int4-humming-fp8act-fp8-kv": {"kv_cache_dtype": "fp8"},
@@ -125,7 +127,7 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
         prompts, output_len = workload_prompts(workload, config.scale)
         params = SamplingParams(max_new_tokens=output_len, ignore_eos=True)
         requests = [Request(str(i), p, params) for i, p in enumerate(prompts)]
-        steps0, ahead0 = engine.stats.steps, engine.stats.steps_ahead
+        steps0, ahead0, cached0 = engine.stats.steps, engine.stats.steps_ahead, engine.scheduler.num_cached_tokens
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         done = engine.generate(requests)
@@ -135,7 +137,9 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
         ttft = sorted(c.time_to_first_token_s for c in done)
         results.append(_result(system, workload, prompts, output_len, wall, generated, ttft, weights, ready_s,
                                dict(notes, steps=engine.stats.steps - steps0, steps_ahead=engine.stats.steps_ahead - ahead0,
-                                    preemptions=engine.scheduler.num_preemptions)))
+                                    preemptions=engine.scheduler.num_preemptions,
+                                    cached_prompt_tokens=engine.scheduler.num_cached_tokens - cached0,
+                                    prefix_caching=engine_cfg.prefix_caching)))
         print(json.dumps(asdict(results[-1])), flush=True)
     del engine, runner, loaded
     _free()

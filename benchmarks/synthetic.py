@@ -31,15 +31,21 @@ LLAMA_70B = dict(LLAMA_8B, hidden_size=8192, intermediate_size=28672, num_hidden
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
 # (prompts, prompt tokens, generated tokens). throughput: TensorRT-LLM's published H200 shape (128 in / 2048 out), run
-# when named, with --max-num-seqs as high as the cache holds.
+# when named, with --max-num-seqs as high as the cache holds. shared-prefix: every prompt is one system prompt of
+# SHARED_PREFIX tokens and a suffix of its own (prefix caching, issue 19).
 WORKLOADS = {"decode-heavy": (128, 32, 2048), "prefill-heavy": (32, 4096, 32), "mixed": (1000, 1024, 128),
-             "throughput": (2048, 128, 2048)}
+             "throughput": (2048, 128, 2048), "shared-prefix": (1000, 2100, 128)}
+SHARED_PREFIX = 2000
 
 
 def workload_prompts(name: str, scale: float, seed: int = 0) -> tuple[list[list[int]], int]:
     n, input_len, output_len = WORKLOADS[name]
     g = torch.Generator().manual_seed(seed)
     count = max(1, round(n * scale))
+    if name == "shared-prefix":
+        system = torch.randint(0, 128000, (SHARED_PREFIX,), generator=g).tolist()
+        suffixes = torch.randint(0, 128000, (count, input_len - SHARED_PREFIX), generator=g).tolist()
+        return [system + s for s in suffixes], output_len
     return torch.randint(0, 128000, (count, input_len), generator=g).tolist(), output_len
 
 

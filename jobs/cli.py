@@ -138,6 +138,9 @@ def run(
     gpu_memory_utilization: float = typer.Option(ENGINE.gpu_memory_utilization,
                                                  help="Share of each GPU's memory for weights, activations and KV cache."),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Run decode steps eagerly, without CUDA graphs."),
+    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching",
+                                        help="Share the KV cache of prompts' common prefixes (a system prompt is "
+                                             "computed once per replica while its blocks stay cached)."),
     kv_cache_dtype: str = typer.Option("auto", help="KV cache elements: auto (the model's dtype) or fp8 (e4m3 with a "
                                                     "scale per token and head: ~2x the tokens, GPUs of compute "
                                                     "capability 8.9+ or the CPU)."),
@@ -188,7 +191,7 @@ def run(
                                 max_model_len=max_model_len,
                                 kv_cache_memory=int(kv_cache_gb * 2**30) if kv_cache_gb else None,
                                 gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=not enforce_eager,
-                                kv_cache_dtype=kv_cache_dtype),
+                                kv_cache_dtype=kv_cache_dtype, prefix_caching=prefix_caching),
         )
         from shardgen.pipeline.preflight import check_files
 
@@ -220,18 +223,24 @@ def _show_samples(output: str | Path, count: int = 3) -> None:
         typer.secho(row["completion"] or "", fg=typer.colors.GREEN)
 
 
-BENCH_EXAMPLE = ("Example: shardgen bench --workloads decode-heavy --systems shardgen-int4-tiled,shardgen-bf16\n\n"
-                 "Workloads: decode-heavy (128 x 32 in / 2048 out), prefill-heavy (32 x 4096 / 32), mixed (1000 x 1024 / 128).")
+BENCH_EXAMPLE = ("Example: shardgen bench --workloads decode-heavy --systems shardgen-int4,shardgen-bf16\n\n"
+                 "Workloads: decode-heavy (128 x 32 in / 2048 out), prefill-heavy (32 x 4096 / 32), mixed (1000 x 1024 / 128); "
+                 "by name: throughput (2048 x 128 / 2048), shared-prefix (1000 x (one 2000-token system prompt + 100 "
+                 "of their own) / 128).")
 
 
 @app.command(epilog=BENCH_EXAMPLE)
 def bench(
     workloads: str = typer.Option("decode-heavy,prefill-heavy,mixed", help="Comma-separated workloads (also "
-                                  "throughput: 2,048 prompts x 128 in / 2,048 out, with a high --max-num-seqs)."),
-    systems: str = typer.Option("shardgen-int4-tiled,shardgen-int4-preshuffled,shardgen-bf16,hf-bf16,hf-int4-preshuffled",
-                                help="Comma-separated systems (also shardgen-int4-plain); and, for comparison, "
-                                     "shardgen-int4-preshuffled-fp8-kv, shardgen-int4-tiled-fp8-kv and "
-                                     "shardgen-bf16-fp8-kv (an fp8 KV cache), "
+                                  "throughput: 2,048 prompts x 128 in / 2,048 out, with a high --max-num-seqs; and "
+                                  "shared-prefix, for prefix caching)."),
+    systems: str = typer.Option("shardgen-int4,shardgen-bf16,hf-bf16,hf-int4-preshuffled",
+                                help="Comma-separated systems: shardgen-int4 is the default int4 path (--int4-layout "
+                                     "auto); shardgen-int4-<layout> forces a layout (humming, humming-fp8act, tiled, "
+                                     "preshuffled, plain); and, for comparison, "
+                                     "shardgen-int4-fp8-kv, shardgen-int4-preshuffled-fp8-kv, shardgen-int4-tiled-fp8-kv and "
+                                     "shardgen-bf16-fp8-kv (an fp8 KV cache), shardgen-int4-no-prefix-caching and "
+                                     "shardgen-bf16-no-prefix-caching, "
                                      "shardgen-int4-tiled-no-overlap (every engine step synchronous), "
                                      "shardgen-int4-tiled-one-attention-launch (a step's attention in one paged-kernel "
                                      "launch, not one per kind of sequence) and shardgen-int4-tiled-cudnn-prompts "

@@ -37,6 +37,8 @@ class EngineConfig:
     # Admit sequences by what their next chunk needs (greedy, preempting when the cache runs out) or only while the
     # cache can hold every running sequence at its length limit (projected; actors/engine/scheduler.py).
     admission: str = "greedy"
+    # Share the KV blocks of a common prompt prefix between sequences (actors/engine/blocks.py).
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSIONS:

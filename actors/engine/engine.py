@@ -136,6 +136,7 @@ class Engine:
             if seq.num_computed < seq.num_prompt:
                 self.stats.prompt_tokens += min(n, seq.num_prompt - seq.num_computed)
             seq.num_computed += n
+            self.scheduler.blocks.register(seq)
         self.stats.steps += 1
         self.stats.running_per_step.append(len(batch.seqs))
 

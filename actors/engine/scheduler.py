@@ -5,7 +5,8 @@ fills the rest of the token budget with prompt chunks (chunked prefill) from
 sequences mid-prefill and then from the waiting queue, up to ``max_num_seqs``
 running sequences. Sequences leave as they finish and new ones join on the next
 step. When the cache runs out, the most recently admitted sequence is preempted
-(its blocks freed, recomputed later).
+(its blocks freed, recomputed later). With prefix caching (actors/engine/blocks.py) a sequence starts with the
+blocks of its longest cached prefix attached and computes only the rest, a preempted one included.
 
 Admission (``EngineConfig.admission``): ``greedy`` admits whatever the next chunk fits in, and relies on
 preemption when sequences outgrow the cache; ``projected`` admits a sequence only if the cache can also hold every
@@ -19,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from shardgen.actors.engine.blocks import BlockManager
 from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.sequence import FINISH_ERROR, Sequence, Status
 
@@ -40,23 +42,6 @@ class ScheduledBatch:
         return s.num_computed + self.num_tokens[i] == len(s.tokens)
 
 
-class BlockManager:
-    def __init__(self, num_blocks: int) -> None:
-        self.free: deque[int] = deque(range(num_blocks))
-        self.num_blocks = num_blocks
-
-    def blocks_needed(self, seq: Sequence, upto_tokens: int, block_size: int) -> int:
-        return max(0, -(-upto_tokens // block_size) - len(seq.block_table))
-
-    def allocate(self, seq: Sequence, n: int) -> None:
-        assert n <= len(self.free)
-        seq.block_table.extend(self.free.popleft() for _ in range(n))
-
-    def release(self, seq: Sequence) -> None:
-        self.free.extend(seq.block_table)
-        seq.block_table = []
-
-
 class Scheduler:
     """Schedules one replica's sequences under its engine's limits (``config``: the limits and the block size;
     the block count and the longest sequence are what the runner sized)."""
@@ -70,10 +55,11 @@ class Scheduler:
             )
         self.config = config
         self.max_model_len = max_model_len
-        self.blocks = BlockManager(num_blocks)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt (or recomputed) tokens not computed because their blocks were cached
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -113,15 +99,17 @@ class Scheduler:
                              f"`max_model_len` {self.max_model_len}; shorten it or raise `max_model_len`")
                 refused.append(seq)
                 continue
+            seq.num_computed = self.blocks.attach_prefix(seq)
             n = min(len(seq.tokens) - seq.num_computed, budget)
-            need = self.blocks.blocks_needed(seq, seq.num_computed + n, cfg.block_size)
-            if need > len(self.blocks.free):
+            need = self.blocks.blocks_needed(seq, seq.num_computed + n)
+            to_finish = self._blocks_to_finish(seq) if cfg.admission == "projected" else 0
+            if need > self.blocks.num_free or reserved + to_finish > self.blocks.num_free:
+                self.blocks.release(seq)  # its cached blocks stay cached
+                seq.num_computed = 0
                 break
             if cfg.admission == "projected":
-                to_finish = self._blocks_to_finish(seq)
-                if reserved + to_finish > len(self.blocks.free):
-                    break
                 reserved += to_finish - need
+            self.num_cached_tokens += seq.num_computed
             self.waiting.popleft()
             self.blocks.allocate(seq, need)
             seq.status = Status.RUNNING
@@ -140,9 +128,8 @@ class Scheduler:
         """
         if self.waiting or len(seqs) != len(self.running):
             return None
-        bs = self.config.block_size
-        need = [self.blocks.blocks_needed(s, s.num_computed + 1, bs) for s in seqs]
-        if sum(need) > len(self.blocks.free):
+        need = [self.blocks.blocks_needed(s, s.num_computed + 1) for s in seqs]
+        if sum(need) > self.blocks.num_free:
             return None
         for seq, n in zip(seqs, need):
             self.blocks.allocate(seq, n)
@@ -155,8 +142,8 @@ class Scheduler:
 
     def _reserve(self, seq: Sequence, n: int, scheduled: list[Sequence]) -> bool:
         """Make sure ``seq`` has blocks for ``n`` more tokens, preempting the newest others if needed."""
-        need = self.blocks.blocks_needed(seq, seq.num_computed + n, self.config.block_size)
-        while need > len(self.blocks.free):
+        need = self.blocks.blocks_needed(seq, seq.num_computed + n)
+        while need > self.blocks.num_free:
             victim = self.running[-1]
             if victim in scheduled:
                 victim = seq  # never preempt work already in this step's batch

@@ -83,6 +83,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix caching: of the full computed blocks, in order
     status: Status = Status.WAITING
     finish_reason: str | None = None
     error: str | None = None

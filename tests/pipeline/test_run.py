@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
+from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.sequence import SamplingParams
 from shardgen.actors.model.tokenizer import load_tokenizer
 from shardgen.pipeline.options import RunOptions
@@ -59,14 +60,16 @@ def test_every_id_exactly_once_with_two_replicas_and_with_tp2(demo, tmp_path):
 @pytest.mark.parametrize("family,tp", [("llama", 1), ("llama", 2), ("qwen3", 1), ("qwen3", 2)])
 def test_greedy_completions_equal_transformers_generate(tmp_path, family, tp):
     reference, model = model_with_tokenizer(family, tmp_path)
+    shared = "The quick brown fox jumps over the lazy dog. " * 4  # prefix caching: blocks shared when admitted later
     texts = ["def f(x):", "Hello, world", "int4 on Ray", "a", "The answer is 42.", "tensor parallel, T=2",
-             "\n\n", "SELECT 1;", "zzz", "Once upon a time"]
+             "\n\n", "SELECT 1;", "zzz", "Once upon a time", shared + "Why?", shared + "How so?"]
     prompts = tmp_path / "prompts.jsonl"
     with open(prompts, "w") as f:
         for i, t in enumerate(texts):
             f.write(json.dumps({"id": f"p{i}", "prompt": t, **({"max_new_tokens": 4 + i} if i % 2 else {})}) + "\n")
     run(RunOptions(model=model, input=prompts, output=tmp_path / "out", tp=tp, batch_size=4,
-                   sampling=SamplingParams(max_new_tokens=10, ignore_eos=True)))
+                   sampling=SamplingParams(max_new_tokens=10, ignore_eos=True),
+                   engine=EngineConfig(max_num_batched_tokens=32)))  # prompts in chunks, admitted over several steps
     out = read_output(tmp_path / "out")
     tokenizer = load_tokenizer(model)
     for i, t in enumerate(texts):

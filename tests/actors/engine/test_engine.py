@@ -99,6 +99,32 @@ def test_a_small_cache_preempts_and_still_gives_the_same_tokens(model):
     assert [g.token_ids for g in got] == [r.token_ids for r in roomy]
 
 
+def test_prompts_that_share_a_prefix_compute_it_once_and_give_what_caching_off_gives(model):
+    reference, loaded = model
+    system = random_prompts([40], seed=11)[0]  # 10 blocks of 4
+    prompts = [system + suffix for suffix in random_prompts([6] * 8, seed=12)]
+    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=12)) for i, p in enumerate(prompts)]
+    # A step of 46 tokens holds the first prompt alone: its blocks are registered before the others are admitted.
+    cached = make_engine(loaded, max_num_seqs=8, max_num_batched_tokens=46)
+    got = cached.generate(reqs)
+    off = make_engine(loaded, max_num_seqs=8, max_num_batched_tokens=46, prefix_caching=False)
+    want = off.generate(reqs)
+    assert cached.stats.prompt_tokens == 46 + 7 * 6 and cached.scheduler.num_cached_tokens == 7 * 40
+    assert off.stats.prompt_tokens == 8 * 46 and off.scheduler.num_cached_tokens == 0
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert got[5].token_ids == hf_greedy(reference, prompts[5], 12)
+
+
+def test_a_preempted_sequence_takes_back_its_cached_blocks_and_gives_the_same_tokens(model):
+    _, loaded = model
+    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=30)) for i, p in enumerate(random_prompts([20, 25, 18, 22]))]
+    want = make_engine(loaded, max_num_seqs=4, prefix_caching=False).generate(reqs)
+    tight = make_engine(loaded, kv_tokens=128, max_num_seqs=4, max_model_len=128)
+    got = tight.generate(reqs)
+    assert tight.scheduler.num_preemptions > 0 and tight.scheduler.num_cached_tokens > 0
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
 def test_projected_admission_fills_the_cache_without_preempting_and_gives_the_same_tokens(model):
     _, loaded = model
     reqs = [Request(str(i), p, SamplingParams(max_new_tokens=30)) for i, p in enumerate(random_prompts([20, 25, 18, 22, 9]))]
