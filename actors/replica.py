@@ -32,6 +32,7 @@ class Replica:
     def __init__(self, spec: ReplicaSpec, strategy: str = "STRICT_PACK", ready_timeout_s: float = 600.0) -> None:
         gpu = spec.device == "cuda"
         self.last_generated_tokens = 0
+        self.last_cached_tokens = 0
         bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
         self.pg = placement_group([dict(bundle) for _ in range(spec.tp)], strategy=strategy,
                                   name=placement_group_name(spec.run_id, uuid.uuid4().hex[:8]))
@@ -99,10 +100,12 @@ class Replica:
     def stats(self) -> dict:
         return ray.get(self.workers[0].stats.remote())
 
-    def generated_tokens(self) -> int:
-        """Tokens rank 0's engine has generated so far (for the progress line); kept as ``last_generated_tokens``."""
-        self.last_generated_tokens = ray.get(self.workers[0].generated_tokens.remote(), timeout=PING_TIMEOUT_S)
-        return self.last_generated_tokens
+    def token_counts(self) -> tuple[int, int]:
+        """Tokens rank 0's engine has generated so far (for the progress line) and prompt tokens it took from the
+        prefix cache (for the summary); kept as ``last_generated_tokens`` and ``last_cached_tokens``."""
+        counts = ray.get(self.workers[0].token_counts.remote(), timeout=PING_TIMEOUT_S)
+        self.last_generated_tokens, self.last_cached_tokens = counts
+        return counts
 
     def kill(self) -> None:
         """Stop every worker at once (some may be dead or stuck) and free the placement group."""

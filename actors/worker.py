@@ -134,16 +134,18 @@ class ShardWorker:
             del self._groups[group]
         return done, finished
 
-    def generated_tokens(self) -> int:
-        """Rank 0: tokens its engine has generated so far (served while the engine runs)."""
+    def token_counts(self) -> tuple[int, int]:
+        """Rank 0: tokens its engine has generated so far, and prompt tokens it took from the prefix cache instead of
+        computing them (served while the engine runs)."""
         assert self.engine is not None
-        return self.engine.stats.generated_tokens
+        return self.engine.stats.generated_tokens, self.engine.scheduler.num_cached_tokens
 
     def stats(self) -> dict:
         assert self.engine is not None
         s = self.engine.stats
         return {"steps": s.steps, "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
-                "running_per_step": list(s.running_per_step), "preemptions": self.engine.scheduler.num_preemptions}
+                "running_per_step": list(s.running_per_step), "preemptions": self.engine.scheduler.num_preemptions,
+                "cached_prompt_tokens": self.engine.scheduler.num_cached_tokens}
 
     def shutdown(self) -> None:
         from shardgen.actors.model.distributed import destroy_tp_group

@@ -17,15 +17,14 @@ which is the split ``int4-humming-fp8act`` runs, against the exact dequantized p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.kv_cache_quality import cached_logits_fn
-from scripts.train_demo_model import agreement, encode, greedy, perplexity, read, source_files, windows
+from benchmarks.kv_cache_quality import cached_logits_fn, demo_eval_set, write_results
+from scripts.train_demo_model import agreement, greedy, perplexity
 
 LAYOUTS = "int4-preshuffled,int4-humming,int4-humming-fp8act"
 
@@ -64,8 +63,6 @@ def emulate_w4a8(model: torch.nn.Module) -> int:
 
 def emulate_on_cpu(eval_tokens: int, results_dir: Path) -> None:
     """Perplexity and greedy agreement of the W4A8 split against the exact dequantized model, on the CPU."""
-    from transformers import AutoTokenizer
-
     from shardgen.actors.engine.build import build_engine
     from shardgen.actors.engine.config import EngineConfig
     from shardgen.actors.engine.sequence import Request, SamplingParams
@@ -73,13 +70,9 @@ def emulate_on_cpu(eval_tokens: int, results_dir: Path) -> None:
     from shardgen.actors.model.config import ModelConfig
     from shardgen.actors.model.loader import LoadedModel, int4_groups, load_model
     from shardgen.actors.model.model import CausalLM
-    from shardgen.jobs.demo import demo_assets
     from scripts.train_demo_model import shardgen_logits_fn
 
-    model_dir, prompts_file = demo_assets()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    _, held = source_files()
-    wins = windows(encode(tok, read(held)), eval_tokens)
+    model_dir, wins, ids = demo_eval_set(eval_tokens)
     cpu = torch.device("cpu")
     exact = load_model(model_dir, device=cpu)
     config = ModelConfig.from_dir(model_dir)
@@ -88,8 +81,6 @@ def emulate_on_cpu(eval_tokens: int, results_dir: Path) -> None:
         model.load_weights(ckpt)
     changed = emulate_w4a8(model)
     emulated = LoadedModel(model.eval(), config, "emulated-w4a8", changed, 0.0, 0.0)
-    rows = [json.loads(line) for line in prompts_file.read_text().splitlines()]
-    ids = [tok(r["prompt"])["input_ids"] for r in rows]
     params = SamplingParams(max_new_tokens=48, ignore_eos=True)
     results: dict = {"device": "cpu (float32, W4A8 emulated)", "eval_tokens": wins[:, 1:].numel(),
                      "run": time.strftime("%Y-%m-%dT%H:%M:%S"), "perplexity": {}}
@@ -105,10 +96,7 @@ def emulate_on_cpu(eval_tokens: int, results_dir: Path) -> None:
     ppl = list(results["perplexity"].values())
     results["perplexity_increase"] = round(ppl[1] / ppl[0] - 1, 5)
     results["greedy w4a8 vs w4a16"] = agreement(*completions.values())
-    print(json.dumps(results, indent=1))
-    out = results_dir / "int4_layout_quality-cpu-emulated.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, results_dir, "int4_layout_quality-cpu-emulated")
 
 
 def main() -> None:
@@ -120,19 +108,11 @@ def main() -> None:
     a = p.parse_args()
     if a.emulate_cpu:
         return emulate_on_cpu(a.eval_tokens, a.results_dir)
-    from transformers import AutoTokenizer
-
     from shardgen.actors.model.loader import load_model
-    from shardgen.jobs.demo import demo_assets
 
-    model_dir, prompts_file = demo_assets()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    _, held = source_files()
-    wins = windows(encode(tok, read(held)), a.eval_tokens)
+    model_dir, wins, ids = demo_eval_set(a.eval_tokens)
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
-    rows = [json.loads(line) for line in prompts_file.read_text().splitlines()]
-    ids = [tok(r["prompt"])["input_ids"] for r in rows]
     layouts = a.layouts.split(",")
     results: dict = {"device": name, "python": sys.version.split()[0], "eval_tokens": wins[:, 1:].numel(),
                      "run": time.strftime("%Y-%m-%dT%H:%M:%S"), "perplexity": {}, "greedy_vs_" + layouts[0]: {}}
@@ -146,11 +126,7 @@ def main() -> None:
         print(layout, results["perplexity"][layout], results["greedy_vs_" + layouts[0]][layout], flush=True)
     base = results["perplexity"][layouts[0]]
     results["perplexity_increase"] = {la: round(v / base - 1, 5) for la, v in results["perplexity"].items()}
-    print(json.dumps(results, indent=1))
-    a.results_dir.mkdir(parents=True, exist_ok=True)
-    out = a.results_dir / f"int4_layout_quality-{name.replace(' ', '_')}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, a.results_dir, f"int4_layout_quality-{name.replace(' ', '_')}")
 
 
 if __name__ == "__main__":

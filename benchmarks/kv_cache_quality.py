@@ -53,6 +53,30 @@ def cached_logits_fn(model, device: torch.device, kv_cache_dtype: str):
     return logits_of
 
 
+def demo_eval_set(eval_tokens: int) -> tuple[Path, torch.Tensor, list[list[int]]]:
+    """The demo model's directory, its held-out windows (``eval_tokens`` at most) and the token ids of its 200
+    demo prompts: what every quality benchmark on the demo model measures with."""
+    from transformers import AutoTokenizer
+
+    from shardgen.jobs.demo import demo_assets
+
+    model_dir, prompts_file = demo_assets()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    _, held = source_files()
+    wins = windows(encode(tok, read(held)), eval_tokens)
+    rows = [json.loads(line) for line in prompts_file.read_text().splitlines()]
+    return model_dir, wins, [tok(r["prompt"])["input_ids"] for r in rows]
+
+
+def write_results(results: dict, results_dir: Path, stem: str) -> None:
+    """Print ``results`` and write them to ``results_dir/<stem>.json``."""
+    print(json.dumps(results, indent=1))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    out = results_dir / f"{stem}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
@@ -60,15 +84,9 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=262_144)
     p.add_argument("--results-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     a = p.parse_args()
-    from transformers import AutoTokenizer
-
     from shardgen.actors.model.loader import load_model
-    from shardgen.jobs.demo import demo_assets
 
-    model_dir, prompts_file = demo_assets()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    _, held = source_files()
-    wins = windows(encode(tok, read(held)), a.eval_tokens)
+    model_dir, wins, ids = demo_eval_set(a.eval_tokens)
     device = torch.device(a.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     loaded = load_model(model_dir, device=a.device, int4_layout=a.int4_layout)
@@ -80,16 +98,10 @@ def main() -> None:
         print(f"perplexity, {kv} KV cache: {results['perplexity'][kv]:.4f}", flush=True)
     ppl = results["perplexity"]
     results["fp8_increase"] = round(ppl["fp8"] / ppl["auto"] - 1, 5)
-    rows = [json.loads(line) for line in prompts_file.read_text().splitlines()]
-    ids = [tok(r["prompt"])["input_ids"] for r in rows]
     runs = {kv: greedy(model_dir, a.device, ids, 48, int4_layout=a.int4_layout, kv_cache_dtype=kv)
             for kv in ("auto", "fp8")}
     results["greedy fp8 vs auto"] = agreement(runs["auto"], runs["fp8"])
-    print(json.dumps(results, indent=1))
-    a.results_dir.mkdir(parents=True, exist_ok=True)
-    out = a.results_dir / f"kv_cache_quality-{name.replace(' ', '_')}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, a.results_dir, f"kv_cache_quality-{name.replace(' ', '_')}")
 
 
 if __name__ == "__main__":

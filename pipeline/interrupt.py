@@ -24,19 +24,25 @@ class Interrupted(RuntimeError):
 
 class RunControl:
     """A Ray actor per run that the generate stages poll (has the run been asked to stop?) and tell how many tokens
-    their engines generated (for the progress line) and the hardware layout their replicas run (for the summary)."""
+    their engines generated (for the progress line), the hardware layout their replicas run and how many prompt
+    tokens came from the prefix cache (for the summary)."""
 
     def __init__(self) -> None:
         self._stopping = False
         self._generated: dict[str, int] = {}
+        self._cached: dict[str, int] = {}
         self._layouts: dict[str, str] = {}
 
-    def report(self, stage: str, generated_tokens: int, layout: str) -> None:
+    def report(self, stage: str, generated_tokens: int, layout: str, cached_tokens: int = 0) -> None:
         self._generated[stage] = generated_tokens
+        self._cached[stage] = cached_tokens
         self._layouts[stage] = layout
 
     def generated(self) -> int:
         return sum(self._generated.values())
+
+    def cached(self) -> int:
+        return sum(self._cached.values())
 
     def layouts(self) -> list[str]:
         return sorted(set(self._layouts.values()))

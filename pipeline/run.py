@@ -130,7 +130,7 @@ def execute(p: RunPlan, echo: Callable[[str], None] = print, progress: TextIO | 
             ds.write_datasink(write.ParquetSink(output, p.metadata), ray_remote_args={"num_cpus": 0})
             if stop.requested:  # the stages returned early and the dataset ran out before the drain stopped it
                 raise KeyboardInterrupt
-        layouts = _layouts(control)
+        layouts, cached = _reported(control)
     except KeyboardInterrupt:
         safe = write.rows_in(write.existing_output(output))
         raise interrupt.Interrupted(
@@ -147,7 +147,7 @@ def execute(p: RunPlan, echo: Callable[[str], None] = print, progress: TextIO | 
         if finished:
             finished.close()
     summary = summarise(output, before, time.perf_counter() - p.started, p.device, layouts,
-                        finished.rows if finished else 0)
+                        finished.rows if finished else 0, cached)
     for line in summary.lines():
         echo(line)
     return summary
@@ -183,11 +183,12 @@ def release_replicas(run_id: str) -> None:
             remove_placement_group(get_placement_group(info["name"]))
 
 
-def _layouts(control) -> list[str]:
-    """The hardware layouts this run's replicas reported (none if the run's control actor cannot say)."""
+def _reported(control) -> tuple[list[str], int]:
+    """The hardware layouts this run's replicas reported and the prompt tokens their prefix caches gave (none and 0
+    if the run's control actor cannot say)."""
     import ray
 
     try:
-        return ray.get(control.layouts.remote(), timeout=30)
+        return ray.get([control.layouts.remote(), control.cached.remote()], timeout=30)
     except ray.exceptions.RayError:
-        return []
+        return [], 0

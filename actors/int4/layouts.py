@@ -241,15 +241,13 @@ def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
     For the tiled layout, the kernels of every weight shape are chosen first (a probe on GPUs or shapes that
     the shipped tables lack, cached under ``kernel_cache_dir``)."""
     weights = [p.data for p in module.parameters() if is_int4(p.data)]
-    if layout in (LAYOUT_PRESHUFFLED, LAYOUT_PLAIN):
+    if layout in (LAYOUT_PRESHUFFLED, LAYOUT_PLAIN, *HUMMING_LAYOUTS):
         for w in weights:
             check_cuda_group_size(group_size_of(w))
     runtime = None
     if layout in HUMMING_LAYOUTS and weights:
         from shardgen.actors.int4.humming import HummingRuntime
 
-        for w in weights:
-            check_cuda_group_size(group_size_of(w))
         runtime = HummingRuntime(weights[0].qdata.device, kernel_cache_dir, layout == LAYOUT_HUMMING_FP8)
     if layout == LAYOUT_TILED and weights:
         for w in weights:

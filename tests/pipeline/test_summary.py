@@ -31,3 +31,11 @@ def test_rows_of_an_earlier_run_are_not_this_runs_and_the_layouts_are_the_replic
 def test_a_run_that_wrote_nothing_says_so():
     s = summarise(Location.of("/nonexistent-shardgen-out"), [], 1.0, "cpu", [], resumed=0)
     assert s.rows == 0 and s.layout == "nothing written"
+
+
+def test_prompt_tokens_from_the_prefix_cache_are_counted_in_the_summary(tmp_path):
+    before = existing_output(tmp_path)
+    write_part(tmp_path, rows(10), {})
+    s = summarise(Location.of(tmp_path), before, 1.0, "cpu", ["cpu-dequantized"], resumed=0, cached_prompt_tokens=32)
+    assert "40 prompt (32, 80%, from the prefix cache)" in s.lines()[1]
+    assert "from the prefix cache" not in summarise(Location.of(tmp_path), before, 1.0, "cpu", [], 0).lines()[1]

@@ -22,7 +22,7 @@ class FlakyReplica:
     failures = 0
     fail_after = 1
     layout = "cpu-dequantized"
-    last_generated_tokens = 0  # what the progress line last heard from it
+    last_generated_tokens = last_cached_tokens = 0  # what the progress line and the summary last heard from it
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.killed = False
