@@ -62,7 +62,11 @@ class HummingWeight:
 class HummingRuntime:
     """What the humming weights of one model share: the Stream-K locks, the kernel cache, the configs compiled."""
 
-    def __init__(self, device: torch.device, cache_dir: Path | None, fp8_activations: bool) -> None:
+    def __init__(self, device: torch.device, cache_dir: Path | None, fp8_activations: bool,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        if dtype != torch.bfloat16:
+            raise ValueError(f"the humming int4 layouts run bfloat16 models (measured and tested so), not {dtype}; use "
+                             f"`dtype` bfloat16 (auto on CUDA) or another `int4_layout`")
         if cache_dir is not None:
             # humming reads its cache directory from the environment once, on first use: set it before the import.
             os.environ.setdefault("HUMMING_CACHE_DIR", str(Path(cache_dir) / "humming"))
@@ -81,7 +85,6 @@ class HummingRuntime:
         from humming import ops
         from humming.transform import prepare_and_transform_humming_tensors
 
-        assert dtype == torch.bfloat16, "humming's int4 layouts run bf16 models"
         n, k = t.shape
         g = group_size_of(t)
         codes = unpack(t.qdata).to(torch.int32) + 8  # u = q + 8 in [0, 15], humming's offset-binary codes

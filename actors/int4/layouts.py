@@ -248,7 +248,7 @@ def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
     if layout in HUMMING_LAYOUTS and weights:
         from shardgen.actors.int4.humming import HummingRuntime
 
-        runtime = HummingRuntime(weights[0].qdata.device, kernel_cache_dir, layout == LAYOUT_HUMMING_FP8)
+        runtime = HummingRuntime(weights[0].qdata.device, kernel_cache_dir, layout == LAYOUT_HUMMING_FP8, dtype)
     if layout == LAYOUT_TILED and weights:
         for w in weights:
             if w.shape[1] % TILED_PACK != 0 or group_size_of(w) % TILED_PACK != 0:

@@ -32,3 +32,8 @@ def test_the_humming_layouts_are_not_offered_on_the_cpu():
     for layout in int4.HUMMING_LAYOUTS:
         with pytest.raises(ValueError, match=f"`int4_layout` {layout} runs on CUDA GPUs"):
             int4.hardware_layout("cpu", layout)
+
+
+def test_a_model_dtype_other_than_bfloat16_is_refused_with_what_to_change():
+    with pytest.raises(ValueError, match="run bfloat16 models.*`dtype` bfloat16"):
+        humming.HummingRuntime(torch.device("cpu"), None, fp8_activations=False, dtype=torch.float16)
