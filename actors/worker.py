@@ -123,11 +123,12 @@ class ShardWorker:
 
     def collect(self, group: int, wait_s: float) -> tuple[list[tuple[int, Completion]], bool]:
         """Rank 0: the group's completions that finished since the last call, as (index, completion), waiting up
-        to ``wait_s`` for one; and whether the whole group is now collected (its id is then forgotten)."""
+        to ``wait_s`` for one; and whether the whole group is now collected (its id is then forgotten). A request's
+        samples come together, one (index, completion) each."""
         futures, collected = self._groups[group]
         pending = [f for i, f in enumerate(futures) if i not in collected]
         wait(pending, timeout=wait_s, return_when=FIRST_COMPLETED)
-        done = [(i, f.result()) for i, f in enumerate(futures) if i not in collected and f.done()]
+        done = [(i, c) for i, f in enumerate(futures) if i not in collected and f.done() for c in f.result()]
         collected.update(i for i, _ in done)
         finished = len(collected) == len(futures)
         if finished:

@@ -22,9 +22,9 @@ from shardgen.actors.engine.build import build_engine
 from shardgen.actors.engine.config import EngineConfig
 
 DEFAULT_WORKLOADS = ("decode-heavy", "prefill-heavy", "mixed")
-SYSTEMS = ("shardgen-int4", "shardgen-int4-humming", "shardgen-int4-humming-fp8act", "shardgen-int4-tiled", "shardgen-int4-preshuffled",
+SYSTEMS = ("shardgen-int4", "shardgen-int4-dual", "shardgen-int4-humming", "shardgen-int4-humming-fp8act", "shardgen-int4-tiled", "shardgen-int4-preshuffled",
            "shardgen-int4-plain", "shardgen-bf16", "hf-bf16", "hf-int4-preshuffled")
-INT4_LAYOUTS = ("int4-humming-fp8act", "int4-humming", "int4-tiled", "int4-preshuffled", "int4-plain")  # longest first
+INT4_LAYOUTS = ("int4-humming-fp8act", "int4-humming", "int4-dual", "int4-tiled", "int4-preshuffled", "int4-plain")  # longest first
 # Run only when named, for comparisons: a shardgen system (the name's prefix) with one EngineConfig field changed.
 ENGINE_VARIANTS = {"shardgen-int4-tiled-no-overlap": {"overlap_decode": False},
                    "shardgen-int4-tiled-one-attention-launch": {"attention_by_parts": False},

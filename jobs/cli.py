@@ -122,6 +122,8 @@ def run(
                                          "overrides. 0 turns it off."),
     prompt_logprobs: bool = typer.Option(False, help="Each prompt token's log-probability given the tokens before it "
                                                      "(prompt_logprobs column; the first token's is null)."),
+    n: int = typer.Option(1, "--n", help="Samples per prompt: n output rows per input row (sample_index 0..n-1), "
+                                         "the prompt computed once; a row's n column overrides."),
     prompt_column: str = typer.Option("prompt", help="Column holding the prompt text."),
     id_column: Optional[str] = typer.Option(None, help="Column holding a unique row id, in every input file (default: "
                                                        "id when every file has it; else ids are <file>:<row>)."),
@@ -144,11 +146,14 @@ def run(
     kv_cache_dtype: str = typer.Option("auto", help="KV cache elements: auto (the model's dtype) or fp8 (e4m3 with a "
                                                     "scale per token and head: ~2x the tokens, GPUs of compute "
                                                     "capability 8.9+ or the CPU)."),
-    int4_layout: str = typer.Option("auto", help="int4 weights on the GPU: auto (int4-preshuffled on SM90+, "
-                                                 "else int4-plain), int4-preshuffled (fbgemm), int4-plain, or "
+    int4_layout: str = typer.Option("auto", help="int4 weights on the GPU: auto (int4-dual on SM90 with humming "
+                                                 "installed, else int4-preshuffled on SM90+, else int4-plain), "
+                                                 "int4-preshuffled (fbgemm), int4-plain, or "
                                                  "int4-tiled (shardgen's own Triton kernels, SM80+; faster per "
                                                  "linear at small batches, slower end to end so far), int4-humming "
-                                                 "or int4-humming-fp8act (humming's W4A16 / W4A8 GEMMs, SM90)."),
+                                                 "or int4-humming-fp8act (humming's W4A16 / W4A8 GEMMs, SM90), or "
+                                                 "int4-dual (humming for steps of <= 128 rows, preshuffled above; "
+                                                 "both packings in memory)."),
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to attach to; default: start a local one."),
     overwrite: bool = typer.Option(False, help="Replace an earlier run's output (only shardgen's own files are removed)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
@@ -186,7 +191,7 @@ def run(
             kernel_cache_dir=user_cache_dir(),
             sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     seed=seed, ignore_eos=ignore_eos, logprobs=logprobs,
-                                    prompt_logprobs=prompt_logprobs),
+                                    prompt_logprobs=prompt_logprobs, n=n),
             engine=EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len,
                                 kv_cache_memory=int(kv_cache_gb * 2**30) if kv_cache_gb else None,
@@ -236,7 +241,7 @@ def bench(
                                   "shared-prefix, for prefix caching)."),
     systems: str = typer.Option("shardgen-int4,shardgen-bf16,hf-bf16,hf-int4-preshuffled",
                                 help="Comma-separated systems: shardgen-int4 is the default int4 path (--int4-layout "
-                                     "auto); shardgen-int4-<layout> forces a layout (humming, humming-fp8act, tiled, "
+                                     "auto); shardgen-int4-<layout> forces a layout (dual, humming, humming-fp8act, tiled, "
                                      "preshuffled, plain); and, for comparison, "
                                      "shardgen-int4-fp8-kv, shardgen-int4-preshuffled-fp8-kv, shardgen-int4-tiled-fp8-kv and "
                                      "shardgen-bf16-fp8-kv (an fp8 KV cache), shardgen-int4-no-prefix-caching and "

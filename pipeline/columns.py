@@ -18,11 +18,13 @@ PARAMS = pa.struct([
     ("ignore_eos", pa.bool_()),
     ("logprobs", pa.int64()),
     ("prompt_logprobs", pa.bool_()),
+    ("n", pa.int64()),
 ])
 TOP_LOGPROBS = pa.list_(pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])))
 
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()),
+    ("sample_index", pa.int32()),  # 0..n-1 for the n samples of a row; null on an error row (one per input row)
     ("prompt", pa.string()),
     ("completion", pa.string()),
     ("completion_token_ids", pa.list_(pa.int32())),
@@ -46,7 +48,7 @@ def params_array(params: list[SamplingParams | None]) -> pa.Array:
         return {"max_new_tokens": p.max_new_tokens, "temperature": float(p.temperature), "top_p": float(p.top_p),
                 "top_k": p.top_k, "seed": seed, "stop": list(p.stop), "stop_token_ids": list(p.stop_token_ids),
                 "ignore_eos": p.ignore_eos, "logprobs": p.logprobs,
-                "prompt_logprobs": p.prompt_logprobs}
+                "prompt_logprobs": p.prompt_logprobs, "n": p.n}
 
     return pa.array([row(p) for p in params], PARAMS)
 

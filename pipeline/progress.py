@@ -94,7 +94,8 @@ class Progress:
 
     @property
     def rows(self) -> int:
-        return self.written.rows
+        """Input rows answered (a row's n samples count once)."""
+        return self.written.inputs
 
     def line(self) -> str:
         now = time.perf_counter()

@@ -191,19 +191,25 @@ def skip_finished(batch: pa.Table, handles: list) -> pa.Table:
 
 @dataclass
 class FinishedIds:
-    """The ids an output already holds, loaded into shards for a resumed run."""
+    """The ids an output already holds, loaded into shards for a resumed run: ``rows`` output rows answering
+    ``inputs`` input rows (n samples of a row are written together, in one part file, so an id found is done)."""
 
     rows: int
     handles: list
+    inputs: int
 
     @classmethod
     def load(cls, files: list[Location]) -> "FinishedIds":
         import ray
 
-        rows = sum(pq.ParquetFile(f.open()).metadata.num_rows for f in files)
-        handles = start_shards(shard_count(rows))
+        from shardgen.pipeline.stages.write import WriteStats, read_stats
+
+        stats = WriteStats()
+        for f in files:
+            stats.add(read_stats(f))
+        handles = start_shards(shard_count(stats.rows))
         ray.get([h.load_output.remote(files) for h in handles])
-        return cls(rows, handles)
+        return cls(stats.rows, handles, stats.inputs)
 
     def close(self) -> None:
         stop_shards(self.handles)

@@ -120,7 +120,7 @@ def execute(p: RunPlan, echo: Callable[[str], None] = print, progress: TextIO | 
     ds = read.read_prompts(p.files, p.root, o.prompt_column, p.id_column)
     for stage in stages:
         ds = stage.apply(ds)
-    todo = p.input_rows - (finished.rows if finished else 0) if p.input_rows is not None else None
+    todo = p.input_rows - (finished.inputs if finished else 0) if p.input_rows is not None else None
     before = write.existing_output(output)
     watch = None
     if progress is not None:

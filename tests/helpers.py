@@ -241,3 +241,25 @@ def in_triton_interpreter(code: str, *args: str, timeout: int = 900) -> object:
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def output_block(n: int, reason: str = "length", layout: str = "int4-tiled", samples: int = 1):
+    """``n`` input rows' finished output block as the generate and detokenize stages hand it to the writer: each row
+    has ``samples`` sample rows (sample_index 0..samples-1) of 3 prompt and 2 completion tokens, or one error row
+    (``reason`` "error"); plus a column the writer does not keep."""
+    import pyarrow as pa
+
+    from shardgen.pipeline.columns import TOP_LOGPROBS
+
+    error = reason == "error"
+    index = [None if error else k for i in range(n) for k in range(1 if error else samples)]
+    m = len(index)
+    return pa.table({
+        "id": [str(i) for i in range(n) for _ in range(1 if error else samples)],
+        "sample_index": pa.array(index, pa.int32()), "prompt": ["p"] * m, "completion": ["c"] * m,
+        "completion_token_ids": pa.array([[1, 2]] * m, pa.list_(pa.int64())), "prompt_tokens": [3] * m,
+        "completion_tokens": [0 if error else 2] * m, "finish_reason": [reason] * m,
+        "error": pa.array(["prompt: empty" if error else None] * m, pa.string()),
+        "logprobs": pa.array([None] * m, pa.list_(pa.float32())), "top_logprobs": pa.array([None] * m, TOP_LOGPROBS),
+        "prompt_logprobs": pa.array([None] * m, pa.list_(pa.float32())), "layout": [layout] * m, "params": [None] * m,
+    })

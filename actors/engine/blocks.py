@@ -82,6 +82,19 @@ class BlockManager:
             previous = h
         return len(seq.block_table) * bs
 
+    def fork(self, seq: Sequence, source: Sequence) -> int:
+        """Share ``source``'s full, computed blocks of the prompt they have in common with ``seq`` (another sample of
+        the same request, its block table empty); returns how many tokens they hold. As in ``attach_prefix``, the
+        block of the prompt's last token stays ``seq``'s own. Works with prefix caching on or off."""
+        assert not seq.block_table and seq.tokens[:source.num_prompt] == source.tokens[:source.num_prompt]
+        shared = min((len(seq.tokens) - 1) // self.block_size, source.num_computed // self.block_size)
+        for block in source.block_table[:shared]:
+            assert self.refs[block] > 0, block  # the source holds it
+            self.refs[block] += 1
+        seq.block_table = source.block_table[:shared]
+        seq.block_hashes = source.block_hashes[:shared]
+        return shared * self.block_size
+
     def register(self, seq: Sequence) -> None:
         """Register ``seq``'s blocks that are full and computed (called after every step that computed tokens)."""
         if not self.prefix_caching:

@@ -34,8 +34,10 @@ from shardgen.actors.engine.sequence import (
     FINISH_STOP,
     Completion,
     Request,
+    SampleGroup,
     Sequence,
     Status,
+    sample_params,
 )
 
 
@@ -57,7 +59,7 @@ class Engine:
         self.detokenize = detokenize
         self.stats = EngineStats()
         self._inbox: list[tuple[Request, Future]] = []
-        self._futures: dict[int, Future] = {}
+        self._groups: dict[int, SampleGroup] = {}  # id(sequence) -> its request's samples
         self._lock = threading.Condition()
         self._closed = False
         self._ahead: tuple[ScheduledBatch, PendingTokens] | None = None  # a decode step launched, not yet read
@@ -65,6 +67,7 @@ class Engine:
     # -- intake (any thread)
 
     def add(self, requests: list[Request]) -> list[Future]:
+        """Queue requests; each future resolves to the request's completions, one per sample (``params.n``)."""
         futures = [Future() for _ in requests]
         with self._lock:
             if self._closed:
@@ -74,11 +77,12 @@ class Engine:
         return futures
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        """Add requests and step until they are done (single-threaded use: tests, benchmarks)."""
+        """Add requests and step until they are done (single-threaded use: tests, benchmarks); their completions in
+        order, a request's samples one after another."""
         futures = self.add(requests)
         while not all(f.done() for f in futures):
             self.step()
-        return [f.result() for f in futures]
+        return [c for f in futures for c in f.result()]
 
     # -- the loop (one thread)
 
@@ -90,7 +94,7 @@ class Engine:
         with self._lock:
             for request, future in self._inbox:
                 seq = Sequence(request)
-                self._futures[id(seq)] = future
+                self._groups[id(seq)] = SampleGroup(future, request.params.n)
                 self.scheduler.add(seq)
             self._inbox.clear()
         if self._ahead is not None:
@@ -137,8 +141,28 @@ class Engine:
                 self.stats.prompt_tokens += min(n, seq.num_prompt - seq.num_computed)
             seq.num_computed += n
             self.scheduler.blocks.register(seq)
+            if seq.sample_index == 0 and seq.num_computed >= seq.num_prompt and seq.params.n > 1:
+                group = self._groups[id(seq)]
+                if not group.forked:
+                    self._fork_samples(seq, group)
         self.stats.steps += 1
         self.stats.running_per_step.append(len(batch.seqs))
+
+    def _fork_samples(self, first: Sequence, group: SampleGroup) -> None:
+        """Make a request's samples 1..n-1 now that sample 0's prompt is in the cache: each starts with its full
+        blocks and computes only the prompt's last, partial block; they wait at the head of the queue."""
+        group.forked = True
+        shared = first.prompt_logprobs if first.params.prompt_logprobs else None
+        samples = []
+        for i in range(1, group.n):
+            request = Request(first.request.request_id, first.request.prompt_token_ids,
+                              sample_params(first.params, i))
+            seq = Sequence(request, sample_index=i,
+                           shared_prompt_logprobs=list(shared) if shared is not None else None)
+            seq.num_computed = self.scheduler.blocks.fork(seq, first)
+            self._groups[id(seq)] = group
+            samples.append(seq)
+        self.scheduler.add_first(samples)
 
     def _overlappable(self, batch: ScheduledBatch, sampled: list[Sequence]) -> bool:
         """A pure greedy decode step, on a runner that can launch the next one ahead (rows that report logprobs
@@ -203,7 +227,7 @@ class Engine:
 
     def _resolve(self, seq: Sequence) -> None:
         assert seq.status is Status.FINISHED
-        self._futures.pop(id(seq)).set_result(seq.completion())
+        self._groups.pop(id(seq)).finish(seq)
 
     def run_forever(self, stop: threading.Event, heartbeat_s: float = 5.0) -> None:
         """Serve requests until ``stop`` is set (the worker's background thread)."""
@@ -229,9 +253,9 @@ class Engine:
 
     def fail_all(self, message: str) -> None:
         with self._lock:
-            pending = list(self._futures.values()) + [f for _, f in self._inbox]
+            pending = list({id(g): g.future for g in self._groups.values()}.values()) + [f for _, f in self._inbox]
             self._inbox.clear()
-            self._futures.clear()
+            self._groups.clear()
         for f in pending:
             if not f.done():
                 f.set_exception(RuntimeError(message))

@@ -6,7 +6,8 @@ sequences mid-prefill and then from the waiting queue, up to ``max_num_seqs``
 running sequences. Sequences leave as they finish and new ones join on the next
 step. When the cache runs out, the most recently admitted sequence is preempted
 (its blocks freed, recomputed later). With prefix caching (actors/engine/blocks.py) a sequence starts with the
-blocks of its longest cached prefix attached and computes only the rest, a preempted one included.
+blocks of its longest cached prefix attached and computes only the rest, a preempted one included. The later
+samples of a request (``n`` > 1) join at the head of the queue holding sample 0's prompt blocks already.
 
 Admission (``EngineConfig.admission``): ``greedy`` admits whatever the next chunk fits in, and relies on
 preemption when sequences outgrow the cache; ``projected`` admits a sequence only if the cache can also hold every
@@ -64,6 +65,10 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_first(self, seqs: list[Sequence]) -> None:
+        """Queue ``seqs`` ahead of every waiting sequence (in their order)."""
+        self.waiting.extendleft(reversed(seqs))
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -99,17 +104,21 @@ class Scheduler:
                              f"`max_model_len` {self.max_model_len}; shorten it or raise `max_model_len`")
                 refused.append(seq)
                 continue
-            seq.num_computed = self.blocks.attach_prefix(seq)
+            forked = bool(seq.block_table)  # a later sample holding sample 0's blocks (BlockManager.fork)
+            if not forked:
+                seq.num_computed = self.blocks.attach_prefix(seq)
             n = min(len(seq.tokens) - seq.num_computed, budget)
             need = self.blocks.blocks_needed(seq, seq.num_computed + n)
             to_finish = self._blocks_to_finish(seq) if cfg.admission == "projected" else 0
             if need > self.blocks.num_free or reserved + to_finish > self.blocks.num_free:
-                self.blocks.release(seq)  # its cached blocks stay cached
-                seq.num_computed = 0
+                if not forked:
+                    self.blocks.release(seq)  # its cached blocks stay cached
+                    seq.num_computed = 0
                 break
             if cfg.admission == "projected":
                 reserved += to_finish - need
-            self.num_cached_tokens += seq.num_computed
+            if not forked:  # a sample's share of its prompt is counted once, with sample 0's prompt
+                self.num_cached_tokens += seq.num_computed
             self.waiting.popleft()
             self.blocks.allocate(seq, need)
             seq.status = Status.RUNNING

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import hashlib
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 FINISH_STOP = "stop"  # EOS, a stop token or a stop string
 FINISH_LENGTH = "length"  # max_new_tokens or max_model_len
 FINISH_ERROR = "error"
 MAX_LOGPROBS = 20  # the most alternatives a token reports (OpenAI's top_logprobs limit)
+MAX_SAMPLES = 1024  # the most samples (n) of one prompt
 # Seeds are used modulo this (sampler._row_seed), so a seed and its remainder sample the same tokens.
 SEED_MODULUS = 2**63 - 1
 
@@ -28,6 +32,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int = 0  # K > 0: each completion token's log-probability and the K most likely tokens at its step
     prompt_logprobs: bool = False  # each prompt token's log-probability given the tokens before it
+    n: int = 1  # samples of the prompt: n sequences that share its computed KV blocks
 
     def problems(self) -> list[str]:
         """What is wrong with these values, as text naming each field (empty if all is well)."""
@@ -42,9 +47,22 @@ class SamplingParams:
             out.append(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS:
             out.append(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (0 turns it off), got {self.logprobs!r}")
+        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_SAMPLES:
+            out.append(f"n must be an integer in [1, {MAX_SAMPLES}], got {self.n!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             out.append(f"stop must be a list of non-empty strings, got {list(self.stop)!r}")
         return out
+
+
+def sample_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The parameters of sample ``index`` (>= 1) of a request: one sequence, its own seed derived from the request's
+    (so every (request, sample) is reproducible, and sample 0 samples exactly as the request alone would), and no
+    prompt log-probabilities of its own (it reports sample 0's: the prompt is the same)."""
+    seed = None
+    if params.seed is not None:
+        digest = hashlib.blake2b(f"{params.seed}:{index}".encode(), digest_size=8).digest()
+        seed = int.from_bytes(digest, "little") >> 1
+    return dataclasses.replace(params, n=1, seed=seed, prompt_logprobs=False)
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,7 @@ class Completion:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None  # with params.prompt_logprobs: None for the first token
+    sample_index: int = 0  # which of the request's n samples
 
 
 class Status(enum.Enum):
@@ -93,6 +112,8 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)  # with params.logprobs, one per output token
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     prompt_logprobs: list[float] = field(default_factory=list)  # of prompt tokens 1.. (token 0 has no context)
+    sample_index: int = 0  # which of its request's n samples (sample 0 computes the prompt; see SampleGroup)
+    shared_prompt_logprobs: list[float] | None = None  # a later sample's copy of sample 0's prompt_logprobs
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -122,5 +143,24 @@ class Sequence:
         n = len(token_ids)
         logprobs = (self.logprobs[:n], self.top_logprobs[:n]) if self.params.logprobs else (None, None)
         prompt = [None, *self.prompt_logprobs] if self.params.prompt_logprobs else None
+        if self.shared_prompt_logprobs is not None:
+            prompt = [None, *self.shared_prompt_logprobs]
         return Completion(self.request.request_id, token_ids, self.finish_reason, self.num_prompt, self.error, ttft, text,
-                          *logprobs, prompt)
+                          *logprobs, prompt, self.sample_index)
+
+
+@dataclass(eq=False)
+class SampleGroup:
+    """The n samples of one request and the future they resolve together. Sample 0 computes the prompt; the others
+    are made once its prompt is in the cache and start with its full blocks (``BlockManager.fork``), so the prompt is
+    computed once. A request refused before that (its prompt too long) resolves with sample 0's error alone."""
+
+    future: Future
+    n: int
+    done: dict[int, Completion] = field(default_factory=dict)
+    forked: bool = False  # the later samples exist
+
+    def finish(self, seq: Sequence) -> None:
+        self.done[seq.sample_index] = seq.completion()
+        if len(self.done) == self.n or (not self.forked and seq.sample_index == 0):
+            self.future.set_result([self.done[i] for i in sorted(self.done)])

@@ -17,13 +17,13 @@ from typing import Any
 
 _MODULES = {
     "rules": ("MIN_CUDA_GROUP_SIZE", "GROUP_SIZES", "LAYOUT_PRESHUFFLED", "LAYOUT_PLAIN", "LAYOUT_CPU", "LAYOUT_TILED",
-              "LAYOUT_HUMMING", "LAYOUT_HUMMING_FP8", "HUMMING_LAYOUTS", "LAYOUT_CHOICES", "check_group_size",
+              "LAYOUT_HUMMING", "LAYOUT_HUMMING_FP8", "LAYOUT_DUAL", "HUMMING_LAYOUTS", "LAYOUT_CHOICES", "check_group_size",
               "check_cuda_group_size", "row_slice_problem", "valid_tp_sizes"),
     "format": ("INT4_DATA_NAMES", "is_int4", "group_size_of", "quantize", "unpack", "dequantize", "empty",
                "contiguous", "param_attributes"),
     "sharding": ("check_shardable", "shard_index", "read_shard", "narrow", "shard", "copy_rows"),
     "layouts": ("TILED_PACK", "pack_tiled", "unpack_tiled", "pack_fp8act", "unpack_fp8act", "hardware_layout",
-                "convert_for_hardware", "TiledRuntime", "linear", "convert_module_weights"),
+                "convert_for_hardware", "TiledRuntime", "DUAL_HUMMING_MAX_M", "linear", "convert_module_weights"),
 }
 _MODULE_OF = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = ["Int4Tensor", *_MODULE_OF]

@@ -23,6 +23,7 @@ from shardgen.actors.int4.rules import (
     HUMMING_LAYOUTS,
     LAYOUT_CHOICES,
     LAYOUT_CPU,
+    LAYOUT_DUAL,
     LAYOUT_HUMMING_FP8,
     LAYOUT_PLAIN,
     LAYOUT_PRESHUFFLED,
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
     from shardgen.actors.int4.humming import HummingRuntime
 
 TILED_PACK = 64  # k-values a run of 8 int32 words of the tiled layout holds
+# int4-dual: steps of at most this many rows run humming's W4A16, larger ones fbgemm's preshuffled GEMM. On one H100
+# (benchmarks/int4_gemm.py, 8B shapes) humming is 1.3-3x faster than preshuffled up to M = 128 and slower from 256
+# on, except on down (benchmarks/README.md).
+DUAL_HUMMING_MAX_M = 128
 
 
 def pack_tiled(t: Int4Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,9 +113,11 @@ def _tiled_available(device: torch.device) -> bool:
 def hardware_layout(device: torch.device | str, requested: str = "auto") -> str:
     """The layout int4 weights take on ``device``.
 
-    ``auto``: on CUDA, fbgemm's preshuffled layout (SM90+), else plain; on the CPU, the dequantized weight.
-    shardgen's tiled layout (its own Triton kernels, SM80+) is taken only by name: end to end it was slower than
-    preshuffled, though faster per linear at M <= 16 (benchmarks/README.md). A layout asked for by name that
+    ``auto``: on SM90 with humming installed, ``int4-dual`` (humming's W4A16 for steps of few rows, fbgemm's
+    preshuffled GEMM for the rest; on one H100 it beat preshuffled alone on every workload of the bench, at the cost
+    of a second packing of the weights), else preshuffled (SM90+), else plain; on the CPU, the dequantized weight.
+    shardgen's tiled layout (its own Triton kernels, SM80+) is taken only by name: humming is faster at every shape
+    and M where it beat preshuffled (benchmarks/README.md). A layout asked for by name that
     ``device`` cannot run is refused with the layouts it can. (The tiled layout runs on the CPU under Triton's
     interpreter: tests.)
     """
@@ -126,8 +133,8 @@ def hardware_layout(device: torch.device | str, requested: str = "auto") -> str:
         return LAYOUT_CPU
     from shardgen.actors.int4 import humming
 
-    humming_ok = humming.available(device)
-    usable = [layout for layout, ok in ((LAYOUT_PRESHUFFLED, _preshuffle_available(device)),
+    humming_ok, preshuffle_ok = humming.available(device), _preshuffle_available(device)
+    usable = [layout for layout, ok in ((LAYOUT_DUAL, humming_ok and preshuffle_ok), (LAYOUT_PRESHUFFLED, preshuffle_ok),
                                          (LAYOUT_PLAIN, True), (LAYOUT_TILED, _tiled_available(device)),
                                          *((name, humming_ok) for name in HUMMING_LAYOUTS)) if ok]
     if requested == "auto":
@@ -151,6 +158,8 @@ def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype,
       through shardgen's Triton kernels (``runtime``, shared by a model's weights, picks them).
     - ``int4-humming`` / ``int4-humming-fp8act``: humming's packed weight, with what its kernels need beside it as
       the parameter's ``humming`` (actors/int4/humming.py; ``runtime`` is the model's ``HummingRuntime``).
+    - ``int4-dual``: both of the above: the preshuffled tensor as the parameter, humming's packed weight as its
+      ``humming_weight`` (made first: fbgemm's shuffle destroys the source). ``linear`` picks by the step's rows.
     - ``int4-plain``: the plain ``Int4Tensor``, inner tensors made contiguous.
     - ``cpu-dequantized``: the dequantized float weight in ``dtype``.
 
@@ -162,7 +171,10 @@ def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype,
     assert not getattr(param, "int4_converted", False), "this storage was converted already"
     # A row-parallel slice converted while non-contiguous is silently wrong.
     weight = contiguous(weight)
-    if layout == LAYOUT_PRESHUFFLED:
+    if layout == LAYOUT_DUAL:
+        assert runtime is not None, "the dual layout needs the model's HummingRuntime"
+        humming_weight, humming_meta = runtime.convert(weight, dtype)
+    if layout in (LAYOUT_PRESHUFFLED, LAYOUT_DUAL):
         from torchao.prototype.tensor_conversion.api import (
             convert_to_packed_tensor_based_on_current_hardware,
         )
@@ -191,6 +203,8 @@ def convert_for_hardware(param: nn.Parameter, layout: str, dtype: torch.dtype,
         out.tiled_runtime = runtime
     if layout in HUMMING_LAYOUTS:
         out.humming = humming_meta
+    if layout == LAYOUT_DUAL:
+        out.humming, out.humming_weight = humming_meta, humming_weight
     return out
 
 
@@ -210,14 +224,10 @@ class TiledRuntime:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ b) for a weight in any layout ``convert_for_hardware`` makes; x contiguous."""
     layout = getattr(weight, "int4_layout", None)
+    if layout == LAYOUT_DUAL and x.numel() <= DUAL_HUMMING_MAX_M * x.shape[-1]:
+        return _humming_linear(x, weight.humming_weight, weight.humming, bias)
     if layout in HUMMING_LAYOUTS:
-        from shardgen.actors.int4 import humming
-
-        meta = weight.humming
-        y = humming.linear(x.reshape(-1, x.shape[-1]), weight.data, meta)
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*x.shape[:-1], meta.n)
+        return _humming_linear(x, weight.data, weight.humming, bias)
     if layout != LAYOUT_TILED:
         return F.linear(x, weight, bias)
     from shardgen.actors.int4 import tiled
@@ -234,6 +244,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.reshape(*x.shape[:-1], n)
 
 
+def _humming_linear(x: torch.Tensor, packed: torch.Tensor, meta: object, bias: torch.Tensor | None) -> torch.Tensor:
+    from shardgen.actors.int4 import humming
+
+    y = humming.linear(x.reshape(-1, x.shape[-1]), packed, meta)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], meta.n)
+
+
 def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
                            kernel_cache_dir: Path | None = None) -> int:
     """Convert every plain-int4 parameter under ``module`` in place of the old one; returns how many.
@@ -241,11 +260,12 @@ def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
     For the tiled layout, the kernels of every weight shape are chosen first (a probe on GPUs or shapes that
     the shipped tables lack, cached under ``kernel_cache_dir``)."""
     weights = [p.data for p in module.parameters() if is_int4(p.data)]
-    if layout in (LAYOUT_PRESHUFFLED, LAYOUT_PLAIN, *HUMMING_LAYOUTS):
+    runs_humming = layout in (*HUMMING_LAYOUTS, LAYOUT_DUAL)
+    if layout in (LAYOUT_PRESHUFFLED, LAYOUT_PLAIN) or runs_humming:
         for w in weights:
             check_cuda_group_size(group_size_of(w))
     runtime = None
-    if layout in HUMMING_LAYOUTS and weights:
+    if runs_humming and weights:
         from shardgen.actors.int4.humming import HummingRuntime
 
         runtime = HummingRuntime(weights[0].qdata.device, kernel_cache_dir, layout == LAYOUT_HUMMING_FP8, dtype)
@@ -264,7 +284,7 @@ def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
             if is_int4(param.data) and not getattr(param, "int4_converted", False):
                 setattr(sub, name, convert_for_hardware(param, layout, dtype, runtime))
                 count += 1
-    if layout in HUMMING_LAYOUTS and runtime is not None:
+    if runs_humming and runtime is not None:
         runtime.prepare()  # compiled now, before any CUDA graph is captured
     return count
 

@@ -23,7 +23,7 @@ from shardgen.pipeline.columns import TOP_LOGPROBS, params_list
 from shardgen.pipeline.storage import Location
 
 READS = ("id", "prompt", "prompt_token_ids", "params", "error")
-WRITES = ("id", "prompt", "completion_token_ids", "completion_text", "prompt_tokens", "completion_tokens",
+WRITES = ("id", "sample_index", "prompt", "completion_token_ids", "completion_text", "prompt_tokens", "completion_tokens",
           "finish_reason", "error", "logprobs", "top_logprobs", "prompt_logprobs", "layout")
 
 
@@ -45,10 +45,11 @@ class Flush:
 
 @dataclass(eq=False)
 class _InFlight:
-    """A batch being generated: its completions so far, and which of its finished rows are not written yet."""
+    """A batch being generated: its completions so far (a row's n samples finish together), and which of its
+    finished rows are not written yet."""
 
     batch: pa.Table
-    results: dict[int, Completion] = field(default_factory=dict)
+    results: dict[int, list[Completion]] = field(default_factory=dict)
     unwritten: list[int] = field(default_factory=list)
 
 
@@ -103,8 +104,8 @@ class GenerateStage:
                                   self._tokens_before[1] + cached)
 
     def _stream(self, requests: list[Request]):
-        """(index, completion) lists as they finish, across replacements of a failed replica (only the requests
-        not yet finished run again)."""
+        """(index, completion) lists as they finish (a request's samples in the same list), across replacements of a
+        failed replica (only the requests not yet finished run again)."""
         from shardgen.actors.replica import ReplicaFailed
 
         left = dict(enumerate(requests))
@@ -115,7 +116,7 @@ class GenerateStage:
                 for done in replica.stream([left[i] for i in order]):
                     found = [(order[j], c) for j, c in done]
                     for i, _ in found:
-                        del left[i]
+                        left.pop(i, None)
                     yield found
             except ReplicaFailed as e:
                 self._replace(replica, e)
@@ -157,8 +158,9 @@ class GenerateStage:
                     if done and self._oldest is None:
                         self._oldest = time.monotonic()
                     for j, completion in done:
-                        mine.results[todo[j]] = completion
-                        mine.unwritten.append(todo[j])
+                        if todo[j] not in mine.results:
+                            mine.unwritten.append(todo[j])
+                        mine.results.setdefault(todo[j], []).append(completion)
                 stop = self.stopping.is_set()
                 if self.flush is not None and (stop or self._flush_due()):
                     self._flush_finished()
@@ -187,33 +189,20 @@ class GenerateStage:
         if tables:
             self._write(pa.concat_tables(tables))
 
-    def _rows(self, batch: pa.Table, rows: list[int], results: dict[int, Completion]) -> pa.Table:
-        """The output columns of ``rows`` of the batch: a completion, or the row's error."""
-        taken = batch.take(pa.array(rows, pa.int64()))
-        tokens = taken.column("prompt_token_ids").to_pylist()
-        errors = taken.column("error").to_pylist()
-        out_ids, texts, finish, prompt_n, completion_n, err, lps, tops, plps = [], [], [], [], [], [], [], [], []
-        for k, i in enumerate(rows):
-            r = results.get(i)
-            out_ids.append(r.token_ids if r else [])
-            texts.append(r.text if r else None)
-            lps.append(r.logprobs if r else None)
-            plps.append(r.prompt_logprobs if r else None)
-            tops.append([[{"token_id": t, "logprob": v} for t, v in step] for step in r.top_logprobs]
-                        if r and r.top_logprobs is not None else None)
-            finish.append(r.finish_reason if r else FINISH_ERROR)
-            prompt_n.append(r.prompt_tokens if r else len(tokens[k] or []))
-            completion_n.append(len(r.token_ids) if r else 0)
-            err.append(r.error if r else errors[k])
+    def _rows(self, batch: pa.Table, rows: list[int], results: dict[int, list[Completion]]) -> pa.Table:
+        """The output rows of ``rows`` of the batch: one per sample of a row's completions, or one with its error."""
+        tokens = batch.column("prompt_token_ids").to_pylist()
+        errors = batch.column("error").to_pylist()
+        take, values = [], []
+        for i in rows:
+            for r in results.get(i) or [None]:
+                take.append(i)
+                values.append(_output_values(r, len(tokens[i] or []), errors[i]))
+        taken = batch.take(pa.array(take, pa.int64()))
         return pa.table({
             "id": taken.column("id"), "prompt": taken.column("prompt"),
-            "completion_token_ids": pa.array(out_ids, pa.list_(pa.int32())),
-            "completion_text": pa.array(texts, pa.string()),
-            "prompt_tokens": pa.array(prompt_n, pa.int32()), "completion_tokens": pa.array(completion_n, pa.int32()),
-            "finish_reason": pa.array(finish, pa.string()), "error": pa.array(err, pa.string()),
-            "logprobs": pa.array(lps, pa.list_(pa.float32())), "top_logprobs": pa.array(tops, TOP_LOGPROBS),
-            "prompt_logprobs": pa.array(plps, pa.list_(pa.float32())),
-            "layout": pa.array([self.replica.layout] * len(rows), pa.string()),
+            **{k: pa.array([v[k] for v in values], t) for k, t in OUTPUT_TYPES.items()},
+            "layout": pa.array([self.replica.layout] * len(take), pa.string()),
         })
 
     def _write(self, rows: pa.Table) -> None:
@@ -224,3 +213,23 @@ class GenerateStage:
         if self._detokenize is None:
             self._detokenize = DetokenizeStage(self.flush.model_dir)
         write.write_part(self.flush.output, self._detokenize(rows), self.flush.metadata)
+
+
+OUTPUT_TYPES = {"sample_index": pa.int32(), "completion_token_ids": pa.list_(pa.int32()),
+                "completion_text": pa.string(), "prompt_tokens": pa.int32(), "completion_tokens": pa.int32(),
+                "finish_reason": pa.string(), "error": pa.string(), "logprobs": pa.list_(pa.float32()),
+                "top_logprobs": TOP_LOGPROBS, "prompt_logprobs": pa.list_(pa.float32())}
+
+
+def _output_values(r: Completion | None, prompt_tokens: int, error: str | None) -> dict:
+    """The ``OUTPUT_TYPES`` columns of one output row: a sample's completion, or (None) the row's error."""
+    if r is None:
+        return {"sample_index": None, "completion_token_ids": [], "completion_text": None,
+                "prompt_tokens": prompt_tokens, "completion_tokens": 0, "finish_reason": FINISH_ERROR, "error": error,
+                "logprobs": None, "top_logprobs": None, "prompt_logprobs": None}
+    top = None if r.top_logprobs is None else [[{"token_id": t, "logprob": v} for t, v in step]
+                                                for step in r.top_logprobs]
+    return {"sample_index": None if r.finish_reason == FINISH_ERROR else r.sample_index, "completion_token_ids": r.token_ids, "completion_text": r.text,
+            "prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids),
+            "finish_reason": r.finish_reason, "error": r.error, "logprobs": r.logprobs, "top_logprobs": top,
+            "prompt_logprobs": r.prompt_logprobs}

@@ -25,7 +25,7 @@ import pyarrow as pa
 from shardgen.pipeline.storage import Location, Where
 
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv"}
-OVERRIDE_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs")
+OVERRIDE_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs", "n")
 DEFAULT_ID_COLUMN = "id"
 READ_ERROR = "read_error"  # a key of ``row``: what made the row unreadable (the tokenize stage reports it)
 READS: tuple[str, ...] = ()

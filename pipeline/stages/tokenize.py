@@ -80,9 +80,9 @@ class TokenizeStage:
         return list(toks), params, None
 
     def _params(self, row_id: str, row: dict) -> SamplingParams:
-        values = {k: _number(row[k]) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
+        values = {k: _number(row[k]) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "n")
                   if k in row}
-        for k in ("max_new_tokens", "top_k", "seed", "logprobs"):
+        for k in ("max_new_tokens", "top_k", "seed", "logprobs", "n"):
             if k in values and not (isinstance(values[k], int) or (isinstance(values[k], float) and values[k].is_integer())):
                 raise ValueError(f"{k}: expected an integer, got {values[k]!r}")
             if k in values:

@@ -15,7 +15,7 @@ from shardgen.pipeline.columns import OUTPUT_SCHEMA
 from shardgen.pipeline.output_dir import PART_PREFIX, is_part_file
 from shardgen.pipeline.storage import Location, Where
 
-READS = ("id", "prompt", "completion", "completion_token_ids", "prompt_tokens", "completion_tokens",
+READS = ("id", "sample_index", "prompt", "completion", "completion_token_ids", "prompt_tokens", "completion_tokens",
          "finish_reason", "error", "logprobs", "top_logprobs", "prompt_logprobs", "layout")
 
 
@@ -26,6 +26,7 @@ class WriteStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     files: int = 0
+    inputs: int = 0  # the input rows those rows answer: n samples of a row, or its error row, count once
 
     def add(self, other: "WriteStats") -> None:
         for k in vars(self):
@@ -71,13 +72,18 @@ def write_part(output: Where, block: pa.Table, metadata: dict[str, str]) -> Writ
 
 
 def stats_of(table: pa.Table) -> WriteStats:
-    """Rows, error rows and tokens of a table of output rows, as one file. An error row's prompt was not run: its
-    tokens do not count toward throughput."""
+    """Rows, error rows, input rows and tokens of a table of output rows, as one file. An error row's prompt was not
+    run: its tokens do not count toward throughput; the n samples of a row computed its prompt once, so it counts
+    once. (Part files written before ``sample_index`` existed hold one row per input row.)"""
     finish = table.column("finish_reason").to_pylist()
     prompt = table.column("prompt_tokens").to_pylist()
+    samples = (table.column("sample_index").to_pylist() if "sample_index" in table.column_names
+               else [None] * table.num_rows)
+    first = [s is None or s == 0 for s in samples]
     return WriteStats(rows=table.num_rows, errors=sum(r == "error" for r in finish),
-                      prompt_tokens=sum(n or 0 for n, r in zip(prompt, finish) if r != "error"),
-                      completion_tokens=sum(v or 0 for v in table.column("completion_tokens").to_pylist()), files=1)
+                      prompt_tokens=sum(n or 0 for n, r, f in zip(prompt, finish, first) if r != "error" and f),
+                      completion_tokens=sum(v or 0 for v in table.column("completion_tokens").to_pylist()), files=1,
+                      inputs=sum(first))
 
 
 def rows_in(paths: Iterable[Location]) -> int:
@@ -86,8 +92,10 @@ def rows_in(paths: Iterable[Location]) -> int:
 
 
 def read_stats(path: Location) -> WriteStats:
-    """``stats_of`` a part file, reading only the three columns it needs."""
-    return stats_of(pq.read_table(path.open(), columns=["finish_reason", "prompt_tokens", "completion_tokens"]))
+    """``stats_of`` a part file, reading only the columns it needs."""
+    f = pq.ParquetFile(path.open())
+    wanted = ["finish_reason", "prompt_tokens", "completion_tokens", "sample_index"]
+    return stats_of(f.read(columns=[c for c in wanted if c in f.schema_arrow.names]))
 
 
 def run_metadata(**fields: object) -> dict[str, str]:

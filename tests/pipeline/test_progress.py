@@ -34,7 +34,7 @@ def test_line_says_rows_of_total_tokens_per_second_and_eta(tmp_path):
     now = time.perf_counter()
     progress._started = now - 40
     progress._first_rows = (now - 10, 20)  # 30 rows in the 10 s since the first ones landed: 150 left take 50 s
-    progress.written = WriteStats(rows=50, completion_tokens=3000)
+    progress.written = WriteStats(rows=100, inputs=50, completion_tokens=3000)  # 2 samples a row
     progress.engine_tokens = 12000  # the engines are ahead of the files
     line = progress.line()
     assert line.startswith("shardgen: rows 50/200 (25%), 300 generated tok/s, 40 s elapsed, ETA 50 s"), line

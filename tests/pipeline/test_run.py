@@ -92,6 +92,39 @@ def test_seeded_sampling_is_reproducible_across_runs_and_layouts(demo, tmp_path)
     assert greedy_like < 50  # it really sampled
 
 
+def test_n_samples_are_n_rows_of_a_row_reproducible_across_layouts_and_an_error_row_is_one(demo, tmp_path):
+    """--n 3 with a row's own n (2) and two bad rows, at T=2 and at R=2: every (id, sample_index) once, the same
+    sampled tokens both ways, one error row per bad row; a rerun resumes with nothing left to do."""
+    import pyarrow.parquet as pq
+
+    model, prompts = demo
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()[:10]]
+    rows[3]["n"] = 2
+    rows[5]["n"] = 0
+    rows[7]["prompt"] = None
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = RunOptions(model=model, input=data, output=tmp_path / "t2", tp=2, batch_size=4,
+                      sampling=SamplingParams(max_new_tokens=8, temperature=0.9, seed=7, n=3))
+    outs = []
+    for name, r, t in (("t2", 1, 2), ("r2", 2, 1)):
+        summary = run(replace(base, output=tmp_path / name, replicas=r, tp=t))
+        table = pq.read_table(sorted((tmp_path / name).glob("part-*.parquet")))
+        got = [(x["id"], x["sample_index"]) for x in table.to_pylist()]
+        assert len(got) == len(set(got)) == summary.rows == 7 * 3 + 2 + 2 and summary.inputs == 10
+        assert summary.errors == 2 and summary.prompt_tokens == sum(table.column("prompt_tokens").to_pylist()[i]
+                                                                      for i, (_, k) in enumerate(got) if k == 0)
+        outs.append({(x["id"], x["sample_index"]): (x["completion_token_ids"], x["error"]) for x in table.to_pylist()})
+    assert outs[0] == outs[1]
+    out = outs[0]
+    assert {k for (i, k) in out if i == rows[3]["id"]} == {0, 1} and {k for (i, k) in out if i == rows[0]["id"]} == {0, 1, 2}
+    assert "n must be an integer in [1, 1024], got 0" in out[(rows[5]["id"], None)][1]
+    assert "prompt: empty or null" in out[(rows[7]["id"], None)][1]
+    assert len({tuple(out[(rows[0]["id"], k)][0]) for k in range(3)}) > 1  # three different samples
+    again = run(replace(base, replicas=1, tp=2))
+    assert again.rows == 0 and again.resumed == 25
+
+
 def test_inputs_without_an_id_column_get_stable_file_and_row_ids(demo, tmp_path):
     model, _ = demo
     data = tmp_path / "in"

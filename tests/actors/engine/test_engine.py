@@ -1,5 +1,7 @@
 """The engine without Ray: continuous batching, stop conditions, sampling, preemption."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from shardgen.actors.engine.sequence import (
     FINISH_STOP,
     Request,
     SamplingParams,
+    sample_params,
 )
 from tests.helpers import hf_greedy, make_engine, random_prompts
 
@@ -47,7 +50,7 @@ def test_requests_added_while_running_join_the_batch(model):
     assert engine.stats.running_per_step[-1] == 2  # b joined while a was decoding
     while not (first[0].done() and second[0].done()):
         engine.step()
-    assert len(first[0].result().token_ids) == 20 and len(second[0].result().token_ids) == 5
+    assert len(first[0].result()[0].token_ids) == 20 and len(second[0].result()[0].token_ids) == 5
 
 
 def test_eos_and_stop_token_ids_finish_with_stop_and_are_not_in_the_output(model):
@@ -115,6 +118,44 @@ def test_prompts_that_share_a_prefix_compute_it_once_and_give_what_caching_off_g
     assert got[5].token_ids == hf_greedy(reference, prompts[5], 12)
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize("max_new_tokens", [1, 10])
+def test_n_samples_compute_the_prompt_once_and_each_samples_as_its_own_seed_alone(model, prefix_caching, max_new_tokens):
+    """Samples 1..n-1 start with sample 0's full prompt blocks (10 of 4 tokens here) and compute only the last 2
+    prompt tokens, caching on or off, even when sample 0 finishes in the step its prompt completes; sample i gives the
+    tokens its own seed gives alone (so a (row, sample) is reproducible) and reports sample 0's prompt logprobs."""
+    _, loaded = model
+    prompt = random_prompts([42], seed=21)[0]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.9, seed=5, n=4, prompt_logprobs=True,
+                            ignore_eos=True)
+    engine = make_engine(loaded, prefix_caching=prefix_caching)
+    got = engine.generate([Request("a", prompt, params)])
+    assert [(c.request_id, c.sample_index) for c in got] == [("a", i) for i in range(4)]
+    assert engine.stats.prompt_tokens == 42 + 3 * 2 and engine.scheduler.num_cached_tokens == 0
+    alone = [make_engine(loaded).generate([Request("a", prompt, p)])[0].token_ids
+             for p in [dataclasses.replace(params, n=1)] + [sample_params(params, i) for i in (1, 2, 3)]]
+    assert [c.token_ids for c in got] == alone
+    assert all(len(c.token_ids) == max_new_tokens for c in got)
+    if max_new_tokens > 1:
+        assert len({tuple(c.token_ids) for c in got}) > 1  # different seeds, different samples
+    assert all(c.prompt_logprobs == got[0].prompt_logprobs and len(c.prompt_logprobs) == 42 for c in got)
+
+
+def test_n_samples_under_preemption_give_what_a_roomy_cache_gives_and_a_refused_prompt_one_error(model):
+    _, loaded = model
+    params = SamplingParams(max_new_tokens=20, temperature=0.8, seed=9, n=3, ignore_eos=True)
+    reqs = [Request(str(i), p, params) for i, p in enumerate(random_prompts([17, 22, 9], seed=23))]
+    reqs.append(Request("long", random_prompts([130], seed=24)[0], params))
+    roomy = make_engine(loaded, max_num_seqs=9, max_model_len=128).generate(reqs)
+    tight_engine = make_engine(loaded, kv_tokens=128, max_num_seqs=9, max_model_len=128)
+    tight = tight_engine.generate(reqs)
+    assert tight_engine.scheduler.num_preemptions > 0
+    assert [(c.request_id, c.sample_index, c.token_ids) for c in tight] == [
+        (c.request_id, c.sample_index, c.token_ids) for c in roomy]
+    assert [c.request_id for c in tight].count("long") == 1 and tight[-1].finish_reason == "error"
+    assert len(tight) == 3 * 3 + 1
+
+
 def test_a_preempted_sequence_takes_back_its_cached_blocks_and_gives_the_same_tokens(model):
     _, loaded = model
     reqs = [Request(str(i), p, SamplingParams(max_new_tokens=30)) for i, p in enumerate(random_prompts([20, 25, 18, 22]))]
@@ -168,7 +209,7 @@ def test_decode_steps_launched_ahead_give_the_same_completions(model, setting):
         futures += engine.add(reqs[5:])  # arrive mid-run, maybe while a step is in flight
         while not all(f.done() for f in futures):
             engine.step()
-        results[overlap] = ([(f.result().token_ids, f.result().finish_reason) for f in futures], engine.stats,
+        results[overlap] = ([(f.result()[0].token_ids, f.result()[0].finish_reason) for f in futures], engine.stats,
                             engine.scheduler.num_preemptions)
     (sync, sync_stats, _), (ahead, ahead_stats, preemptions) = results[False], results[True]
     print(f"{setting}: {ahead_stats.steps_ahead} of {ahead_stats.steps} steps launched ahead; finish reasons "

@@ -29,7 +29,7 @@ def test_in_bf16_the_zero_point_is_off_by_at_most_a_rounding_of_its_own():
 
 def test_the_humming_layouts_are_not_offered_on_the_cpu():
     assert not humming.available(torch.device("cpu"))
-    for layout in int4.HUMMING_LAYOUTS:
+    for layout in (*int4.HUMMING_LAYOUTS, int4.LAYOUT_DUAL):
         with pytest.raises(ValueError, match=f"`int4_layout` {layout} runs on CUDA GPUs"):
             int4.hardware_layout("cpu", layout)
 

@@ -29,7 +29,7 @@ CUDA = torch.device("cuda")
 SM90 = torch.cuda.get_device_capability() >= (9, 0)
 LAYOUTS = [int4.LAYOUT_PRESHUFFLED, int4.LAYOUT_PLAIN] if SM90 else [int4.LAYOUT_PLAIN]
 if humming.available(CUDA):
-    LAYOUTS += list(int4.HUMMING_LAYOUTS)
+    LAYOUTS += [*int4.HUMMING_LAYOUTS, int4.LAYOUT_DUAL]
 TOLS = {int4.LAYOUT_HUMMING_FP8: 6e-2}
 TOL = 1e-2
 
@@ -53,7 +53,7 @@ def test_quantize_is_bit_exact_with_int4tensor_from_hp_on_the_gpu(shape, group_s
 def test_sm90_conversion_gives_preshuffled_and_keeps_attributes():
     if not SM90:
         pytest.skip("preshuffled layout needs SM90+")
-    assert int4.hardware_layout(CUDA) == int4.LAYOUT_PRESHUFFLED
+    assert int4.hardware_layout(CUDA) == (int4.LAYOUT_DUAL if humming.available(CUDA) else int4.LAYOUT_PRESHUFFLED)
     p = torch.nn.Parameter(int4.quantize(torch.randn(512, 1024, device=CUDA, dtype=torch.bfloat16), 128), requires_grad=False)
     p.weight_loader, p.input_dim, p.output_dim = print, 1, 0
     out = int4.convert_for_hardware(p, int4.LAYOUT_PRESHUFFLED, torch.bfloat16)
@@ -100,7 +100,7 @@ def _load(layer: torch.nn.Module, ckpt: Checkpoint, parts: list[str], layout: st
     int4.convert_module_weights(layer, layout, torch.bfloat16)
     assert layer.weight.int4_layout == layout and layer.weight.requires_grad is False
     assert callable(layer.weight.weight_loader) and layer.weight.output_dim == 0
-    if layout == int4.LAYOUT_PRESHUFFLED:
+    if layout in (int4.LAYOUT_PRESHUFFLED, int4.LAYOUT_DUAL):
         assert isinstance(layer.weight.data, Int4PreshuffledTensor)
     return layer
 
@@ -158,6 +158,25 @@ def test_a_converted_slice_never_reads_the_shuffled_source():
     shard = int4.shard(t, 0, 1, 2)
     int4.convert_for_hardware(torch.nn.Parameter(shard, requires_grad=False), int4.LAYOUT_PRESHUFFLED, torch.bfloat16)
     assert torch.equal(t.qdata, snapshot)  # the whole tensor was not touched by converting its shard
+
+
+def test_the_dual_layout_runs_humming_up_to_its_row_limit_and_preshuffled_above(monkeypatch):
+    if int4.LAYOUT_DUAL not in LAYOUTS:
+        pytest.skip("the dual layout needs humming and fbgemm on SM90")
+    torch.manual_seed(3)
+    w = (torch.randn(1024, 2048, device=CUDA) * 0.05).to(torch.bfloat16)
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(int4.quantize(w, 128), requires_grad=False)
+    int4.convert_module_weights(module, int4.LAYOUT_DUAL, torch.bfloat16)
+    want_w = int4.dequantize(int4.quantize(w, 128), torch.float32)
+    calls = []
+    real = humming.linear
+    monkeypatch.setattr(humming, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    limit = int4.DUAL_HUMMING_MAX_M
+    for rows in (1, limit, limit + 1, 512):
+        x = torch.randn(rows, 2048, device=CUDA, dtype=torch.bfloat16)
+        assert rel(int4.linear(x, module.weight), x.float() @ want_w.T) < TOL
+    assert calls == [1, limit]  # the larger steps ran fbgemm's preshuffled GEMM
 
 
 @pytest.mark.parametrize("group_size", [64, 128, 256])

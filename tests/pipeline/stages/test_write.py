@@ -4,19 +4,9 @@ part file counts for the summary and the progress line."""
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardgen.pipeline.columns import OUTPUT_SCHEMA, TOP_LOGPROBS
+from shardgen.pipeline.columns import OUTPUT_SCHEMA
 from shardgen.pipeline.stages.write import existing_output, read_stats, rows_in, run_metadata, stats_of, write_part
-
-
-def rows(n: int, layout: str = "int4-tiled") -> pa.Table:
-    return pa.table({
-        "id": [str(i) for i in range(n)], "prompt": ["p"] * n, "completion": ["c"] * n,
-        "completion_token_ids": pa.array([[1, 2]] * n, pa.list_(pa.int64())), "prompt_tokens": [3] * n,
-        "completion_tokens": [2] * n, "finish_reason": ["length"] * n, "error": pa.array([None] * n, pa.string()),
-        "logprobs": pa.array([None] * n, pa.list_(pa.float32())), "top_logprobs": pa.array([None] * n, TOP_LOGPROBS),
-        "prompt_logprobs": pa.array([None] * n, pa.list_(pa.float32())),
-        "layout": [layout] * n, "params": [None] * n,  # columns the writer does not keep
-    })
+from tests.helpers import output_block as rows
 
 
 def test_a_part_file_has_the_output_schema_the_runs_metadata_and_the_layout_that_wrote_it(tmp_path):
@@ -47,3 +37,10 @@ def test_an_error_rows_prompt_tokens_do_not_count_toward_throughput():
                       "completion_tokens": pa.array([4, 0, 2], pa.int32())})
     s = stats_of(table)
     assert (s.rows, s.errors, s.prompt_tokens, s.completion_tokens, s.files) == (3, 1, 17, 6, 1)
+
+
+def test_a_rows_n_samples_count_its_prompt_once_and_a_part_file_without_sample_index_one_row_per_input():
+    s = stats_of(rows(2, samples=4))
+    assert (s.rows, s.inputs, s.prompt_tokens, s.completion_tokens) == (8, 2, 6, 16)
+    old = rows(3).drop_columns(["sample_index"])  # written before sample_index existed
+    assert (stats_of(old).rows, stats_of(old).inputs, stats_of(old).prompt_tokens) == (3, 3, 9)
