@@ -36,7 +36,7 @@ class ReplicaSpec:
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "auto"
     int4_layout: str = "auto"  # actors.int4.LAYOUT_CHOICES
-    kernel_cache_dir: str | None = None  # where measured int4 kernel timings are kept (see actors.kernel_choice)
+    kernel_cache_dir: str | None = None  # where humming's compiled int4 kernels are kept
     engine: EngineConfig = field(default_factory=EngineConfig)
     cpu_threads: int = 1
     run_id: str = "adhoc"  # names this run's placement groups, so the run can release them

@@ -3,7 +3,7 @@ int4 layout shardgen converts a plain slice to (fbgemm's preshuffled and plain, 
 through shardgen's own quantize + convert + ``int4.linear`` path.
 
 Each time is one call's GPU time under a CUDA graph that cycles through enough copies of the weight that none is in
-L2 when it comes round (``kernel_choice.graph_time_us``), as a decode step sees it. ``err`` is the relative error
+L2 when it comes round (``graph_time_us``), as a decode step sees it. ``err`` is the relative error
 against x @ W with W the dequantized plain weight in float32 (what the checkpoint means).
 
     python -m benchmarks.int4_gemm [--ms 1,16,64,128,256,512,1024,2048] [--layouts ...]
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,10 +23,43 @@ import torch.nn.functional as F
 
 from shardgen.actors import int4
 from shardgen.actors.int4.humming import available as humming_available
-from shardgen.actors.int4.kernel_choice import graph_time_us, weight_copies
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 MS = (1, 16, 64, 128, 256, 512, 1024, 2048)
+
+
+def graph_time_us(calls: list[Callable[[], object]], total_calls: int = 48, replays: int = 7) -> float:
+    """GPU time of one call, from a CUDA graph of ``total_calls`` calls cycling through ``calls`` (median of
+    ``replays``). Callers pass calls on enough copies of the weights that none is in L2 when it comes round."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    reps = max(1, total_calls // len(calls))
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for call in calls:
+                call()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / (reps * len(calls)))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def weight_copies(nbytes: int, device: torch.device) -> int:
+    """How many copies of a weight of ``nbytes`` a timing cycles through so that each is out of L2 when reused."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(1, min(16, math.ceil(3 * l2 / nbytes)))
 
 
 def converted(w: torch.Tensor, layout: str, copies: int) -> list[torch.nn.Parameter]:

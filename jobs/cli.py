@@ -128,6 +128,12 @@ def run(
     id_column: Optional[str] = typer.Option(None, help="Column holding a unique row id, in every input file (default: "
                                                        "id when every file has it; else ids are <file>:<row>)."),
     chat: bool = typer.Option(False, help="Prompts are JSON lists of {role, content}; apply the tokenizer's chat template."),
+    input_format: str = typer.Option("auto", help="auto (each file by its extension: .parquet, .jsonl, .csv) or "
+                                                  "openai-batch (OpenAI Batch API request lines: custom_id is the "
+                                                  "id; /v1/chat/completions and /v1/completions bodies)."),
+    output_format: str = typer.Option("parquet", help="parquet, or openai-batch (with --input-format openai-batch: "
+                                                      "also writes openai-batch-output.jsonl, one OpenAI batch "
+                                                      "response line per request, at the end)."),
     device: str = typer.Option("auto", help="auto (cuda if the cluster has GPUs), cpu or cuda."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per Ray Data batch (default: 256, or fewer so each "
@@ -148,9 +154,7 @@ def run(
                                                     "capability 8.9+ or the CPU)."),
     int4_layout: str = typer.Option("auto", help="int4 weights on the GPU: auto (int4-dual on SM90 with humming "
                                                  "installed, else int4-preshuffled on SM90+, else int4-plain), "
-                                                 "int4-preshuffled (fbgemm), int4-plain, or "
-                                                 "int4-tiled (shardgen's own Triton kernels, SM80+; faster per "
-                                                 "linear at small batches, slower end to end so far), int4-humming "
+                                                 "int4-preshuffled (fbgemm), int4-plain, int4-humming "
                                                  "or int4-humming-fp8act (humming's W4A16 / W4A8 GEMMs, SM90), or "
                                                  "int4-dual (humming for steps of <= 128 rows, preshuffled above; "
                                                  "both packings in memory)."),
@@ -186,7 +190,8 @@ def run(
                   f"cluster's nodes share, e.g. --output {Path('/mnt/shared') / output}")
         options = RunOptions(
             model=model, input=input, output=output, tp=tp, replicas=replicas, device=device, dtype=dtype,
-            prompt_column=prompt_column, id_column=id_column, chat=chat, batch_size=batch_size, overwrite=overwrite,
+            prompt_column=prompt_column, id_column=id_column, chat=chat, input_format=input_format, output_format=output_format,
+            batch_size=batch_size, overwrite=overwrite,
             address=address, int4_layout=int4_layout, allow_pickle=allow_pickle, verbose=verbose,
             kernel_cache_dir=user_cache_dir(),
             sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -241,14 +246,14 @@ def bench(
                                   "shared-prefix, for prefix caching)."),
     systems: str = typer.Option("shardgen-int4,shardgen-bf16,hf-bf16,hf-int4-preshuffled",
                                 help="Comma-separated systems: shardgen-int4 is the default int4 path (--int4-layout "
-                                     "auto); shardgen-int4-<layout> forces a layout (dual, humming, humming-fp8act, tiled, "
+                                     "auto); shardgen-int4-<layout> forces a layout (dual, humming, humming-fp8act, "
                                      "preshuffled, plain); and, for comparison, "
-                                     "shardgen-int4-fp8-kv, shardgen-int4-preshuffled-fp8-kv, shardgen-int4-tiled-fp8-kv and "
+                                     "shardgen-int4-fp8-kv, shardgen-int4-preshuffled-fp8-kv and "
                                      "shardgen-bf16-fp8-kv (an fp8 KV cache), shardgen-int4-no-prefix-caching and "
                                      "shardgen-bf16-no-prefix-caching, "
-                                     "shardgen-int4-tiled-no-overlap (every engine step synchronous), "
-                                     "shardgen-int4-tiled-one-attention-launch (a step's attention in one paged-kernel "
-                                     "launch, not one per kind of sequence) and shardgen-int4-tiled-cudnn-prompts "
+                                     "shardgen-int4-no-overlap (every engine step synchronous), "
+                                     "shardgen-int4-one-attention-launch (a step's attention in one paged-kernel "
+                                     "launch, not one per kind of sequence) and shardgen-int4-cudnn-prompts "
                                      "(long prompts through cuDNN, not FlashAttention)."),
     scale: float = typer.Option(1.0, help="Fraction of each workload's prompts to run (a quick check: 0.05)."),
     max_num_seqs: int = typer.Option(ENGINE.max_num_seqs, help="shardgen engine: most sequences per step."),
@@ -259,7 +264,7 @@ def bench(
     results_dir: Path = typer.Option(Path("benchmarks/results"), help="Where the JSON and PNG go."),
     checkpoint_dir: Path = typer.Option(Path("/tmp/shardgen-bench-llama8b-int4"), help="Where the 8B int4 checkpoint is written (reused if present)."),
 ) -> None:
-    """Benchmark a Llama-3.1-8B-shaped model on one GPU: shardgen (int4 tiled, preshuffled, plain; bf16) vs Hugging Face generate."""
+    """Benchmark a Llama-3.1-8B-shaped model on one GPU: shardgen (int4 in each layout; bf16) vs Hugging Face generate."""
     import torch
 
     try:  # the harness lives in the repository's benchmarks/ package, beside its results; it is not installed

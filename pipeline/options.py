@@ -13,6 +13,8 @@ from shardgen.actors.int4.rules import LAYOUT_CHOICES
 DEVICES = ("auto", "cpu", "cuda")
 REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://, gs://, hf://, https:// ...
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+INPUT_FORMATS = ("auto", "openai-batch")  # auto: each file by its extension; openai-batch: stages/openai_batch.py
+OUTPUT_FORMATS = ("parquet", "openai-batch")  # openai-batch: the part files, then one JSONL file (openai_output.py)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class RunOptions:
     prompt_column: str = "prompt"
     id_column: str | None = None  # None: "id" when every input file has it, else ids are <file>:<row>
     chat: bool = False
+    input_format: str = "auto"  # auto: each file by its extension; openai-batch: OpenAI Batch API request lines
+    output_format: str = "parquet"
     batch_size: int | None = None  # None: pipeline.plan.auto_batch_size
     overwrite: bool = False
     address: str | None = None
@@ -55,6 +59,16 @@ class RunOptions:
             problems.append(f"`model` {str(self.model).replace(':/', '://', 1)}: a model directory must be a local "
                             f"path (on a cluster, a file system every node sees); copy the model there first. "
                             f"`input` and `output` may be URIs")
+        if self.input_format not in INPUT_FORMATS:
+            problems.append(f"`input_format` must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
+        elif self.input_format == "openai-batch" and (self.id_column is not None or self.chat):
+            problems.append("`input_format` openai-batch takes each request's custom_id as its id and its url "
+                            "(chat or completions) for the template: leave out `id_column` and `chat`")
+        if self.output_format not in OUTPUT_FORMATS:
+            problems.append(f"`output_format` must be one of {', '.join(OUTPUT_FORMATS)}, got {self.output_format!r}")
+        elif self.output_format == "openai-batch" and self.input_format != "openai-batch":
+            problems.append("`output_format` openai-batch answers OpenAI batch requests: pass `input_format` "
+                            "openai-batch too")
         if not self.prompt_column or self.id_column == "":
             problems.append("`prompt_column` and `id_column` must not be empty")
         for problem in self.sampling.problems():  # "top_p must be ..." -> "`top_p` must be ..."

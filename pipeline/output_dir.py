@@ -14,6 +14,7 @@ from shardgen.pipeline.storage import Location, Where
 
 MANIFEST = "_shardgen_run.json"
 PART_PREFIX = "part-"  # stages.write names its files so (not imported: write imports Ray Data)
+OPENAI_BATCH_OUTPUT = "openai-batch-output.jsonl"  # output_format openai-batch (pipeline/openai_output.py)
 
 
 def manifest(**fields: object) -> dict:
@@ -70,7 +71,8 @@ def is_part_file(name: str) -> bool:
     return name.startswith(PART_PREFIX) and name.endswith(".parquet")
 
 
-SHARDGEN_FILES = (f"{PART_PREFIX}*.parquet", f".{PART_PREFIX}*.tmp", MANIFEST, f".{MANIFEST}.tmp")
+SHARDGEN_FILES = (f"{PART_PREFIX}*.parquet", f".{PART_PREFIX}*.tmp", MANIFEST, f".{MANIFEST}.tmp",
+                  OPENAI_BATCH_OUTPUT, f".{OPENAI_BATCH_OUTPUT}.tmp")
 
 
 def shardgen_files(output: Where) -> list[Location]:

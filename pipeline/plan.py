@@ -84,7 +84,8 @@ def plan(options: RunOptions) -> RunPlan:
                        cpu_threads=max(1, (os.cpu_count() or 1) // (options.tp * options.replicas)),
                        run_id=uuid.uuid4().hex[:12], allow_pickle=options.allow_pickle)
     if files.id_column is not None and not ids_checked:  # a big input: its ids are checked by a Ray Data pass
-        dataset = read.read_prompts(files.files, files.root, options.prompt_column, files.id_column)
+        dataset = read.read_prompts(files.files, files.root, options.prompt_column, files.id_column,
+                                    options.input_format)
         resume.check_unique_ids(dataset, files.id_column, read.estimate_rows(files.files))
     quant = f"torchao int4 plain, group size {model.quant.group_size}" if model.quant else "none"
     metadata = write.run_metadata(
@@ -98,6 +99,8 @@ def run_manifest(options: RunOptions) -> dict:
     """The options that decide what a row's completion is: a rerun with the same ones resumes the output."""
     return output_dir.manifest(model=Path(options.model).resolve(), input=Location.of(options.input).key,
                            prompt_column=options.prompt_column, id_column=options.id_column, chat=options.chat,
+                           # only when set: outputs of runs from before the option resume as they were
+                           **({"input_format": options.input_format} if options.input_format != "auto" else {}),
                            sampling=asdict(options.sampling), max_model_len=options.engine.max_model_len)
 
 
@@ -123,7 +126,7 @@ def check_int4(model: ModelConfig, device: str, options: RunOptions) -> None:
     """The checkpoint's int4 group size and the asked layout run on ``device``."""
     if model.quant:
         rules.check_group_size(model.quant.group_size, f"{options.model}/config.json")
-        if device == "cuda" and options.int4_layout != rules.LAYOUT_TILED:
+        if device == "cuda":
             rules.check_cuda_group_size(model.quant.group_size)
     if device == "cpu":
         from shardgen.actors import int4

@@ -36,7 +36,7 @@ def check_files(options: RunOptions) -> FilePlan:
     if limit is not None and limit > config.max_position_embeddings:
         raise ValueError(f"`max_model_len` {limit} is above the model's max_position_embeddings "
                          f"({config.max_position_embeddings}, {options.model / 'config.json'}); pass at most that")
-    id_column = read.check_inputs(files, options.prompt_column, options.id_column)
+    id_column = read.check_inputs(files, options.prompt_column, options.id_column, options.input_format)
     given = Location.of(options.input)
     root = given if given.is_dir() else given.parent
     return FilePlan(files, root, id_column, Location.of(options.output))

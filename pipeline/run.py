@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, TextIO
 
 from shardgen.pipeline import interrupt, output_dir, resume
@@ -117,7 +118,7 @@ def execute(p: RunPlan, echo: Callable[[str], None] = print, progress: TextIO | 
     flush = generate.Flush(output, p.metadata, p.spec.model_dir, control=interrupt.control_name(run_id))
     stages = build_stages(p, finished, flush)
     check_stages(stages, read.WRITES, write.READS)
-    ds = read.read_prompts(p.files, p.root, o.prompt_column, p.id_column)
+    ds = read.read_prompts(p.files, p.root, o.prompt_column, p.id_column, o.input_format)
     for stage in stages:
         ds = stage.apply(ds)
     todo = p.input_rows - (finished.inputs if finished else 0) if p.input_rows is not None else None
@@ -150,6 +151,11 @@ def execute(p: RunPlan, echo: Callable[[str], None] = print, progress: TextIO | 
                         finished.rows if finished else 0, cached)
     for line in summary.lines():
         echo(line)
+    if o.output_format == "openai-batch":
+        from shardgen.pipeline.openai_output import write_batch_output
+
+        lines = write_batch_output(output, p.files, Path(o.model))
+        echo(f"shardgen: {lines:,} responses in {output.child(output_dir.OPENAI_BATCH_OUTPUT)}")
     return summary
 
 

@@ -243,7 +243,7 @@ def in_triton_interpreter(code: str, *args: str, timeout: int = 900) -> object:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def output_block(n: int, reason: str = "length", layout: str = "int4-tiled", samples: int = 1):
+def output_block(n: int, reason: str = "length", layout: str = "int4-dual", samples: int = 1):
     """``n`` input rows' finished output block as the generate and detokenize stages hand it to the writer: each row
     has ``samples`` sample rows (sample_index 0..samples-1) of 3 prompt and 2 completion tokens, or one error row
     (``reason`` "error"); plus a column the writer does not keep."""

@@ -14,13 +14,12 @@ GROUP_SIZES = (32, 64, 128, 256)
 LAYOUT_PRESHUFFLED = "int4-preshuffled"
 LAYOUT_PLAIN = "int4-plain"
 LAYOUT_CPU = "cpu-dequantized"
-LAYOUT_TILED = "int4-tiled"  # shardgen's own layout for its Triton kernels (tiled.py); see layouts.pack_tiled
 LAYOUT_HUMMING = "int4-humming"  # humming's W4A16 GEMMs (humming.py), SM90
 LAYOUT_HUMMING_FP8 = "int4-humming-fp8act"  # humming's W4A8 GEMMs: e4m3 activations, the same int4 codes
 # Both packings of every weight: humming's W4A16 for steps of few rows, fbgemm's preshuffled for the rest (layouts.py).
 LAYOUT_DUAL = "int4-dual"
 # What a run's int4_layout accepts; "auto" is the fastest layout the device has.
-LAYOUT_CHOICES = ("auto", LAYOUT_TILED, LAYOUT_PRESHUFFLED, LAYOUT_PLAIN, LAYOUT_HUMMING, LAYOUT_HUMMING_FP8,
+LAYOUT_CHOICES = ("auto", LAYOUT_PRESHUFFLED, LAYOUT_PLAIN, LAYOUT_HUMMING, LAYOUT_HUMMING_FP8,
                   LAYOUT_DUAL)
 HUMMING_LAYOUTS = (LAYOUT_HUMMING, LAYOUT_HUMMING_FP8)  # the layouts that run humming's GEMMs at every M
 

@@ -48,8 +48,8 @@ def load_model(
     """Build this rank's model, read only its slice of every weight, and convert int4 weights for ``device``.
 
     ``int4_layout``: one of ``int4.LAYOUT_CHOICES``; ``auto`` is the fastest the device runs, another name forces
-    that layout (for comparisons). ``kernel_cache_dir``: where the tiled layout keeps the kernel timings it
-    measures for shapes its GPU's table lacks (None: measured again in every process).
+    that layout (for comparisons). ``kernel_cache_dir``: where the humming layouts keep their compiled
+    kernels (None: humming's own default).
     """
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)

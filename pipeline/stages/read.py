@@ -97,18 +97,33 @@ def peek(file: Location) -> FileSchema:
     return FileSchema(list(record), True)
 
 
-def check_inputs(files: list[Where], prompt_column: str, id_column: str | None) -> str | None:
+def check_inputs(files: list[Where], prompt_column: str, id_column: str | None,
+                 input_format: str = "auto") -> str | None:
     """Look at every input file before any worker starts; returns the id column to read (None: ids are
     ``<file>:<row>``).
 
     Refuses an input without rows, a file with rows that lacks the prompt column, and ids that only some files
-    have: ``id_column`` None takes ``id`` when every file has it; a named id column must be in every file."""
+    have: ``id_column`` None takes ``id`` when every file has it; a named id column must be in every file. An
+    OpenAI batch input must be JSON Lines whose first line is a request (``custom_id`` and ``body``)."""
     files = [Location.of(f) for f in files]
+    if input_format == "openai-batch":
+        from shardgen.pipeline.stages import openai_batch
+
+        for f in files:
+            if format_of(f) != "json":
+                raise ValueError(f"{f}: an OpenAI batch input is JSON Lines (.jsonl); `input_format` openai-batch "
+                                 f"does not read {f.suffix} files")
     schemas = {f.path: peek(f) for f in files}
     with_rows = [f for f in files if schemas[f.path].has_rows]
     if not with_rows:
         where = files[0] if len(files) == 1 else f"{str(files[0]).rsplit('/', 1)[0]} ({len(files)} files)"
         raise ValueError(f"`input` {where} has no rows; give prompts, one row each")
+    if input_format == "openai-batch":
+        for f in with_rows:
+            if not {openai_batch.ID_FIELD, "body"} <= set(schemas[f.path].columns):
+                raise ValueError(f"{f}: line 1 is not an OpenAI batch request (fields found: "
+                                 f"{schemas[f.path].columns}; a request has custom_id, method, url and body)")
+        return openai_batch.ID_FIELD
     for f in with_rows:
         if prompt_column not in schemas[f.path].columns:
             raise ValueError(f"{f} has no column {prompt_column!r} (columns found: {schemas[f.path].columns}); "
@@ -160,7 +175,8 @@ def count_rows(files: list[Where]) -> int | None:
     return rows
 
 
-def read_prompts(files: list[Location], root: Location, prompt_column: str, id_column: str | None):
+def read_prompts(files: list[Location], root: Location, prompt_column: str, id_column: str | None,
+                 input_format: str = "auto"):
     """A Ray Dataset of (id, prompt, row) for every row of every input file: one read task a file, streaming.
     ``root``: the directory the files are named relative to (ids without an id column are ``<name>:<row>``)."""
     import ray.data
@@ -168,18 +184,28 @@ def read_prompts(files: list[Location], root: Location, prompt_column: str, id_c
     items = [{"name": f.relative_to(root)} for f in files]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _read_files, batch_format="pyarrow", batch_size=1,
-        fn_kwargs={"root": root, "prompt_column": prompt_column, "id_column": id_column})
+        fn_kwargs={"root": root, "prompt_column": prompt_column, "id_column": id_column, "input_format": input_format})
 
 
-def _read_files(batch: pa.Table, root: Location, prompt_column: str, id_column: str | None) -> Iterator[pa.Table]:
+def _read_files(batch: pa.Table, root: Location, prompt_column: str, id_column: str | None,
+                input_format: str) -> Iterator[pa.Table]:
     for name in batch.column("name").to_pylist():
-        yield from read_file(root.child(name), name, prompt_column, id_column)
+        yield from read_file(root.child(name), name, prompt_column, id_column, input_format)
 
 
-def read_file(file: Where, name: str, prompt_column: str, id_column: str | None) -> Iterator[pa.Table]:
+def read_file(file: Where, name: str, prompt_column: str, id_column: str | None,
+              input_format: str = "auto") -> Iterator[pa.Table]:
     """One input file as (id, prompt, row) tables, in order."""
     file = Location.of(file)
     start = 0
+    if input_format == "openai-batch":
+        from shardgen.pipeline.stages import openai_batch
+
+        for columns, errors in _json_chunks(file, list(openai_batch.FIELDS), 8192):
+            table = openai_batch.normalize(columns, errors, (name, start))
+            start += table.num_rows
+            yield table
+        return
     wanted = [prompt_column, *OVERRIDE_COLUMNS] + ([id_column] if id_column else [])
     for columns, errors in iter_chunks(file, wanted):
         table = _normalize(columns, errors, format_of(file), prompt_column, id_column, (name, start))

@@ -1,4 +1,5 @@
-"""Tokenize stage (CPU actors): prompt text (or chat messages with --chat) -> token ids, and each row's
+"""Tokenize stage (CPU actors): prompt text (or chat messages with --chat, or a chat request of an OpenAI batch
+file) -> token ids, and each row's
 sampling parameters resolved from the run's defaults and the row's own overrides.
 
 A row that cannot be generated keeps its place: it gets an ``error`` naming the
@@ -61,14 +62,19 @@ class TokenizeStage:
         except ValueError as e:
             return [], None, str(e)
         text = prompt if prompt is not None else row.get("prompt_json")
-        if self.chat:
+        if self.chat or row.get("chat"):
+            if not getattr(self.tokenizer, "chat_template", None):
+                return [], params, "messages: the model's tokenizer has no chat template; send /v1/completions"
             try:
                 messages = json.loads(text) if isinstance(text, str) else None
             except json.JSONDecodeError:
                 messages = None
             if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
                 return [], params, "prompt: with `chat` a prompt must be a JSON list of {role, content} messages"
-            toks = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            try:
+                toks = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            except Exception as e:  # the template's own checks (roles out of order, content it cannot render)
+                return [], params, f"messages: the chat template refused them ({type(e).__name__}: {e})"
             if hasattr(toks, "keys"):  # transformers 5 returns a BatchEncoding
                 toks = toks["input_ids"]
             return list(toks), params, None

@@ -212,7 +212,7 @@ CASES = [
     ("--device unknown", _option(device="tpu"), "--device must be one of auto, cpu, cuda, got 'tpu'"),
     ("--dtype unknown", _option(dtype="int3"), "--dtype must be one of"),
     ("--batch-size zero", _option(batch_size=0), "--batch-size must be >= 1, got 0"),
-    ("--int4-layout unknown", _option(int4_layout="int4-fast"), "--int4-layout must be one of auto, int4-tiled"),
+    ("--int4-layout unknown", _option(int4_layout="int4-fast"), "--int4-layout must be one of auto, int4-preshuffled"),
     ("--int4-layout of a GPU on the CPU", _option(device="cpu", int4_layout="int4-preshuffled"),
      "--int4-layout int4-preshuffled runs on CUDA GPUs"),
     ("--max-num-seqs zero", lambda o, tmp: replace(o, engine=EngineConfig(max_num_seqs=0)), "--max-num-seqs must be >= 1"),

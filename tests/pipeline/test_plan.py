@@ -26,7 +26,7 @@ def test_auto_device_is_cuda_on_a_cluster_with_gpus_and_cuda_without_them_is_ref
     assert "--device cuda: the cluster has no CUDA GPU; use --device cpu" in as_flags(str(caught.value))
 
 
-def test_a_group_size_cuda_gets_wrong_is_refused_on_cuda_unless_the_tiled_layout_runs_it(tmp_path):
+def test_a_group_size_cuda_gets_wrong_is_refused_on_cuda_and_runs_on_the_cpu(tmp_path):
     model = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 64,
                                    "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
                                    "quantization_config": QuantConfig(32).to_hf_dict()})
@@ -34,4 +34,3 @@ def test_a_group_size_cuda_gets_wrong_is_refused_on_cuda_unless_the_tiled_layout
     check_int4(model, "cpu", options)  # the CPU runs G=32
     with pytest.raises(ValueError, match="int4 group size 32 cannot run on CUDA"):
         check_int4(model, "cuda", options)
-    check_int4(model, "cuda", RunOptions(model=tmp_path, input=tmp_path, output=tmp_path / "out", int4_layout="int4-tiled"))

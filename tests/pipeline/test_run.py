@@ -125,6 +125,54 @@ def test_n_samples_are_n_rows_of_a_row_reproducible_across_layouts_and_an_error_
     assert again.rows == 0 and again.resumed == 25
 
 
+def test_an_openai_batch_file_answers_chat_and_completions_requests_by_custom_id(demo, tmp_path):
+    """--input-format openai-batch: each request by its custom_id; a chat request through the model's chat template
+    (the same tokens as --chat on its messages), a completions request as the plain prompt, n samples, and a line
+    shardgen cannot answer as one error row naming it."""
+    import shutil
+
+    model, _ = demo
+    chat_model = tmp_path / "model"
+    shutil.copytree(model, chat_model)
+    (chat_model / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}"
+        "<assistant>{% endif %}")
+    messages = [{"role": "system", "content": "Answer in code."}, {"role": "user", "content": "def add(a, b):"}]
+    requests = [
+        {"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "demo", "messages": messages, "max_tokens": 6}},
+        {"custom_id": "text-1", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "demo", "prompt": "import os", "max_tokens": 5, "n": 2, "temperature": 0.8, "seed": 1}},
+        {"custom_id": "bad-1", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "x", "presence_penalty": 1.0}},
+    ]
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    summary = run(RunOptions(model=chat_model, input=batch, output=tmp_path / "out", input_format="openai-batch",
+                             output_format="openai-batch", sampling=SamplingParams(max_new_tokens=16)))
+    rows = pads.dataset(sorted(str(p) for p in (tmp_path / "out").glob("part-*.parquet"))).to_table().to_pylist()
+    got = {(r["id"], r["sample_index"]): r for r in rows}
+    assert set(got) == {("chat-1", 0), ("text-1", 0), ("text-1", 1), ("bad-1", None)} and summary.errors == 1
+    assert "request 'bad-1': body.presence_penalty: shardgen does not run presence_penalty" in got[("bad-1", None)]["error"]
+    assert got[("text-1", 0)]["completion_tokens"] == got[("text-1", 1)]["completion_tokens"] == 5
+    from openai.types.chat import ChatCompletion
+
+    lines = {x["custom_id"]: x for x in map(json.loads, (tmp_path / "out" / "openai-batch-output.jsonl").open())}
+    assert set(lines) == {"chat-1", "text-1", "bad-1"} and lines["bad-1"]["error"]["code"] == "invalid_request"
+    answer = ChatCompletion.model_validate(lines["chat-1"]["response"]["body"])
+    assert answer.model == "demo" and answer.choices[0].message.content == got[("chat-1", 0)]["completion"]
+    assert len(lines["text-1"]["response"]["body"]["choices"]) == 2
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"id": "chat-1", "prompt": json.dumps(messages), "max_new_tokens": 6}) + "\n")
+    run(RunOptions(model=chat_model, input=plain, output=tmp_path / "plain", chat=True,
+                   sampling=SamplingParams(max_new_tokens=16)))
+    want = read_output(tmp_path / "plain")["chat-1"]
+    assert got[("chat-1", 0)]["completion_token_ids"] == want["completion_token_ids"]
+    toks = load_tokenizer(chat_model).apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    toks = toks["input_ids"] if hasattr(toks, "keys") else toks  # transformers 5 returns a BatchEncoding
+    assert got[("chat-1", 0)]["prompt_tokens"] == want["prompt_tokens"] == len(toks)
+
+
 def test_inputs_without_an_id_column_get_stable_file_and_row_ids(demo, tmp_path):
     model, _ = demo
     data = tmp_path / "in"

@@ -46,7 +46,7 @@ def test_a_checkpoint_saved_by_transformers_torchao_loads_in_shardgen(float_mode
     hf_down = hf.model.layers[1].mlp.down_proj.weight
     assert isinstance(hf_down, Int4Tensor) and torch.equal(on_disk.qdata, hf_down.qdata.cpu())
 
-    for layout in ("int4-plain", "int4-preshuffled", "int4-tiled"):
+    for layout in ("int4-plain", "int4-preshuffled", "auto"):
         loaded = load_model(tmp_path / "hf-int4", device="cuda", int4_layout=layout)
         with torch.no_grad():
             want = hf(IDS.cuda()).logits

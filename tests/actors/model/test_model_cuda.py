@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from shardgen.actors import int4
+from shardgen.actors.int4 import humming
 from shardgen.actors.model.loader import load_model
 from tests.helpers import require_gpu_kernels
 from tests.helpers import greedy_paged, hf_greedy, int4_checkpoint, shardgen_logits
@@ -31,14 +32,15 @@ def checkpoint(request, tmp_path_factory):
                            dtype=torch.bfloat16, **overrides)
 
 
-@pytest.mark.parametrize("layout", ["auto", int4.LAYOUT_TILED, int4.LAYOUT_PRESHUFFLED, int4.LAYOUT_PLAIN])
+@pytest.mark.parametrize("layout", ["auto", int4.LAYOUT_DUAL, int4.LAYOUT_PRESHUFFLED, int4.LAYOUT_PLAIN])
 def test_model_on_the_gpu_matches_transformers_on_dequantized_weights(checkpoint, layout):
-    if layout == int4.LAYOUT_PRESHUFFLED and not SM90:
-        pytest.skip("preshuffled layout needs SM90+")
+    if layout in (int4.LAYOUT_PRESHUFFLED, int4.LAYOUT_DUAL) and not SM90:
+        pytest.skip(f"{layout} needs SM90+")
+    if layout == int4.LAYOUT_DUAL and not humming.available(torch.device("cuda")):
+        pytest.skip("int4-dual needs humming-kernels")
     reference, path = checkpoint
     loaded = load_model(path, device="cuda", int4_layout=layout)
-    auto = int4.LAYOUT_PRESHUFFLED if SM90 else int4.LAYOUT_PLAIN
-    assert loaded.layout == (auto if layout == "auto" else layout)
+    assert loaded.layout == (int4.hardware_layout("cuda") if layout == "auto" else layout)
     ids = torch.randint(0, 2048, (4, 33), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = reference(ids).logits

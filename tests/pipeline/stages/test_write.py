@@ -17,7 +17,7 @@ def test_a_part_file_has_the_output_schema_the_runs_metadata_and_the_layout_that
     assert table.schema.remove_metadata() == OUTPUT_SCHEMA
     meta = table.schema.metadata
     assert meta[b"shardgen.tp"] == b"2" and meta[b"shardgen.model"] == b"m" and meta[b"shardgen.sampling"] == b'{"seed": 1}'
-    assert meta[b"shardgen.hardware_layout"] == b"int4-tiled"
+    assert meta[b"shardgen.hardware_layout"] == b"int4-dual"
     assert (stats.rows, stats.prompt_tokens, stats.completion_tokens) == (3, 9, 6) == (
         read_stats(part).rows, read_stats(part).prompt_tokens, read_stats(part).completion_tokens)
 
