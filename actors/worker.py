@@ -89,7 +89,7 @@ class ShardWorker:
             tokenizer = load_tokenizer(spec.model_dir)
             self.engine = engine = build_engine(
                 loaded, spec.engine, tp, device, eos_token_ids(spec.model_dir, loaded.config.eos_token_ids, tokenizer),
-                detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+                detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), tokenizer=tokenizer)
             self._thread = threading.Thread(target=engine.run_forever, args=(self._stop,), daemon=True, name="engine")
         else:
             engine = build_engine(loaded, spec.engine, tp, device)

@@ -102,6 +102,19 @@ def warm_up(engine, max_num_batched_tokens: int) -> None:
                      for i, n in enumerate(lengths)])
 
 
+def gemm_by_rows(layout: str) -> dict[str, str]:
+    """Which GEMM (and activation type) a step of how many rows runs in ``layout``: what ``auto`` chose per M bucket."""
+    from shardgen.actors import int4
+
+    names = {"int4-humming": "humming W4A16, bf16 activations", "int4-humming-fp8act": "humming W4A8, e4m3 activations",
+             "int4-preshuffled": "fbgemm preshuffled W4A16, bf16 activations",
+             "int4-plain": "fbgemm rowwise W4A16, bf16 activations", "dense": "cuBLAS bf16"}
+    if layout == int4.LAYOUT_DUAL:
+        m = int4.DUAL_HUMMING_MAX_M
+        return {f"1-{m}": names["int4-humming"], f">{m}": names["int4-preshuffled"]}
+    return {"all": names.get(layout, layout)}
+
+
 def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     from shardgen.actors.model.loader import load_model
     from shardgen.actors.engine.sequence import Request, SamplingParams
@@ -124,7 +137,8 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     ready_s = time.perf_counter() - start
     notes = {"layout": loaded.layout, "read_s": round(loaded.load_s, 2), "convert_s": round(loaded.convert_s, 2),
              "kv_cache_gib": round(runner.kv_cache_bytes / GiB, 2), "kv_cache_dtype": engine_cfg.kv_cache_dtype,
-             "activation_peak_gib": round(runner.activation_peak / GiB, 2), "cuda_graphs": runner.graphs is not None}
+             "activation_peak_gib": round(runner.activation_peak / GiB, 2), "cuda_graphs": runner.graphs is not None,
+             "gemm_by_rows": gemm_by_rows(loaded.layout)}
     warm_up(engine, config.max_num_batched_tokens)
     results = []
     for workload in config.workloads:

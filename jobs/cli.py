@@ -122,6 +122,9 @@ def run(
                                          "overrides. 0 turns it off."),
     prompt_logprobs: bool = typer.Option(False, help="Each prompt token's log-probability given the tokens before it "
                                                      "(prompt_logprobs column; the first token's is null)."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="A JSON Schema file: every completion is "
+                                                "JSON valid for it (a row's own json_schema, regex or choice "
+                                                "column replaces it)."),
     n: int = typer.Option(1, "--n", help="Samples per prompt: n output rows per input row (sample_index 0..n-1), "
                                          "the prompt computed once; a row's n column overrides."),
     prompt_column: str = typer.Option("prompt", help="Column holding the prompt text."),
@@ -166,7 +169,7 @@ def run(
     """Generate a completion for every row of a table of prompts; writes Parquet and prints a summary."""
     from shardgen.actors.engine.sequence import SamplingParams
     from shardgen.pipeline.interrupt import Interrupted
-    from shardgen.pipeline.options import RunOptions
+    from shardgen.pipeline.options import RunOptions, read_json_schema
 
     if (model is None) != (input is None):
         _fail("pass both --model and --input, or neither (to run the embedded demo)")
@@ -196,7 +199,8 @@ def run(
             kernel_cache_dir=user_cache_dir(),
             sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     seed=seed, ignore_eos=ignore_eos, logprobs=logprobs,
-                                    prompt_logprobs=prompt_logprobs, n=n),
+                                    prompt_logprobs=prompt_logprobs, n=n,
+                                    json_schema=read_json_schema(json_schema)),
             engine=EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len,
                                 kv_cache_memory=int(kv_cache_gb * 2**30) if kv_cache_gb else None,

@@ -19,6 +19,9 @@ PARAMS = pa.struct([
     ("logprobs", pa.int64()),
     ("prompt_logprobs", pa.bool_()),
     ("n", pa.int64()),
+    ("json_schema", pa.string()),
+    ("regex", pa.string()),
+    ("choice", pa.list_(pa.string())),
 ])
 TOP_LOGPROBS = pa.list_(pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])))
 
@@ -48,7 +51,8 @@ def params_array(params: list[SamplingParams | None]) -> pa.Array:
         return {"max_new_tokens": p.max_new_tokens, "temperature": float(p.temperature), "top_p": float(p.top_p),
                 "top_k": p.top_k, "seed": seed, "stop": list(p.stop), "stop_token_ids": list(p.stop_token_ids),
                 "ignore_eos": p.ignore_eos, "logprobs": p.logprobs,
-                "prompt_logprobs": p.prompt_logprobs, "n": p.n}
+                "prompt_logprobs": p.prompt_logprobs, "n": p.n, "json_schema": p.json_schema, "regex": p.regex,
+                "choice": None if p.choice is None else list(p.choice)}
 
     return pa.array([row(p) for p in params], PARAMS)
 
@@ -56,5 +60,6 @@ def params_array(params: list[SamplingParams | None]) -> pa.Array:
 def params_list(column: pa.ChunkedArray | pa.Array) -> list[SamplingParams | None]:
     """The ``SamplingParams`` of each row of a ``PARAMS`` column."""
     return [None if d is None else SamplingParams(**{**d, "stop": tuple(d["stop"]),
-                                                     "stop_token_ids": tuple(d["stop_token_ids"])})
+                                                     "stop_token_ids": tuple(d["stop_token_ids"]),
+                                                     "choice": None if d["choice"] is None else tuple(d["choice"])})
             for d in column.to_pylist()]

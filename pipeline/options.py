@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,23 @@ REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://, gs://, hf://, https
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 INPUT_FORMATS = ("auto", "openai-batch")  # auto: each file by its extension; openai-batch: stages/openai_batch.py
 OUTPUT_FORMATS = ("parquet", "openai-batch")  # openai-batch: the part files, then one JSONL file (openai_output.py)
+
+
+def read_json_schema(path: Path | None) -> str | None:
+    """The text of a ``json_schema`` file for every row (None: no file), refused unless it is a JSON object."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`json_schema` {path} does not exist; give a file holding one JSON Schema")
+    text = path.read_text()
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"`json_schema` {path} is not JSON ({e}); give a file holding one JSON Schema") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"`json_schema` {path} holds a {type(schema).__name__}, not a JSON Schema object")
+    return text
 
 
 @dataclass(frozen=True)

@@ -207,14 +207,14 @@ def model_with_tokenizer(family: str, tmp: Path, **overrides: object):
 
 
 def make_engine(loaded, kv_tokens: int = 4096, block_size: int = 4, eos: set[int] = frozenset(), detokenize=None,
-                **config):
+                tokenizer=None, **config):
     """A CPU engine over the ``model`` fixture's tiny Llama (tests/actors/conftest.py), its cache sized in tokens."""
     from shardgen.actors.engine.build import build_engine
     from shardgen.actors.engine.config import EngineConfig
 
     bytes_per_block = 2 * 2 * block_size * 2 * 32 * 4  # k+v, 2 layers, block, 2 kv heads, head_dim 32, float32
     cfg = EngineConfig(block_size=block_size, kv_cache_memory=kv_tokens // block_size * bytes_per_block, **config)
-    return build_engine(loaded, cfg, eos_token_ids=eos, detokenize=detokenize)
+    return build_engine(loaded, cfg, eos_token_ids=eos, detokenize=detokenize, tokenizer=tokenizer)
 
 
 def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:

@@ -25,12 +25,13 @@ def max_model_len(config: EngineConfig, model: ModelConfig) -> int:
 def build_engine(loaded: LoadedModel, config: EngineConfig, tp: TPGroup = SINGLE,
                  device: torch.device | str | None = None, eos_token_ids: Iterable[int] = (),
                  detokenize: Callable[[list[int]], str] | None = None,
-                 runner_class: type[ModelRunner] = ModelRunner) -> Engine:
+                 runner_class: type[ModelRunner] = ModelRunner, tokenizer=None) -> Engine:
     """Size this rank's KV cache, capture its decode graphs and build the engine over them.
 
     ``device``: where the model's weights are (default: the device of its first parameter). Under tensor
     parallelism every rank builds one; rank 0 schedules through ``engine``, the others run ``engine.runner.follow()``.
-    ``runner_class``: a ``ModelRunner`` subclass (the benchmarks time its steps)."""
+    ``runner_class``: a ``ModelRunner`` subclass (the benchmarks time its steps). ``tokenizer``: the model's, for
+    structured outputs (requests with a constraint are refused without it)."""
     if device is None:
         device = next(loaded.model.parameters()).device
     device = torch.device(device)
@@ -38,4 +39,9 @@ def build_engine(loaded: LoadedModel, config: EngineConfig, tp: TPGroup = SINGLE
         device = torch.device("cuda", torch.cuda.current_device())
     length = max_model_len(config, loaded.config)
     runner = runner_class(loaded, tp, device, config, length)
-    return Engine(runner, config, length, set(eos_token_ids), detokenize)
+    make_grammars = None
+    if tokenizer is not None:
+        from shardgen.actors.engine.grammar import Grammars
+
+        make_grammars = lambda: Grammars(tokenizer, loaded.config.vocab_size)  # noqa: E731
+    return Engine(runner, config, length, set(eos_token_ids), detokenize, make_grammars)

@@ -27,14 +27,17 @@ import torch
 from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.runner import ModelRunner
 from shardgen.actors.engine import stops
+from shardgen.actors.engine.grammar import Grammars, constraint_of
 from shardgen.actors.engine.sampler import PendingTokens, sample, token_logprobs
 from shardgen.actors.engine.scheduler import ScheduledBatch, Scheduler
 from shardgen.actors.engine.sequence import (
+    FINISH_ERROR,
     FINISH_LENGTH,
     FINISH_STOP,
     Completion,
     Request,
     SampleGroup,
+    SamplingParams,
     Sequence,
     Status,
     sample_params,
@@ -52,11 +55,14 @@ class EngineStats:
 
 class Engine:
     def __init__(self, runner: ModelRunner, config: EngineConfig, max_model_len: int, eos_token_ids: set[int],
-                 detokenize: Callable[[list[int]], str] | None = None) -> None:
+                 detokenize: Callable[[list[int]], str] | None = None,
+                 make_grammars: Callable[[], Grammars] | None = None) -> None:
         self.runner = runner
         self.scheduler = Scheduler(config, runner.num_blocks, max_model_len)
         self.eos_token_ids = set(eos_token_ids)
         self.detokenize = detokenize
+        self._make_grammars = make_grammars  # built on the first constrained request (it imports xgrammar)
+        self._grammars: Grammars | None = None
         self.stats = EngineStats()
         self._inbox: list[tuple[Request, Future]] = []
         self._groups: dict[int, SampleGroup] = {}  # id(sequence) -> its request's samples
@@ -95,6 +101,11 @@ class Engine:
             for request, future in self._inbox:
                 seq = Sequence(request)
                 self._groups[id(seq)] = SampleGroup(future, request.params.n)
+                problem = self._constraint_problem(request.params)
+                if problem is not None:
+                    seq.status, seq.finish_reason, seq.error = Status.FINISHED, FINISH_ERROR, problem
+                    self._resolve(seq)
+                    continue
                 self.scheduler.add(seq)
             self._inbox.clear()
         if self._ahead is not None:
@@ -112,7 +123,7 @@ class Engine:
             logits = logits[: len(sampled)]
         if self._overlappable(batch, sampled):
             return self._finish_decode(batch, PendingTokens(logits), list(range(len(batch.seqs))))
-        tokens = sample(logits, [s.params for s in sampled], [s.num_output for s in sampled])
+        tokens = sample(self._constrained(logits, sampled), [s.params for s in sampled], [s.num_output for s in sampled])
         self._advance(batch)
         for i, (seq, token) in enumerate(zip(sampled, tokens)):
             if seq.params.logprobs:
@@ -148,6 +159,32 @@ class Engine:
         self.stats.steps += 1
         self.stats.running_per_step.append(len(batch.seqs))
 
+    def _constraint_problem(self, params: SamplingParams) -> str | None:
+        """Why a request's structured-output constraint cannot run here (None: it can, or there is none)."""
+        constraint = constraint_of(params)
+        if constraint is None:
+            return None
+        if self._grammars is None:
+            if self._make_grammars is None:
+                return f"{constraint[0]}: this engine was built without its tokenizer, which structured outputs need"
+            self._grammars = self._make_grammars()
+        try:
+            self._grammars.compile(*constraint)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def _constrained(self, logits: torch.Tensor, sampled: list[Sequence]) -> torch.Tensor:
+        """``logits`` with each constrained row's forbidden tokens masked (a copy), or ``logits`` itself."""
+        rows = []
+        for i, seq in enumerate(sampled):
+            if constraint_of(seq.params) is not None:
+                if not seq.matcher_started:
+                    self._grammars.start(id(seq), seq.params)
+                    seq.matcher_started = True
+                rows.append((i, id(seq)))
+        return self._grammars.mask(logits, rows) if rows else logits
+
     def _fork_samples(self, first: Sequence, group: SampleGroup) -> None:
         """Make a request's samples 1..n-1 now that sample 0's prompt is in the cache: each starts with its full
         blocks and computes only the prompt's last, partial block; they wait at the head of the queue."""
@@ -169,7 +206,7 @@ class Engine:
         read their logits on the host: not launched ahead)."""
         return (self.runner.can_overlap and len(sampled) == len(batch.seqs) and batch.total_tokens == len(batch.seqs)
                 and all(s.params.temperature == 0 and not s.params.logprobs and not s.params.prompt_logprobs
-                        for s in sampled))
+                        and constraint_of(s.params) is None for s in sampled))
 
     def _finish_decode(self, batch: ScheduledBatch, pending: PendingTokens, rows: list[int]) -> int:
         """Plan and launch the next decode step on ``pending``'s device tokens, then read them and append them
@@ -214,6 +251,8 @@ class Engine:
             return self._finish(seq, FINISH_STOP)  # the stop token itself is not part of the completion
         seq.tokens.append(token)
         self.stats.generated_tokens += 1
+        if seq.matcher_started and self._grammars.accept(id(seq), token):
+            return self._finish(seq, FINISH_STOP)  # the constraint's language is complete
         if p.stop and self.detokenize is not None and stops.hits_stop(
                 self.detokenize(seq.output_ids[-stops.tail_tokens(p.stop):]), p.stop):
             seq.cut = stops.cut_completion(seq.output_ids, p.stop, self.detokenize)
@@ -227,6 +266,8 @@ class Engine:
 
     def _resolve(self, seq: Sequence) -> None:
         assert seq.status is Status.FINISHED
+        if seq.matcher_started:
+            self._grammars.forget(id(seq))
         self._groups.pop(id(seq)).finish(seq)
 
     def run_forever(self, stop: threading.Event, heartbeat_s: float = 5.0) -> None:

@@ -33,6 +33,10 @@ class SamplingParams:
     logprobs: int = 0  # K > 0: each completion token's log-probability and the K most likely tokens at its step
     prompt_logprobs: bool = False  # each prompt token's log-probability given the tokens before it
     n: int = 1  # samples of the prompt: n sequences that share its computed KV blocks
+    # Structured outputs (actors/engine/grammar.py), at most one: the completion is valid for it.
+    json_schema: str | None = None  # a JSON Schema, as text
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None  # the completion is one of these strings
 
     def problems(self) -> list[str]:
         """What is wrong with these values, as text naming each field (empty if all is well)."""
@@ -49,6 +53,15 @@ class SamplingParams:
             out.append(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (0 turns it off), got {self.logprobs!r}")
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_SAMPLES:
             out.append(f"n must be an integer in [1, {MAX_SAMPLES}], got {self.n!r}")
+        constraints = [k for k in ("json_schema", "regex", "choice") if getattr(self, k) is not None]
+        if len(constraints) > 1:
+            out.append(f"{constraints[1]} cannot be combined with {constraints[0]}: give one structured-output "
+                       f"constraint")
+        if constraints and self.ignore_eos:
+            out.append(f"ignore_eos cannot be combined with {constraints[0]}: a constrained completion ends with "
+                       f"its language")
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) and c for c in self.choice)):
+            out.append(f"choice must be a non-empty list of non-empty strings, got {list(self.choice)!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             out.append(f"stop must be a list of non-empty strings, got {list(self.stop)!r}")
         return out
@@ -114,6 +127,7 @@ class Sequence:
     prompt_logprobs: list[float] = field(default_factory=list)  # of prompt tokens 1.. (token 0 has no context)
     sample_index: int = 0  # which of its request's n samples (sample 0 computes the prompt; see SampleGroup)
     shared_prompt_logprobs: list[float] | None = None  # a later sample's copy of sample 0's prompt_logprobs
+    matcher_started: bool = False  # a structured-output sequence whose grammar matcher exists (engine.Grammars)
 
     def __post_init__(self) -> None:
         if not self.tokens:

@@ -6,7 +6,7 @@ or ``"url": "/v1/completions"`` with ``body.prompt``, and becomes one input row 
 prompt (chat messages as JSON, with ``chat`` set so that the tokenize stage applies the chat template), and the
 body's sampling fields under shardgen's names. A line that is not such a request becomes an error row naming the
 line and the field; a field that would change the completion and that shardgen does not run (a penalty, a logit
-bias, a JSON response format, tools) is an error too, never silently dropped. Informational fields (``model``,
+bias, tools) is an error too, never silently dropped. Informational fields (``model``,
 ``user``, ``metadata``, ...) are ignored: the run's model answers every request.
 """
 
@@ -24,8 +24,7 @@ RENAMED = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tok
            "top_p": "top_p", "n": "n", "stop": "stop", "seed": "seed"}
 # body fields shardgen does not run, with the values that change nothing (any other value is refused)
 NEUTRAL = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "stream": (False,),
-           "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
-           "response_format": ({"type": "text"},)}
+           "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",)}
 
 
 def normalize(columns: dict[str, list], errors: list[str | None], positions: tuple[str, int]) -> pa.Table:
@@ -83,7 +82,25 @@ def request_row(method: object, url: object, body: object) -> tuple[str, dict]:
         elif key in NEUTRAL and value is not None and not _neutral(value, NEUTRAL[key]):
             raise ValueError(f"body.{key}: shardgen does not run {key} (got {value!r}); leave it out")
     row.update(_logprobs(url, body))
+    row.update(_response_format(body.get("response_format")))
     return prompt, row
+
+
+def _response_format(value: object) -> dict:
+    """``response_format``: text (nothing to do), ``json_schema`` (its ``schema`` constrains the completion) or
+    ``json_object`` (any JSON object)."""
+    from shardgen.pipeline.stages.read import plain_json
+
+    if value is None or value == {"type": "text"}:
+        return {}
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return {"json_schema": json.dumps({"type": "object"})}
+    schema = value.get("json_schema", {}).get("schema") if kind == "json_schema" else None
+    if not isinstance(schema, dict):
+        raise ValueError("body.response_format: expected {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                         "{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\": {...}}}")
+    return {"json_schema": json.dumps(plain_json(schema))}
 
 
 def _neutral(value: object, neutral: tuple) -> bool:

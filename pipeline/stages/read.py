@@ -25,7 +25,8 @@ import pyarrow as pa
 from shardgen.pipeline.storage import Location, Where
 
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv"}
-OVERRIDE_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs", "n")
+OVERRIDE_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs", "n", "json_schema",
+                    "regex", "choice")
 DEFAULT_ID_COLUMN = "id"
 READ_ERROR = "read_error"  # a key of ``row``: what made the row unreadable (the tokenize stage reports it)
 READS: tuple[str, ...] = ()
@@ -312,6 +313,8 @@ def _normalize(columns: dict[str, list], errors: list[str | None], fmt: str, pro
             rows.append(json.dumps({READ_ERROR: f"{positions[0]} {errors[i]}"}))
             continue
         row = {c: columns[c][i] for c in overrides if not _unset(columns[c][i], c, fmt)}
+        if isinstance(row.get("json_schema"), (dict, list)):  # a schema written as an object: its text, numbers kept
+            row["json_schema"] = json.dumps(plain_json(row["json_schema"]))
         if isinstance(prompt, str) and not isinstance(prompt, _JsonNumber) or prompt is None:
             prompts.append(prompt)
         else:
@@ -322,6 +325,17 @@ def _normalize(columns: dict[str, list], errors: list[str | None], fmt: str, pro
         rows.append(json.dumps(row, default=str))
     return pa.table({"id": pa.array(ids, pa.string()), "prompt": pa.array(prompts, pa.string()),
                      "row": pa.array(rows, pa.string())})
+
+
+def plain_json(value: object) -> object:
+    """A parsed JSON value with its numbers as numbers again (``_JsonNumber`` keeps them as their text)."""
+    if isinstance(value, _JsonNumber):
+        return json.loads(value)
+    if isinstance(value, dict):
+        return {k: plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_json(v) for v in value]
+    return value
 
 
 def _unset(value: object, column: str, fmt: str) -> bool:

@@ -98,6 +98,9 @@ class TokenizeStage:
                 raise ValueError(f"{k}: expected a number, got {values[k]!r}")
         if "stop" in row:
             values["stop"] = _stop_list(row["stop"])
+        constraint = _constraint(row)
+        if constraint:  # a row's own constraint replaces the run's
+            values.update({"json_schema": None, "regex": None, "choice": None, **constraint})
         if "seed" not in values and self.defaults.seed is not None:
             values["seed"] = row_seed(self.defaults.seed, row_id)
         p = dataclasses.replace(self.defaults, **values)
@@ -117,6 +120,40 @@ def _number(value: object) -> object:
             return value
         return int(number) if number.is_integer() else number
     return value
+
+
+def _constraint(row: dict) -> dict:
+    """A row's structured-output columns, typed: ``json_schema`` as JSON text (a JSONL or Parquet object is written
+    out), ``regex`` as text, ``choice`` as a list of strings (in CSV, a JSON list). Whether they compile is the
+    engine's check (its error names the column too)."""
+    out: dict = {}
+    if "json_schema" in row:
+        schema = row["json_schema"]
+        if isinstance(schema, str):
+            try:
+                json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema: not JSON ({e})") from None
+        elif isinstance(schema, dict):
+            schema = json.dumps(schema)
+        else:
+            raise ValueError(f"json_schema: expected a JSON Schema object or its text, got {type(schema).__name__}")
+        out["json_schema"] = schema
+    if "regex" in row:
+        if not isinstance(row["regex"], str):
+            raise ValueError(f"regex: expected text, got {type(row['regex']).__name__}")
+        out["regex"] = row["regex"]
+    if "choice" in row:
+        choice = row["choice"]
+        if isinstance(choice, str):
+            try:
+                choice = json.loads(choice)
+            except json.JSONDecodeError:
+                raise ValueError("choice: expected a list of strings (in CSV, a JSON list)") from None
+        if not isinstance(choice, list) or not all(isinstance(c, str) and c for c in choice) or not choice:
+            raise ValueError(f"choice: expected a non-empty list of non-empty strings, got {choice!r}")
+        out["choice"] = tuple(choice)
+    return out
 
 
 def _stop_list(value: object) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ import pytest
 from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.sequence import SamplingParams
 from shardgen.actors.model.tokenizer import load_tokenizer
-from shardgen.pipeline.options import RunOptions
+from shardgen.pipeline.options import RunOptions, read_json_schema
 from shardgen.pipeline.run import run
 from tests.helpers import hf_greedy, model_with_tokenizer
 
@@ -171,6 +171,36 @@ def test_an_openai_batch_file_answers_chat_and_completions_requests_by_custom_id
     toks = load_tokenizer(chat_model).apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     toks = toks["input_ids"] if hasattr(toks, "keys") else toks  # transformers 5 returns a BatchEncoding
     assert got[("chat-1", 0)]["prompt_tokens"] == want["prompt_tokens"] == len(toks)
+
+
+def test_structured_outputs_hold_for_every_row_and_a_rows_own_constraint_replaces_the_runs(demo, tmp_path):
+    """--json-schema for every row, a row's own regex or choice instead, n samples of each, and a regex that does not
+    compile as that row's error row; at T=2, so rank 0's masks steer a sharded model."""
+    import re
+
+    model, _ = demo
+    schema = {"type": "object", "properties": {"lang": {"enum": ["py", "rs", "go"]}, "ok": {"type": "boolean"}},
+              "required": ["lang", "ok"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    rows = [{"id": "a", "prompt": "def f(x):"}, {"id": "b", "prompt": "import os"},
+            {"id": "c", "prompt": "x =", "regex": "[0-9]{1,3}(\\.[0-9]{1,2})?"},
+            {"id": "d", "prompt": "# yes or no?", "choice": ["yes", "no"]},
+            {"id": "e", "prompt": "y =", "regex": "(unclosed"}]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run(RunOptions(model=model, input=data, output=tmp_path / "out", tp=2,
+                             sampling=SamplingParams(max_new_tokens=48, temperature=0.9, seed=2, n=2,
+                                                     json_schema=read_json_schema(tmp_path / "schema.json"))))
+    out = pads.dataset(sorted(str(p) for p in (tmp_path / "out").glob("part-*.parquet"))).to_table().to_pylist()
+    by_id = {}
+    for r in out:
+        by_id.setdefault(r["id"], []).append(r)
+    assert summary.rows == 4 * 2 + 1 and summary.errors == 1 and "regex: not a valid regex" in by_id["e"][0]["error"]
+    for r in by_id["a"] + by_id["b"]:
+        value = json.loads(r["completion"])
+        assert set(value) == {"lang", "ok"} and value["lang"] in ("py", "rs", "go") and r["finish_reason"] == "stop"
+    assert all(re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,2})?", r["completion"]) for r in by_id["c"]), by_id["c"]
+    assert all(r["completion"] in ("yes", "no") for r in by_id["d"])
 
 
 def test_inputs_without_an_id_column_get_stable_file_and_row_ids(demo, tmp_path):

@@ -39,7 +39,7 @@ def test_a_completions_request_takes_its_prompt_and_logprobs(body, logprobs):
     ("POST", TEXT, {"prompt": "x", "frequency_penalty": 0.5}, "body.frequency_penalty: shardgen does not run "
                                                              "frequency_penalty (got 0.5); leave it out"),
     ("POST", CHAT, {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {}}},
-     "body.response_format: shardgen does not run response_format"),
+     'body.response_format: expected {"type": "text"}'),
     ("POST", CHAT, {"messages": MESSAGES, "tools": [{"type": "function"}]}, "body.tools: shardgen does not run"),
     ("POST", CHAT, {"messages": MESSAGES, "top_logprobs": 2}, "body.top_logprobs: needs logprobs: true"),
     ("POST", CHAT, {"messages": MESSAGES, "logprobs": 3}, "body.logprobs: expected true or false, got 3"),
@@ -47,6 +47,15 @@ def test_a_completions_request_takes_its_prompt_and_logprobs(body, logprobs):
 def test_a_request_shardgen_cannot_answer_as_asked_is_refused_naming_the_field(method, url, body, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         request_row(method, url, body)
+
+
+def test_a_json_response_format_becomes_the_rows_json_schema():
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}}}
+    _, row = request_row("POST", CHAT, {"messages": MESSAGES, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}}})
+    assert json.loads(row["json_schema"]) == schema
+    _, row = request_row("POST", CHAT, {"messages": MESSAGES, "response_format": {"type": "json_object"}})
+    assert json.loads(row["json_schema"]) == {"type": "object"}
 
 
 def test_a_batch_file_reads_as_one_row_a_line_and_a_bad_line_is_an_error_row_naming_it(tmp_path):

@@ -40,6 +40,12 @@ def test_prompts_become_byte_tokens_and_defaults_fill_params(tokenizer_dir):
         ("x", {"top_p": 0}, "top_p must be in (0, 1]"),
         (None, {"read_error": "p.jsonl line 3: not a JSON object"}, "p.jsonl line 3: not a JSON object"),
         ("x", {"stop": [1, 2]}, "stop: expected a list of non-empty strings"),
+        ("x", {"json_schema": "{oops"}, "json_schema: not JSON"),
+        ("x", {"json_schema": 5}, "json_schema: expected a JSON Schema object or its text, got int"),
+        ("x", {"choice": "yes"}, "choice: expected a list of strings (in CSV, a JSON list)"),
+        ("x", {"choice": []}, "choice: expected a non-empty list of non-empty strings"),
+        ("x", {"regex": "a", "choice": ["a"]}, "choice cannot be combined with regex"),
+        ("x", {"n": 0}, "n must be an integer in [1, 1024], got 0"),
     ],
 )
 def test_bad_rows_become_error_rows_naming_the_column(tokenizer_dir, prompt, row, error):
@@ -77,3 +83,14 @@ def test_chat_applies_the_template_and_refuses_non_messages(tokenizer_dir):
     assert good["error"] is None
     assert bytes(t for t in good["prompt_token_ids"] if t < 256).decode() == "hi\n"  # specials around it
     assert "JSON list of {role, content} messages" in bad["error"]
+
+
+def test_a_rows_own_constraint_replaces_the_runs_and_csv_choices_are_a_json_list(tokenizer_dir):
+    stage = TokenizeStage(tokenizer_dir, False, SamplingParams(json_schema='{"type": "object"}'))
+    default, regex, choice, obj = run_stage(stage, [("a", "x", {}), ("b", "x", {"regex": "[0-9]+"}),
+                                                    ("c", "x", {"choice": '["yes", "no"]'}),
+                                                    ("d", "x", {"json_schema": {"type": "integer"}})])
+    assert default["params"]["json_schema"] == '{"type": "object"}' and default["params"]["regex"] is None
+    assert regex["params"]["regex"] == "[0-9]+" and regex["params"]["json_schema"] is None
+    assert choice["params"]["choice"] == ["yes", "no"] and choice["params"]["json_schema"] is None
+    assert json.loads(obj["params"]["json_schema"]) == {"type": "integer"} and obj["error"] is None
