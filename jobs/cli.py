@@ -104,7 +104,8 @@ RUN_EXAMPLE = ("Example: shardgen run --model ./Llama-3.2-1B-int4 --input prompt
 
 @app.command(epilog=RUN_EXAMPLE)
 def run(
-    model: Optional[Path] = typer.Option(None, help="Plain int4 (or float) checkpoint directory. Default: the embedded demo."),
+    model: Optional[str] = typer.Option(None, help="Plain int4 (or float) checkpoint directory, or a model id (org/name) "
+                                                   "in the local Hugging Face cache. Default: the embedded demo."),
     input: Optional[str] = typer.Option(None, "--input", help="Prompts: a .parquet/.jsonl/.csv file or a directory of "
                                         "them; a local path, or a URI such as s3://bucket/prompts/."),
     output: Optional[str] = typer.Option(None, help="Output directory for Parquet files (a local path or a URI). "
@@ -183,6 +184,10 @@ def run(
             if output is None:
                 output, overwrite = Path("demo-output"), True
             typer.echo(f"shardgen: running the embedded demo model ({model}) on {input}")
+        else:
+            from shardgen.actors.model.hub import resolve_model
+
+            model = resolve_model(model)
         if output is None:
             _fail("pass --output DIR for the Parquet files")
         from shardgen.pipeline.storage import is_uri
@@ -291,14 +296,17 @@ def bench(
 
 @app.command(epilog="Example: shardgen inspect ./Llama-3.2-1B-int4")
 def inspect(
-    model: Path = typer.Argument(..., help="Checkpoint directory."),
+    model: str = typer.Argument(..., help="Checkpoint directory, or a model id in the local Hugging Face cache."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Describe a checkpoint: architecture, shape, quantization, size on disk, and which --tp values work."""
     from shardgen.actors.model.checkpoint import Checkpoint
     from shardgen.actors.model.config import ModelConfig
 
+    from shardgen.actors.model.hub import resolve_model
+
     try:
+        model = resolve_model(model)
         cfg = ModelConfig.from_dir(model)
         with Checkpoint(model, allow_pickle) as ckpt:
             entries = list(ckpt.entries.values())

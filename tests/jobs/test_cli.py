@@ -18,10 +18,11 @@ from tests.helpers import ROOT, dequantized_reference, hf_model, save_hf, shardg
 
 
 
-def shardgen(*args: str) -> subprocess.CompletedProcess:
+def shardgen(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "shardgen"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "shardgen.jobs.cli"]
-    return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env} if env else None)
 
 
 def test_help_lists_commands_with_examples_and_starts_fast():
@@ -170,6 +171,19 @@ def test_inspect_describes_the_checkpoint(tmp_path):
     assert "LlamaForCausalLM, 8 layers, hidden 256" in r.stdout
     assert "plain int4, group size 128; 56 int4 weights" in r.stdout
     assert "valid --tp: [1, 2]" in r.stdout
+
+
+def test_a_model_id_runs_from_the_local_hugging_face_cache_and_a_missing_one_says_how_to_fetch_it(tmp_path):
+    from shardgen.jobs.demo import demo_assets
+    from tests.actors.model.test_hub import fake_hub_cache
+
+    model, _ = demo_assets()
+    cache = fake_hub_cache(tmp_path / "hub", "shardgen/demo-int4", model)
+    r = shardgen("inspect", "shardgen/demo-int4", env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0 and "LlamaForCausalLM, 8 layers, hidden 256" in r.stdout, r.stderr
+    r = shardgen("inspect", "shardgen/missing", env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and f"not a model in the local Hugging Face cache ({cache}" in r.stderr
+    assert "hf download shardgen/missing" in r.stderr and "Traceback" not in r.stderr
 
 
 def _wrong_shape(model: Path) -> None:
