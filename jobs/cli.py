@@ -118,6 +118,20 @@ def run(
     top_k: int = typer.Option(0, help="Sample from the k most likely tokens; 0 turns it off."),
     seed: Optional[int] = typer.Option(None, help="Makes sampling reproducible: each row's seed derives from it and the row id."),
     ignore_eos: bool = typer.Option(False, help="Keep generating past EOS (fixed-length outputs, for benchmarks)."),
+    min_p: float = typer.Option(0.0, help="Drop tokens less likely than min_p x the likeliest (after top-k and top-p); "
+                                          "0 turns it off."),
+    repetition_penalty: float = typer.Option(1.0, help="Divide the logits (> 0; multiply those < 0) of every token "
+                                                       "already in the prompt or completion by this; 1 turns it off."),
+    presence_penalty: float = typer.Option(0.0, help="Subtract this from the logits of tokens already in the "
+                                                     "completion, in [-2, 2]."),
+    frequency_penalty: float = typer.Option(0.0, help="Subtract this, times its count so far, from the logit of each "
+                                                      "token of the completion, in [-2, 2]."),
+    min_tokens: int = typer.Option(0, help="Generate at least this many tokens before EOS, a stop token or a stop "
+                                           "string may end the completion."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="A string that ends the completion (not included); "
+                                             "repeat for several. A row's stop column replaces them."),
+    stop_token_ids: Optional[list[int]] = typer.Option(None, "--stop-token-ids", help="A token id that ends the "
+                                                       "completion, besides EOS; repeat for several."),
     logprobs: int = typer.Option(0, help="K > 0: each completion token's log-probability (logprobs column) and the K "
                                          "most likely tokens at its step (top_logprobs); a row's logprobs column "
                                          "overrides. 0 turns it off."),
@@ -204,7 +218,10 @@ def run(
             kernel_cache_dir=user_cache_dir(),
             sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     seed=seed, ignore_eos=ignore_eos, logprobs=logprobs,
-                                    prompt_logprobs=prompt_logprobs, n=n,
+                                    prompt_logprobs=prompt_logprobs, n=n, min_p=min_p,
+                                    repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                    frequency_penalty=frequency_penalty, min_tokens=min_tokens,
+                                    stop=tuple(stop or ()), stop_token_ids=tuple(stop_token_ids or ()),
                                     json_schema=read_json_schema(json_schema)),
             engine=EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len,

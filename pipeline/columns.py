@@ -22,6 +22,11 @@ PARAMS = pa.struct([
     ("json_schema", pa.string()),
     ("regex", pa.string()),
     ("choice", pa.list_(pa.string())),
+    ("repetition_penalty", pa.float64()),
+    ("presence_penalty", pa.float64()),
+    ("frequency_penalty", pa.float64()),
+    ("min_p", pa.float64()),
+    ("min_tokens", pa.int64()),
 ])
 TOP_LOGPROBS = pa.list_(pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])))
 
@@ -41,6 +46,11 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 
 
+def output_table(block: pa.Table) -> pa.Table:
+    """The output columns of finished rows, in ``OUTPUT_SCHEMA``'s order and types (what a part file holds)."""
+    return block.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+
+
 def params_array(params: list[SamplingParams | None]) -> pa.Array:
     """Each row's parameters (None: a row that failed before it had any) as a ``PARAMS`` column."""
     def row(p: SamplingParams | None) -> dict | None:
@@ -52,7 +62,9 @@ def params_array(params: list[SamplingParams | None]) -> pa.Array:
                 "top_k": p.top_k, "seed": seed, "stop": list(p.stop), "stop_token_ids": list(p.stop_token_ids),
                 "ignore_eos": p.ignore_eos, "logprobs": p.logprobs,
                 "prompt_logprobs": p.prompt_logprobs, "n": p.n, "json_schema": p.json_schema, "regex": p.regex,
-                "choice": None if p.choice is None else list(p.choice)}
+                "choice": None if p.choice is None else list(p.choice),
+                "repetition_penalty": float(p.repetition_penalty), "presence_penalty": float(p.presence_penalty),
+                "frequency_penalty": float(p.frequency_penalty), "min_p": float(p.min_p), "min_tokens": p.min_tokens}
 
     return pa.array([row(p) for p in params], PARAMS)
 

@@ -1,4 +1,5 @@
-"""The options of one ``shardgen run``, validated once at the edge (CLI or job entry point)."""
+"""The options of a processor and of one ``shardgen run``, validated once at the edge (CLI, job entry point or
+``build_processor``)."""
 
 from __future__ import annotations
 
@@ -35,22 +36,21 @@ def read_json_schema(path: Path | None) -> str | None:
     return text
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    model: Path
-    input: Path | str  # a local path, or a URI pyarrow's filesystems open (s3://, gs://, ...)
-    output: Path | str
+@dataclass(frozen=True, kw_only=True)
+class ProcessorConfig:
+    """What generating completions for a dataset of prompts needs: the model, the replicas and their engines, the
+    sampling defaults and which columns hold the prompt and the id. ``shardgen.build_processor`` takes it as is;
+    ``RunOptions`` adds the files a run reads and writes. Checked once, when it is made."""
+
+    model: Path  # a model directory (a str is taken as one), or with build_processor a model id in the HF cache
     tp: int = 1
     replicas: int = 1
     device: str = "auto"
     dtype: str = "auto"
     prompt_column: str = "prompt"
-    id_column: str | None = None  # None: "id" when every input file has it, else ids are <file>:<row>
+    id_column: str | None = None  # None: "id" when the input has it, else ids are made (<file>:<row> for files)
     chat: bool = False
-    input_format: str = "auto"  # auto: each file by its extension; openai-batch: OpenAI Batch API request lines
-    output_format: str = "parquet"
     batch_size: int | None = None  # None: pipeline.plan.auto_batch_size
-    overwrite: bool = False
     address: str | None = None
     int4_layout: str = "auto"
     kernel_cache_dir: Path | None = None
@@ -60,6 +60,14 @@ class RunOptions:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            object.__setattr__(self, "model", Path(self.model))
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every value that cannot run, each named by its field."""
         problems = []
         if self.tp < 1:
             problems.append(f"`tp` must be >= 1, got {self.tp}")
@@ -77,6 +85,26 @@ class RunOptions:
             problems.append(f"`model` {str(self.model).replace(':/', '://', 1)}: a model directory must be a local "
                             f"path (on a cluster, a file system every node sees); copy the model there first. "
                             f"`input` and `output` may be URIs")
+        if not self.prompt_column or self.id_column == "":
+            problems.append("`prompt_column` and `id_column` must not be empty")
+        for problem in self.sampling.problems():  # "top_p must be ..." -> "`top_p` must be ..."
+            name, rest = problem.split(" ", 1)
+            problems.append(f"`{name}` {rest}")
+        return problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions(ProcessorConfig):
+    """A ``shardgen run``: the processor's config, plus the files it reads and writes."""
+
+    input: Path | str  # a local path, or a URI pyarrow's filesystems open (s3://, gs://, ...)
+    output: Path | str
+    input_format: str = "auto"  # auto: each file by its extension; openai-batch: OpenAI Batch API request lines
+    output_format: str = "parquet"
+    overwrite: bool = False
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if self.input_format not in INPUT_FORMATS:
             problems.append(f"`input_format` must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
         elif self.input_format == "openai-batch" and (self.id_column is not None or self.chat):
@@ -87,10 +115,4 @@ class RunOptions:
         elif self.output_format == "openai-batch" and self.input_format != "openai-batch":
             problems.append("`output_format` openai-batch answers OpenAI batch requests: pass `input_format` "
                             "openai-batch too")
-        if not self.prompt_column or self.id_column == "":
-            problems.append("`prompt_column` and `id_column` must not be empty")
-        for problem in self.sampling.problems():  # "top_p must be ..." -> "`top_p` must be ..."
-            name, rest = problem.split(" ", 1)
-            problems.append(f"`{name}` {rest}")
-        if problems:
-            raise ValueError("; ".join(problems))
+        return problems

@@ -14,7 +14,7 @@ from shardgen.actors.int4 import rules
 from shardgen.actors.model.config import ModelConfig, resolved_dtype_name
 from shardgen.actors.worker import ReplicaSpec
 from shardgen.pipeline import output_dir, preflight, resume
-from shardgen.pipeline.options import RunOptions
+from shardgen.pipeline.options import ProcessorConfig, RunOptions
 from shardgen.pipeline.stages import read, write
 from shardgen.pipeline.storage import Location
 
@@ -36,20 +36,53 @@ class RunPlan:
     """A checked run: what ``execute`` needs, each thing resolved once."""
 
     options: RunOptions  # the model path absolute and the batch size decided
-    model: ModelConfig
+    replicas: ReplicaPlan  # the model, device, dtype and the replicas' spec
     files: list[Location]
     root: Location  # the input files are named relative to it
     id_column: str | None  # None: ids are <file>:<row>
     output: Location
     resume_from: list[Location]  # finished part files of an earlier run of the same options
     manifest: dict  # what decides a row's completion (the run record)
-    device: str  # "cpu" or "cuda"
-    dtype: str  # resolved: bfloat16, float16 or float32
-    spec: ReplicaSpec
     input_rows: int | None  # None: too costly to count
     metadata: dict[str, str]  # the Parquet key-value metadata of every part file
     started: float  # time.perf_counter() when planning began
-    ray_start_s: float  # of which Ray's start took this long
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """The replicas of a processor, resolved on the cluster it attached to."""
+
+    config: ProcessorConfig  # the model path absolute and the batch size decided
+    model: ModelConfig
+    device: str  # "cpu" or "cuda"
+    dtype: str  # resolved: bfloat16, float16 or float32
+    spec: ReplicaSpec
+    ray_start_s: float  # Ray's start took this long
+
+
+def plan_replicas(config: ProcessorConfig, model: ModelConfig | None = None, quiet: bool = True) -> ReplicaPlan:
+    """Attach to the cluster (or start one) and resolve what each replica runs, refusing a model, cluster or layout
+    that cannot run. ``model``: the checkpoint as already checked (None: check it here). ``quiet``: replace Ray
+    Data's progress output with shardgen's (a run's own), which a library caller keeps."""
+    import ray
+
+    if model is None:
+        preflight.check_model_files(config)
+        model = preflight.check_model(config)
+    ray_start = time.perf_counter()
+    connect(config, quiet)
+    ray_start_s = time.perf_counter() - ray_start
+    resources = ray.cluster_resources()
+    device = resolve_device(config.device, resources.get("GPU", 0))
+    check_cluster(resources, device, config.tp, config.replicas)
+    check_int4(model, device, config)
+    config = replace(config, model=config.model.resolve(), batch_size=config.batch_size or MAX_AUTO_BATCH_SIZE)
+    spec = ReplicaSpec(model_dir=str(config.model), tp=config.tp, device=device, dtype=config.dtype,
+                       int4_layout=config.int4_layout, engine=config.engine,
+                       kernel_cache_dir=str(config.kernel_cache_dir) if config.kernel_cache_dir else None,
+                       cpu_threads=max(1, (os.cpu_count() or 1) // (config.tp * config.replicas)),
+                       run_id=uuid.uuid4().hex[:12], allow_pickle=config.allow_pickle)
+    return ReplicaPlan(config, model, device, resolved_dtype_name(config.dtype, device), spec, ray_start_s)
 
 
 def plan(options: RunOptions) -> RunPlan:
@@ -57,8 +90,6 @@ def plan(options: RunOptions) -> RunPlan:
 
     Everything a user can get wrong (checkpoint, input, output, options, cluster size) is refused here with a
     message naming it, before any worker starts and before anything is written."""
-    import ray
-
     started = time.perf_counter()
     files = preflight.check_files(options)
     model = preflight.check_model(options)
@@ -67,32 +98,20 @@ def plan(options: RunOptions) -> RunPlan:
         resume.check_unique_ids_locally(files.files, files.id_column)
     fields = run_manifest(options)
     resume_from = output_dir.plan_output(files.output, fields, options.overwrite, write.existing_output(files.output))
-    ray_start = time.perf_counter()
-    connect(options)
-    ray_start_s = time.perf_counter() - ray_start
-    resources = ray.cluster_resources()
-    device = resolve_device(options.device, resources.get("GPU", 0))
-    check_cluster(resources, device, options.tp, options.replicas)
-    check_int4(model, device, options)
-    dtype = resolved_dtype_name(options.dtype, device)
     input_rows = read.count_rows(files.files)
-    options = replace(options, model=options.model.resolve(),
-                      batch_size=options.batch_size or auto_batch_size(input_rows, options.replicas))
-    spec = ReplicaSpec(model_dir=str(options.model), tp=options.tp, device=device, dtype=options.dtype,
-                       int4_layout=options.int4_layout, engine=options.engine,
-                       kernel_cache_dir=str(options.kernel_cache_dir) if options.kernel_cache_dir else None,
-                       cpu_threads=max(1, (os.cpu_count() or 1) // (options.tp * options.replicas)),
-                       run_id=uuid.uuid4().hex[:12], allow_pickle=options.allow_pickle)
+    options = replace(options, batch_size=options.batch_size or auto_batch_size(input_rows, options.replicas))
+    replicas = plan_replicas(options, model)
     if files.id_column is not None and not ids_checked:  # a big input: its ids are checked by a Ray Data pass
         dataset = read.read_prompts(files.files, files.root, options.prompt_column, files.id_column,
                                     options.input_format)
         resume.check_unique_ids(dataset, files.id_column, read.estimate_rows(files.files))
     quant = f"torchao int4 plain, group size {model.quant.group_size}" if model.quant else "none"
     metadata = write.run_metadata(
-        version=_version(), model=str(options.model), quantization=quant, tp=options.tp, replicas=options.replicas,
-        device=device, dtype=dtype, sampling_defaults=asdict(options.sampling))
-    return RunPlan(options, model, files.files, files.root, files.id_column, files.output, resume_from, fields,
-                   device, dtype, spec, input_rows, metadata, started, ray_start_s)
+        version=_version(), model=str(replicas.config.model), quantization=quant, tp=options.tp,
+        replicas=options.replicas, device=replicas.device, dtype=replicas.dtype,
+        sampling_defaults=asdict(options.sampling))
+    return RunPlan(replicas.config, replicas, files.files, files.root, files.id_column, files.output, resume_from,
+                   fields, input_rows, metadata, started)
 
 
 def run_manifest(options: RunOptions) -> dict:
@@ -122,16 +141,16 @@ def resolve_device(device: str, gpus: float) -> str:
     return device
 
 
-def check_int4(model: ModelConfig, device: str, options: RunOptions) -> None:
+def check_int4(model: ModelConfig, device: str, config: ProcessorConfig) -> None:
     """The checkpoint's int4 group size and the asked layout run on ``device``."""
     if model.quant:
-        rules.check_group_size(model.quant.group_size, f"{options.model}/config.json")
+        rules.check_group_size(model.quant.group_size, f"{config.model}/config.json")
         if device == "cuda":
             rules.check_cuda_group_size(model.quant.group_size)
     if device == "cpu":
         from shardgen.actors import int4
 
-        int4.hardware_layout("cpu", options.int4_layout)  # refuses a GPU layout before any worker starts
+        int4.hardware_layout("cpu", config.int4_layout)  # refuses a GPU layout before any worker starts
 
 
 def check_cluster(resources: dict[str, float], device: str, tp: int, replicas: int) -> None:
@@ -150,21 +169,22 @@ def check_cluster(resources: dict[str, float], device: str, tp: int, replicas: i
                          f"or `tp`")
 
 
-def connect(options: RunOptions) -> None:
-    """Attach to the cluster at ``options.address``, or start a local one with a CPU for every rank and stage."""
+def connect(config: ProcessorConfig, quiet: bool = True) -> None:
+    """Attach to the cluster at ``config.address``, or start a local one with a CPU for every rank and stage; one
+    already attached is kept. ``quiet``: shardgen's progress line replaces Ray Data's (unless ``verbose``)."""
     import ray
 
-    if not options.verbose:
+    if quiet and not config.verbose:
         quiet_ray()
     if ray.is_initialized():
         return
-    quiet = {"log_to_driver": options.verbose, "logging_level": "INFO" if options.verbose else "WARNING"}
-    if options.address:
-        ray.init(address=options.address, **quiet)
+    logs = {"log_to_driver": config.verbose, "logging_level": "INFO" if config.verbose else "WARNING"}
+    if config.address:
+        ray.init(address=config.address, **logs)
         return
-    ranks = options.tp * options.replicas
+    ranks = config.tp * config.replicas
     # A local cluster (its workers inherit this process's environment).
-    ray.init(num_cpus=max(os.cpu_count() or 1, ranks + STAGE_CPUS), include_dashboard=False, **quiet)
+    ray.init(num_cpus=max(os.cpu_count() or 1, ranks + STAGE_CPUS), include_dashboard=False, **logs)
 
 
 def quiet_ray() -> None:

@@ -12,7 +12,7 @@ from shardgen.actors.model.config import ModelConfig
 from shardgen.actors.model.tokenizer import check_tokenizer_files
 from shardgen.pipeline import output_dir
 from shardgen.pipeline.stages import read
-from shardgen.pipeline.options import RunOptions
+from shardgen.pipeline.options import ProcessorConfig, RunOptions
 from shardgen.pipeline.storage import Location
 
 
@@ -26,24 +26,30 @@ class FilePlan:
     output: Location
 
 
+def check_model_files(config: ProcessorConfig) -> ModelConfig:
+    """The model's config.json and tokenizer files, and the engine's lengths against them."""
+    model = ModelConfig.from_dir(config.model)
+    check_tokenizer_files(config.model, chat=config.chat)
+    limit = config.engine.max_model_len
+    if limit is not None and limit > model.max_position_embeddings:
+        raise ValueError(f"`max_model_len` {limit} is above the model's max_position_embeddings "
+                         f"({model.max_position_embeddings}, {config.model / 'config.json'}); pass at most that")
+    return model
+
+
 def check_files(options: RunOptions) -> FilePlan:
     """The model's config and tokenizer files, every input file's schema, and where the output goes."""
-    config = ModelConfig.from_dir(options.model)
+    check_model_files(options)
     files = read.input_files(options.input)
     output_dir.check_locations(options.output, options.input, options.model)
-    check_tokenizer_files(options.model, chat=options.chat)
-    limit = options.engine.max_model_len
-    if limit is not None and limit > config.max_position_embeddings:
-        raise ValueError(f"`max_model_len` {limit} is above the model's max_position_embeddings "
-                         f"({config.max_position_embeddings}, {options.model / 'config.json'}); pass at most that")
     id_column = read.check_inputs(files, options.prompt_column, options.id_column, options.input_format)
     given = Location.of(options.input)
     root = given if given.is_dir() else given.parent
     return FilePlan(files, root, id_column, Location.of(options.output))
 
 
-def check_model(options: RunOptions) -> ModelConfig:
+def check_model(config: ProcessorConfig) -> ModelConfig:
     """Every rank of ``--tp`` finds each tensor it needs with the shape config.json implies (headers only)."""
     from shardgen.actors.model.loader import check_checkpoint
 
-    return check_checkpoint(options.model, options.tp, options.allow_pickle)
+    return check_checkpoint(config.model, config.tp, config.allow_pickle)

@@ -1,4 +1,5 @@
-"""A shardgen run: read -> tokenize -> generate (R replicas x T ranks) -> detokenize -> Parquet.
+"""A shardgen run: read -> [skip finished] -> the processor's stages (tokenize, generate on R replicas x T ranks,
+detokenize; pipeline/processor.py) -> Parquet.
 
 ``run(options)`` is ``execute(plan(options))``: ``plan`` checks and resolves everything (pipeline/plan.py), ``execute``
 builds the stages, streams the dataset through them to the output, and summarises.
@@ -7,7 +8,6 @@ builds the stages, streams the dataset through them to the output, and summarise
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -15,77 +15,9 @@ from shardgen.pipeline import interrupt, output_dir, resume
 from shardgen.pipeline.options import RunOptions
 from shardgen.pipeline.plan import RunPlan, plan
 from shardgen.pipeline.progress import Progress
-from shardgen.pipeline.stages import detokenize, generate, read, tokenize, write
+from shardgen.pipeline.processor import Stage, check_stages, generation_stages, release_replicas
+from shardgen.pipeline.stages import generate, read, write
 from shardgen.pipeline.summary import RunSummary, summarise
-
-# Rows a replica holds per sequence its engine runs at once: the waiting ones refill the engine while a batch's
-# last rows finish and the next batch is on its way.
-ROWS_IN_FLIGHT_PER_ENGINE_SLOT = 4
-MIN_BATCHES_IN_FLIGHT = 4
-# The tokenize and detokenize actors live as long as the run but work in short bursts (a batch of 256 prompts
-# tokenizes in milliseconds), and a write task only moves bytes: they ask for no CPU of their own, so a replica and
-# the read tasks are all a run needs (plan.STAGE_CPUS). The read tasks keep Ray's one CPU: the "batch" stage's
-# streaming repartition fuses into them only when both ask for the same.
-STAGE_ACTOR_CPUS = 0
-
-
-def batches_in_flight(batch_size: int, max_num_seqs: int) -> int:
-    """Ray Data batches each replica is given at once: enough for 4 waves of its engine, at most what rank 0
-    serves concurrently."""
-    from shardgen.actors.replica import RANK0_CONCURRENCY
-
-    wanted = -(-ROWS_IN_FLIGHT_PER_ENGINE_SLOT * max_num_seqs // batch_size)
-    return min(max(MIN_BATCHES_IN_FLIGHT, wanted), RANK0_CONCURRENCY)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of the pipeline and the columns it reads and writes."""
-
-    name: str
-    reads: tuple[str, ...]
-    writes: tuple[str, ...]
-    apply: Callable
-
-
-def build_stages(p: RunPlan, finished: resume.FinishedIds | None, flush: generate.Flush) -> list[Stage]:
-    """The stages after the read, in order; each declares the columns it reads and writes (``check_stages``)."""
-    from ray.data import ActorPoolStrategy
-
-    o = p.options
-    model, batch = str(o.model), o.batch_size
-    in_flight = batches_in_flight(batch, o.engine.max_num_seqs)
-    stages = []
-    if finished:
-        stages.append(Stage("skip-finished", resume.READS, resume.WRITES, lambda ds: ds.map_batches(
-            resume.skip_finished, fn_kwargs={"handles": finished.handles}, batch_format="pyarrow", batch_size=8192)))
-    # Blocks of one batch: a big input file would otherwise be one block, generated and written as one file at its
-    # very end, so a lost driver would lose all of it. Small blocks stream through and land as they finish.
-    stages += [
-        Stage("batch", (), (), lambda ds: ds.repartition(target_num_rows_per_block=batch)),
-        Stage("tokenize", tokenize.READS, tokenize.WRITES, lambda ds: ds.map_batches(
-            tokenize.TokenizeStage, fn_constructor_args=(model, o.chat, o.sampling), batch_format="pyarrow",
-            batch_size=batch, compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=STAGE_ACTOR_CPUS)),
-        Stage("generate", generate.READS, generate.WRITES, lambda ds: ds.map_batches(
-            generate.GenerateStage, fn_constructor_args=(p.spec, flush), batch_format="pyarrow", batch_size=batch,
-            compute=ActorPoolStrategy(size=o.replicas, max_tasks_in_flight_per_actor=in_flight,
-                                      max_concurrent_calls_per_actor=in_flight),
-            num_cpus=0)),
-        Stage("detokenize", detokenize.READS, detokenize.WRITES, lambda ds: ds.map_batches(
-            detokenize.DetokenizeStage, fn_constructor_args=(model,), batch_format="pyarrow", batch_size=batch,
-            compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=STAGE_ACTOR_CPUS)),
-    ]
-    return stages
-
-
-def check_stages(stages: list[Stage], columns: tuple[str, ...], sink_reads: tuple[str, ...]) -> None:
-    """Each stage's inputs must be written by something before it (a wiring error, not user input)."""
-    have = set(columns)
-    for stage in stages:
-        missing = set(stage.reads) - have
-        assert not missing, f"stage {stage.name} reads {missing}, which no earlier stage writes"
-        have |= set(stage.writes)
-    assert not set(sink_reads) - have, f"the writer reads {set(sink_reads) - have}"
 
 
 def run(options: RunOptions, echo: Callable[[str], None] = print, progress: TextIO | None = None) -> RunSummary:
@@ -95,6 +27,12 @@ def run(options: RunOptions, echo: Callable[[str], None] = print, progress: Text
     Everything a user can get wrong is checked before any worker starts (``plan``). Rerunning the same command on
     the same output resumes: rows already written are skipped."""
     return execute(plan(options), echo, progress)
+
+
+def resume_stage(finished: resume.FinishedIds) -> Stage:
+    """Leaves out the rows an earlier run of the same options wrote."""
+    return Stage("skip-finished", resume.READS, resume.WRITES, lambda ds: ds.map_batches(
+        resume.skip_finished, fn_kwargs={"handles": finished.handles}, batch_format="pyarrow", batch_size=8192))
 
 
 def execute(p: RunPlan, echo: Callable[[str], None] = print, progress: TextIO | None = None) -> RunSummary:
@@ -109,14 +47,15 @@ def execute(p: RunPlan, echo: Callable[[str], None] = print, progress: TextIO | 
     output_dir.remove_partial_writes(output)
     output_dir.write_manifest(output, p.manifest)
     finished = resume.FinishedIds.load(p.resume_from) if p.resume_from else None
-    quant = f"int4 G={p.model.quant.group_size}" if p.model.quant else "float"
-    echo(f"shardgen: {len(p.files)} input file(s), model {p.model.architecture} ({quant}), {o.replicas} replica(s) x "
-         f"tp {o.tp} on {p.device}; set up in {time.perf_counter() - p.started:.1f} s (Ray's start "
-         f"{p.ray_start_s:.1f} s)" + (f"; resuming: {finished.rows:,} rows already in {o.output}" if finished else ""))
-    run_id = p.spec.run_id
+    r = p.replicas
+    quant = f"int4 G={r.model.quant.group_size}" if r.model.quant else "float"
+    echo(f"shardgen: {len(p.files)} input file(s), model {r.model.architecture} ({quant}), {o.replicas} replica(s) x "
+         f"tp {o.tp} on {r.device}; set up in {time.perf_counter() - p.started:.1f} s (Ray's start "
+         f"{r.ray_start_s:.1f} s)" + (f"; resuming: {finished.rows:,} rows already in {o.output}" if finished else ""))
+    run_id = r.spec.run_id
     control = interrupt.start_control(run_id)
-    flush = generate.Flush(output, p.metadata, p.spec.model_dir, control=interrupt.control_name(run_id))
-    stages = build_stages(p, finished, flush)
+    flush = generate.Flush(output, p.metadata, r.spec.model_dir, control=interrupt.control_name(run_id))
+    stages = ([resume_stage(finished)] if finished else []) + generation_stages(r, flush)
     check_stages(stages, read.WRITES, write.READS)
     ds = read.read_prompts(p.files, p.root, o.prompt_column, p.id_column, o.input_format)
     for stage in stages:
@@ -147,7 +86,7 @@ def execute(p: RunPlan, echo: Callable[[str], None] = print, progress: TextIO | 
         ray.kill(control)
         if finished:
             finished.close()
-    summary = summarise(output, before, time.perf_counter() - p.started, p.device, layouts,
+    summary = summarise(output, before, time.perf_counter() - p.started, r.device, layouts,
                         finished.rows if finished else 0, cached)
     for line in summary.lines():
         echo(line)
@@ -170,23 +109,6 @@ def root_cause(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-
-
-def release_replicas(run_id: str) -> None:
-    """Remove this run's placement groups (and so its ShardWorkers): a placement group made by an actor
-    otherwise lives as long as the whole Ray job, holding its GPUs."""
-    from ray.util import (
-        get_placement_group,
-        placement_group_table,
-        remove_placement_group,
-    )
-
-    from shardgen.actors.replica import placement_group_name
-
-    prefix = placement_group_name(run_id, "")
-    for info in placement_group_table().values():
-        if info.get("name", "").startswith(prefix) and info.get("state") != "REMOVED":
-            remove_placement_group(get_placement_group(info["name"]))
 
 
 def _reported(control) -> tuple[list[str], int]:

@@ -28,7 +28,7 @@ from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.runner import ModelRunner
 from shardgen.actors.engine import stops
 from shardgen.actors.engine.grammar import Grammars, constraint_of
-from shardgen.actors.engine.sampler import PendingTokens, sample, token_logprobs
+from shardgen.actors.engine.sampler import PendingTokens, adjust_logits, sample, token_logprobs
 from shardgen.actors.engine.scheduler import ScheduledBatch, Scheduler
 from shardgen.actors.engine.sequence import (
     FINISH_ERROR,
@@ -40,6 +40,7 @@ from shardgen.actors.engine.sequence import (
     SamplingParams,
     Sequence,
     Status,
+    penalized,
     sample_params,
 )
 
@@ -123,7 +124,8 @@ class Engine:
             logits = logits[: len(sampled)]
         if self._overlappable(batch, sampled):
             return self._finish_decode(batch, PendingTokens(logits), list(range(len(batch.seqs))))
-        tokens = sample(self._constrained(logits, sampled), [s.params for s in sampled], [s.num_output for s in sampled])
+        adjusted = adjust_logits(self._constrained(logits, sampled), sampled, self.eos_token_ids)
+        tokens = sample(adjusted, [s.params for s in sampled], [s.num_output for s in sampled])
         self._advance(batch)
         for i, (seq, token) in enumerate(zip(sampled, tokens)):
             if seq.params.logprobs:
@@ -206,7 +208,8 @@ class Engine:
         read their logits on the host: not launched ahead)."""
         return (self.runner.can_overlap and len(sampled) == len(batch.seqs) and batch.total_tokens == len(batch.seqs)
                 and all(s.params.temperature == 0 and not s.params.logprobs and not s.params.prompt_logprobs
-                        and constraint_of(s.params) is None for s in sampled))
+                        and constraint_of(s.params) is None and not penalized(s.params)
+                        and s.num_output >= s.params.min_tokens for s in sampled))
 
     def _finish_decode(self, batch: ScheduledBatch, pending: PendingTokens, rows: list[int]) -> int:
         """Plan and launch the next decode step on ``pending``'s device tokens, then read them and append them
@@ -218,7 +221,10 @@ class Engine:
                     if s.num_output + 1 < s.params.max_new_tokens and len(s.tokens) + 1 < limit]
         with self._lock:
             quiet = not self._inbox
-        ahead = self.scheduler.plan_decode_ahead([batch.seqs[i] for i in going_on]) if quiet and going_on else None
+        # the step ahead's tokens are taken as they come (argmax): none of its rows may still need EOS masked
+        plain = all(batch.seqs[i].num_output + 1 >= batch.seqs[i].params.min_tokens for i in going_on)
+        ahead = (self.scheduler.plan_decode_ahead([batch.seqs[i] for i in going_on])
+                 if quiet and going_on and plain else None)
         if ahead is not None:
             picked = [rows[i] for i in going_on]
             ids = pending.tokens
@@ -247,13 +253,14 @@ class Engine:
         p = seq.params
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        may_stop = seq.num_output >= p.min_tokens  # before min_tokens, EOS and stop tokens were masked
+        if may_stop and ((token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids):
             return self._finish(seq, FINISH_STOP)  # the stop token itself is not part of the completion
         seq.tokens.append(token)
         self.stats.generated_tokens += 1
         if seq.matcher_started and self._grammars.accept(id(seq), token):
             return self._finish(seq, FINISH_STOP)  # the constraint's language is complete
-        if p.stop and self.detokenize is not None and stops.hits_stop(
+        if p.stop and seq.num_output >= p.min_tokens and self.detokenize is not None and stops.hits_stop(
                 self.detokenize(seq.output_ids[-stops.tail_tokens(p.stop):]), p.stop):
             seq.cut = stops.cut_completion(seq.output_ids, p.stop, self.detokenize)
             return self._finish(seq, FINISH_STOP)

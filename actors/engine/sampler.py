@@ -1,15 +1,64 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p, with per-sequence seeds.
+"""Next-token sampling: penalties and min_tokens on the logits, then greedy, or temperature, top-k, top-p and min_p,
+with per-sequence seeds.
 
-A seeded sequence draws its n-th token from a generator seeded by (seed, n), so
-its tokens do not depend on which other sequences share the batch, the replica,
-or the tensor-parallel layout.
+The penalties of a step's rows are applied together, on the device, from token counts built there in one scatter,
+and only to the rows that have them: a penalised row costs the others nothing. A seeded sequence draws its n-th
+token from a generator seeded by (seed, n), so its tokens do not depend on which other sequences share the batch,
+the replica, or the tensor-parallel layout.
 """
 
 from __future__ import annotations
 
+from typing import Sequence as Seq
+
 import torch
 
-from shardgen.actors.engine.sequence import SEED_MODULUS, SamplingParams
+from shardgen.actors.engine.sequence import SEED_MODULUS, SamplingParams, Sequence, penalized
+
+
+def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Seq[int]) -> torch.Tensor:
+    """``logits`` (float32, (B, V), row i for ``seqs[i]``) with each row's penalties and min_tokens applied, as vLLM
+    (and Hugging Face's RepetitionPenaltyLogitsProcessor and MinNewTokensLengthLogitsProcessor) do: a copy, or
+    ``logits`` itself when no row has either."""
+    rows = [i for i, s in enumerate(seqs) if penalized(s.params)]
+    early = [i for i, s in enumerate(seqs) if s.num_output < s.params.min_tokens]
+    if not rows and not early:
+        return logits
+    logits = logits.clone()
+    vocab, device = logits.shape[1], logits.device
+    if rows:
+        index = torch.tensor(rows, device=device)
+        picked = [seqs[i].params for i in rows]
+        row_logits = logits[index]
+        out_counts = _counts([seqs[i].output_ids for i in rows], vocab, device)
+        repetition = torch.tensor([p.repetition_penalty for p in picked], device=device)[:, None]
+        if any(p.repetition_penalty != 1.0 for p in picked):
+            prompts = [seqs[i].tokens[: seqs[i].num_prompt] for i in rows]
+            seen = (out_counts > 0) | (_counts(prompts, vocab, device) > 0)
+            scaled = torch.where(row_logits > 0, row_logits / repetition, row_logits * repetition)
+            row_logits = torch.where(seen, scaled, row_logits)
+        frequency = torch.tensor([p.frequency_penalty for p in picked], device=device)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in picked], device=device)[:, None]
+        row_logits = row_logits - frequency * out_counts - presence * (out_counts > 0)
+        logits[index] = row_logits
+    if early:
+        pairs = [(i, t) for i in early for t in {*eos_token_ids, *seqs[i].params.stop_token_ids} if t < vocab]
+        if pairs:
+            r, t = zip(*pairs)
+            logits[torch.tensor(r, device=device), torch.tensor(t, device=device)] = float("-inf")
+    return logits
+
+
+def _counts(ids: list[Seq[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """(len(ids), vocab) float32 occurrences of each token in each list: one scatter of the padded lists."""
+    width = max(1, max(len(x) for x in ids))
+    padded = torch.full((len(ids), width), vocab, dtype=torch.int64)  # the pad lands in a column dropped after
+    for i, x in enumerate(ids):
+        if x:
+            padded[i, : len(x)] = torch.as_tensor(x, dtype=torch.int64)
+    counts = torch.zeros(len(ids), vocab + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, padded.to(device, non_blocking=True), torch.ones(padded.shape, device=device))
+    return counts[:, :vocab]
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
@@ -19,7 +68,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
     for i, p in enumerate(params):
         if p.temperature == 0:
             continue
-        probs = _filtered_probs(logits[i].float(), p)
+        probs = filtered_probs(logits[i].float(), p)
         gen = torch.Generator(device=logits.device)
         gen.manual_seed(_row_seed(p.seed, steps[i]))
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (same as multinomial).
@@ -58,7 +107,9 @@ class PendingTokens:
         return self._host.tolist()
 
 
-def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """One row's sampling distribution (not renormalised): temperature, then top-k, top-p and min-p, in Hugging
+    Face's order."""
     logits = logits / p.temperature
     if p.top_k and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
@@ -70,6 +121,8 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    if p.min_p > 0:  # after top-k and top-p, as Hugging Face's MinPLogitsWarper: relative to the likeliest left
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
     return probs
 
 

@@ -33,6 +33,15 @@ class SamplingParams:
     logprobs: int = 0  # K > 0: each completion token's log-probability and the K most likely tokens at its step
     prompt_logprobs: bool = False  # each prompt token's log-probability given the tokens before it
     n: int = 1  # samples of the prompt: n sequences that share its computed KV blocks
+    # vLLM's meanings: repetition_penalty divides (or, if negative, multiplies) the logits of every token in the
+    # prompt or the completion so far; presence_penalty and frequency_penalty subtract from the logits of the
+    # completion's tokens once, and once per occurrence; min_p drops tokens less likely than min_p x the likeliest;
+    # min_tokens: EOS, stop tokens and stop strings are not taken before the completion has that many tokens.
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    min_tokens: int = 0
     # Structured outputs (actors/engine/grammar.py), at most one: the completion is valid for it.
     json_schema: str | None = None  # a JSON Schema, as text
     regex: str | None = None
@@ -53,6 +62,19 @@ class SamplingParams:
             out.append(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (0 turns it off), got {self.logprobs!r}")
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_SAMPLES:
             out.append(f"n must be an integer in [1, {MAX_SAMPLES}], got {self.n!r}")
+        if not self.repetition_penalty > 0:
+            out.append(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                out.append(f"{name} must be in [-2, 2] (0 turns it off), got {getattr(self, name)!r}")
+        if not 0 <= self.min_p <= 1:
+            out.append(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= (
+                self.max_new_tokens if isinstance(self.max_new_tokens, int) else 0):
+            out.append(f"min_tokens must be an integer in [0, max_new_tokens ({self.max_new_tokens})], got "
+                       f"{self.min_tokens!r}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in self.stop_token_ids):
+            out.append(f"stop_token_ids must be a list of token ids (integers >= 0), got {list(self.stop_token_ids)!r}")
         constraints = [k for k in ("json_schema", "regex", "choice") if getattr(self, k) is not None]
         if len(constraints) > 1:
             out.append(f"{constraints[1]} cannot be combined with {constraints[0]}: give one structured-output "
@@ -65,6 +87,11 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in self.stop):
             out.append(f"stop must be a list of non-empty strings, got {list(self.stop)!r}")
         return out
+
+
+def penalized(params: SamplingParams) -> bool:
+    """Whether the params penalise tokens already seen (the sampler needs the sequence's tokens)."""
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
 def sample_params(params: SamplingParams, index: int) -> SamplingParams:

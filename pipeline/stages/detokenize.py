@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from shardgen.pipeline.columns import output_table
+
 READS = ("completion_token_ids", "completion_text", "finish_reason")
 WRITES = ("completion",)
 
 
 class DetokenizeStage:
-    def __init__(self, model_dir: str) -> None:
+    """``output_only``: return only the output columns (``columns.OUTPUT_SCHEMA``), as a processor's last stage."""
+
+    def __init__(self, model_dir: str, output_only: bool = False) -> None:
         from shardgen.actors.model.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_dir)
+        self.output_only = output_only
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         completions = []
@@ -29,4 +34,5 @@ class DetokenizeStage:
                 completions.append(text)
             else:
                 completions.append(self.tokenizer.decode(toks, skip_special_tokens=True))
-        return batch.append_column("completion", pa.array(completions, pa.string()))
+        batch = batch.append_column("completion", pa.array(completions, pa.string()))
+        return output_table(batch) if self.output_only else batch

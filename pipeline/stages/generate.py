@@ -74,6 +74,17 @@ class GenerateStage:
         if flush is not None and flush.control is not None:
             threading.Thread(target=self._watch_control, args=(flush.control,), daemon=True).start()
 
+    def __del__(self) -> None:
+        # Ray Data deletes its UDF when the pool's actors shut down gracefully: free the replica's placement group
+        # now, or it holds its CPUs and GPUs until the Ray job ends and a later run of the dataset waits for them.
+        self.stopping.set()
+        replica = getattr(self, "replica", None)
+        if replica is not None:
+            try:
+                replica.kill()
+            except Exception as e:  # already gone with the cluster
+                log.debug("freeing the replica: %s", e)
+
     def _watch_control(self, control_name: str) -> None:
         """Tell the run's RunControl how many tokens this stage's engines generated (the progress line counts
         them), and ask it whether the run is stopping."""

@@ -5,7 +5,7 @@
 or ``"url": "/v1/completions"`` with ``body.prompt``, and becomes one input row of the pipeline: id = custom_id, the
 prompt (chat messages as JSON, with ``chat`` set so that the tokenize stage applies the chat template), and the
 body's sampling fields under shardgen's names. A line that is not such a request becomes an error row naming the
-line and the field; a field that would change the completion and that shardgen does not run (a penalty, a logit
+line and the field; a field that would change the completion and that shardgen does not run (a logit
 bias, tools) is an error too, never silently dropped. Informational fields (``model``,
 ``user``, ``metadata``, ...) are ignored: the run's model answers every request.
 """
@@ -21,9 +21,10 @@ FIELDS = ("custom_id", "method", "url", "body")
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 # body field -> shardgen's per-row column (same meaning)
 RENAMED = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
-           "top_p": "top_p", "n": "n", "stop": "stop", "seed": "seed"}
+           "top_p": "top_p", "n": "n", "stop": "stop", "seed": "seed", "frequency_penalty": "frequency_penalty",
+           "presence_penalty": "presence_penalty"}
 # body fields shardgen does not run, with the values that change nothing (any other value is refused)
-NEUTRAL = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "stream": (False,),
+NEUTRAL = {"logit_bias": ({},), "stream": (False,),
            "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",)}
 
 

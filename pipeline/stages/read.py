@@ -26,7 +26,8 @@ from shardgen.pipeline.storage import Location, Where
 
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv"}
 OVERRIDE_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs", "n", "json_schema",
-                    "regex", "choice")
+                    "regex", "choice", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p",
+                    "min_tokens", "stop_token_ids")
 DEFAULT_ID_COLUMN = "id"
 READ_ERROR = "read_error"  # a key of ``row``: what made the row unreadable (the tokenize stage reports it)
 READS: tuple[str, ...] = ()
@@ -212,6 +213,32 @@ def read_file(file: Where, name: str, prompt_column: str, id_column: str | None,
         table = _normalize(columns, errors, format_of(file), prompt_column, id_column, (name, start))
         start += table.num_rows
         yield table
+
+
+def check_dataset_columns(columns: list[str], prompt_column: str, id_column: str | None) -> None:
+    """A Ray Dataset given to a processor has the prompt column, and the id column if one is named."""
+    if prompt_column not in columns:
+        raise ValueError(f"the dataset has no column {prompt_column!r} (columns: {columns}); pass `prompt_column` "
+                         f"with the one that holds the prompts")
+    if id_column is not None and id_column not in columns:
+        raise ValueError(f"the dataset has no column {id_column!r} (columns: {columns}); pass `id_column` with a "
+                         f"column of unique ids, or leave it out for made-up ids")
+
+
+def dataset_rows(batch: pa.Table, prompt_column: str, id_column: str | None) -> pa.Table:
+    """A block of a user's Ray Dataset as (id, prompt, row), as ``read_file`` makes them of a file's rows. Ids come
+    from ``id_column`` (or ``id`` when the dataset has it); without one, each row gets ``<block uuid>:<row>``,
+    unique but not the same in another run (seeded sampling derives a row's seed from its id: give ids to
+    reproduce it)."""
+    import uuid
+
+    check_dataset_columns(batch.column_names, prompt_column, id_column)
+    if id_column is None and DEFAULT_ID_COLUMN in batch.column_names:
+        id_column = DEFAULT_ID_COLUMN
+    wanted = [prompt_column, *OVERRIDE_COLUMNS] + ([id_column] if id_column else [])
+    columns = {c: batch.column(c).to_pylist() for c in wanted if c in batch.column_names}
+    return _normalize(columns, [None] * batch.num_rows, "parquet", prompt_column, id_column,
+                      (uuid.uuid4().hex[:16], 0))
 
 
 def iter_ids(file: Where, id_column: str) -> Iterator[list[str | None]]:

@@ -86,18 +86,19 @@ class TokenizeStage:
         return list(toks), params, None
 
     def _params(self, row_id: str, row: dict) -> SamplingParams:
-        values = {k: _number(row[k]) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "n")
-                  if k in row}
-        for k in ("max_new_tokens", "top_k", "seed", "logprobs", "n"):
-            if k in values and not (isinstance(values[k], int) or (isinstance(values[k], float) and values[k].is_integer())):
+        values = {k: _number(row[k]) for k in (*INTEGER_COLUMNS, *NUMBER_COLUMNS) if k in row}
+        for k in INTEGER_COLUMNS:
+            if k in values and not _integral(values[k]):
                 raise ValueError(f"{k}: expected an integer, got {values[k]!r}")
             if k in values:
                 values[k] = int(values[k])
-        for k in ("temperature", "top_p"):
-            if k in values and not isinstance(values[k], (int, float)):
+        for k in NUMBER_COLUMNS:
+            if k in values and (isinstance(values[k], bool) or not isinstance(values[k], (int, float))):
                 raise ValueError(f"{k}: expected a number, got {values[k]!r}")
         if "stop" in row:
             values["stop"] = _stop_list(row["stop"])
+        if "stop_token_ids" in row:
+            values["stop_token_ids"] = _token_ids(row["stop_token_ids"])
         constraint = _constraint(row)
         if constraint:  # a row's own constraint replaces the run's
             values.update({"json_schema": None, "regex": None, "choice": None, **constraint})
@@ -108,6 +109,28 @@ class TokenizeStage:
         if problems:
             raise ValueError("; ".join(problems))
         return p
+
+
+INTEGER_COLUMNS = ("max_new_tokens", "top_k", "seed", "logprobs", "n", "min_tokens")
+NUMBER_COLUMNS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def _integral(value: object) -> bool:
+    return not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and value.is_integer()))
+
+
+def _token_ids(value: object) -> tuple[int, ...]:
+    """``stop_token_ids``: a list of token ids (in CSV, a JSON list; one id alone is a list of one)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"stop_token_ids: expected a list of token ids, got {value!r}") from None
+    value = [value] if not isinstance(value, list) else value
+    ids = [_number(v) for v in value]
+    if not all(_integral(v) and v >= 0 for v in ids):
+        raise ValueError(f"stop_token_ids: expected a list of token ids (integers >= 0), got {value!r}")
+    return tuple(int(v) for v in ids)
 
 
 def _number(value: object) -> object:

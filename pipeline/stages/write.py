@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
 
-from shardgen.pipeline.columns import OUTPUT_SCHEMA
+from shardgen.pipeline.columns import output_table
 from shardgen.pipeline.output_dir import PART_PREFIX, is_part_file
 from shardgen.pipeline.storage import Location, Where
 
@@ -62,7 +62,7 @@ def write_part(output: Where, block: pa.Table, metadata: dict[str, str]) -> Writ
     if block.num_rows == 0:
         return WriteStats()
     layouts = sorted(set(block.column("layout").to_pylist()))
-    table = block.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    table = output_table(block)
     meta = {**metadata, "shardgen.hardware_layout": ",".join(layouts)}
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
     buffer = pa.BufferOutputStream()

@@ -14,16 +14,7 @@ from shardgen.pipeline.options import RunOptions, read_json_schema
 from shardgen.pipeline.run import run
 from tests.helpers import hf_greedy, model_with_tokenizer
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
 def read_output(path: Path) -> dict[str, dict]:
@@ -144,7 +135,7 @@ def test_an_openai_batch_file_answers_chat_and_completions_requests_by_custom_id
         {"custom_id": "text-1", "method": "POST", "url": "/v1/completions",
          "body": {"model": "demo", "prompt": "import os", "max_tokens": 5, "n": 2, "temperature": 0.8, "seed": 1}},
         {"custom_id": "bad-1", "method": "POST", "url": "/v1/completions",
-         "body": {"prompt": "x", "presence_penalty": 1.0}},
+         "body": {"prompt": "x", "logit_bias": {"7": 5}}},
     ]
     batch = tmp_path / "batch.jsonl"
     batch.write_text("".join(json.dumps(r) + "\n" for r in requests))
@@ -153,7 +144,7 @@ def test_an_openai_batch_file_answers_chat_and_completions_requests_by_custom_id
     rows = pads.dataset(sorted(str(p) for p in (tmp_path / "out").glob("part-*.parquet"))).to_table().to_pylist()
     got = {(r["id"], r["sample_index"]): r for r in rows}
     assert set(got) == {("chat-1", 0), ("text-1", 0), ("text-1", 1), ("bad-1", None)} and summary.errors == 1
-    assert "request 'bad-1': body.presence_penalty: shardgen does not run presence_penalty" in got[("bad-1", None)]["error"]
+    assert "request 'bad-1': body.logit_bias: shardgen does not run logit_bias" in got[("bad-1", None)]["error"]
     assert got[("text-1", 0)]["completion_tokens"] == got[("text-1", 1)]["completion_tokens"] == 5
     from openai.types.chat import ChatCompletion
 
@@ -308,7 +299,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_every_id_comes_out_once(demo, t
 
 def test_each_replica_holds_four_engine_waves_of_rows_within_rank0s_concurrency():
     from shardgen.actors.replica import RANK0_CONCURRENCY
-    from shardgen.pipeline.run import MIN_BATCHES_IN_FLIGHT, batches_in_flight
+    from shardgen.pipeline.processor import MIN_BATCHES_IN_FLIGHT, batches_in_flight
 
     assert batches_in_flight(64, 256) == 16  # the CLI defaults: 1,024 rows for an engine of 256 sequences
     assert batches_in_flight(128, 256) == 8

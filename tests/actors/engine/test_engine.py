@@ -257,3 +257,32 @@ def test_prompt_logprobs_match_transformers_across_prefill_chunks_and_preemption
             ref = torch.log_softmax(reference(torch.tensor([prompt])).logits[0].float(), dim=-1)
         want = [float(ref[j - 1, prompt[j]]) for j in range(1, len(prompt))]
         assert max(abs(a - b) for a, b in zip(got.prompt_logprobs[1:], want)) <= 1e-4
+
+
+def test_penalties_and_min_tokens_give_hugging_faces_greedy_tokens_and_leave_the_batch_alone(model):
+    """repetition_penalty and min_tokens through the paged engine: the same greedy tokens as transformers'
+    ``generate(repetition_penalty=..., min_new_tokens=...)`` on the dequantized model; an unpenalised row in the same
+    batch gets the tokens it gets alone."""
+    reference, loaded = model
+    prompts = random_prompts([9, 23, 14], seed=7)
+    plain = hf_greedy(reference, prompts[2], 12)
+    eos = plain[1]  # greedy would stop after one token: min_tokens must hold it off
+    ids = lambda p: torch.tensor([p])  # noqa: E731
+
+    def hf(prompt, **kw):
+        with torch.no_grad():
+            out = reference.generate(ids(prompt), attention_mask=torch.ones_like(ids(prompt)), max_new_tokens=12,
+                                     do_sample=False, pad_token_id=reference.config.vocab_size - 1, **kw)
+        return out[0, len(prompt):].tolist()
+
+    engine = make_engine(loaded, eos={eos})
+    reqs = [Request("rep", prompts[0], SamplingParams(max_new_tokens=12, repetition_penalty=1.5)),
+            Request("plain", prompts[1], SamplingParams(max_new_tokens=12, ignore_eos=True)),
+            Request("min", prompts[2], SamplingParams(max_new_tokens=12, min_tokens=6))]
+    rep, alone, early = engine.generate(reqs)
+    completion = lambda out: out[:-1] if out and out[-1] == eos else out  # noqa: E731 (EOS is not in a completion)
+    assert rep.token_ids == completion(hf(prompts[0], repetition_penalty=1.5, eos_token_id=eos))
+    assert rep.token_ids != hf_greedy(reference, prompts[0], 12)[: len(rep.token_ids)]  # the penalty mattered
+    assert early.token_ids == completion(hf(prompts[2], min_new_tokens=6, eos_token_id=eos))
+    assert len(early.token_ids) >= 6 and eos not in early.token_ids
+    assert alone.token_ids == hf_greedy(reference, prompts[1], 12)

@@ -1,9 +1,73 @@
-"""Sampling on its own: greedy, temperature, top-k, top-p, and seeds that make a row's tokens its own."""
+"""Sampling on its own: penalties, min_tokens and min_p against Hugging Face's own logits processors; greedy,
+temperature, top-k, top-p, and seeds that make a row's tokens its own."""
 
+import pytest
 import torch
 
-from shardgen.actors.engine.sampler import PendingTokens, sample
-from shardgen.actors.engine.sequence import SEED_MODULUS, SamplingParams
+from shardgen.actors.engine.sampler import PendingTokens, adjust_logits, filtered_probs, sample
+from shardgen.actors.engine.sequence import SEED_MODULUS, Request, SamplingParams, Sequence
+
+VOCAB, EOS = 60, 59
+
+
+def sequence(prompt: list[int], output: list[int], params: SamplingParams) -> Sequence:
+    seq = Sequence(Request("r", prompt, params))
+    seq.tokens.extend(output)
+    return seq
+
+
+def test_repetition_penalty_and_min_tokens_equal_hugging_faces_processors():
+    from transformers import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, VOCAB, generator=g) * 3
+    prompt, output = [3, 5, 5, 9], [9, 12, 3, 40]
+    params = [SamplingParams(repetition_penalty=1.3), SamplingParams(repetition_penalty=0.7),
+              SamplingParams(min_tokens=6, stop_token_ids=(12,)), SamplingParams()]
+    seqs = [sequence(prompt, output, p) for p in params]
+    got = adjust_logits(logits, seqs, [EOS])
+    ids = torch.tensor([prompt + output])
+    for i, penalty in ((0, 1.3), (1, 0.7)):
+        want = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits[i : i + 1].clone())
+        torch.testing.assert_close(got[i : i + 1], want)
+    want = MinNewTokensLengthLogitsProcessor(len(prompt), 6, [EOS, 12])(ids, logits[2:3].clone())
+    torch.testing.assert_close(got[2:3], want)
+    assert torch.equal(got[3], logits[3])  # a row without any is untouched
+    assert adjust_logits(logits, [seqs[3]] * 4, [EOS]) is logits  # and a batch without any is not copied
+    done = sequence(prompt, output + [1, 1], SamplingParams(min_tokens=6))
+    assert torch.equal(adjust_logits(logits[:1], [done], [EOS]), logits[:1])  # 6 tokens: EOS is allowed again
+
+
+def test_presence_and_frequency_penalties_subtract_per_completion_token_as_openai_defines_them():
+    logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(1))
+    seq = sequence([4, 4, 8], [8, 20, 20, 20], SamplingParams(presence_penalty=0.5, frequency_penalty=-0.25))
+    got = adjust_logits(logits, [seq], [EOS])
+    want = logits.clone()
+    want[0, 8] -= 0.5 - 0.25  # once in the completion (the prompt's tokens do not count)
+    want[0, 20] -= 0.5 - 0.25 * 3
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 1.0, 0.1), (0.7, 10, 0.9, 0.05),
+                                                           (1.5, 0, 0.8, 0.3)])
+def test_the_sampled_distribution_equals_hugging_faces_warpers(temperature, top_k, top_p, min_p):
+    from transformers import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(2)) * 2
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + [TopPLogitsWarper(top_p), MinPLogitsWarper(min_p)])
+    want = torch.softmax(warpers(torch.tensor([[0]]), logits.clone()), dim=-1)[0]
+    p = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    got = filtered_probs(logits[0], p)
+    torch.testing.assert_close(got / got.sum(), want)
+    drawn = {sample(logits, [SamplingParams(**{**vars(p), "seed": s})], [0])[0] for s in range(300)}
+    assert drawn <= set(torch.nonzero(want).flatten().tolist())
 
 
 def test_seeded_sampling_depends_only_on_seed_and_position():

@@ -15,11 +15,12 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 def test_a_chat_request_maps_its_sampling_fields_and_is_marked_for_the_chat_template():
     body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_completion_tokens": 9, "temperature": 0.5,
             "top_p": 0.9, "n": 2, "stop": "END", "seed": 3, "logprobs": True, "top_logprobs": 4,
-            "frequency_penalty": 0, "presence_penalty": 0.0, "user": "u1", "response_format": {"type": "text"}}
+            "frequency_penalty": 0.5, "presence_penalty": -1, "user": "u1", "response_format": {"type": "text"},
+            "logit_bias": {}}
     prompt, row = request_row("POST", CHAT, body)
     assert json.loads(prompt) == MESSAGES
     assert row == {"chat": True, "max_new_tokens": 9, "temperature": 0.5, "top_p": 0.9, "n": 2, "stop": "END",
-                   "seed": 3, "logprobs": 4}
+                   "seed": 3, "logprobs": 4, "frequency_penalty": 0.5, "presence_penalty": -1}
 
 
 @pytest.mark.parametrize("body,logprobs", [({"logprobs": 2}, 2), ({"logprobs": 0}, 1), ({"logprobs": None}, None)])
@@ -36,8 +37,8 @@ def test_a_completions_request_takes_its_prompt_and_logprobs(body, logprobs):
     ("POST", CHAT, {"messages": [{"content": "no role"}]}, "body.messages: expected a non-empty list"),
     ("POST", TEXT, {"prompt": ["a", "b"]}, "body.prompt: expected one non-empty string"),
     ("POST", TEXT, {"prompt": "x", "max_tokens": 3, "max_completion_tokens": 4}, "give max_tokens or max_completion"),
-    ("POST", TEXT, {"prompt": "x", "frequency_penalty": 0.5}, "body.frequency_penalty: shardgen does not run "
-                                                             "frequency_penalty (got 0.5); leave it out"),
+    ("POST", TEXT, {"prompt": "x", "logit_bias": {"50256": -100}}, "body.logit_bias: shardgen does not run "
+                                                                    "logit_bias (got {'50256': -100}); leave it out"),
     ("POST", CHAT, {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {}}},
      'body.response_format: expected {"type": "text"}'),
     ("POST", CHAT, {"messages": MESSAGES, "tools": [{"type": "function"}]}, "body.tools: shardgen does not run"),

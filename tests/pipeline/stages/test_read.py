@@ -38,9 +38,14 @@ def test_a_file_that_cannot_be_counted_leaves_the_batch_size_to_the_default(tmp_
     assert read.count_rows([tmp_path / "broken.parquet"]) is None
 
 
+EMPTY = "," * len(read.OVERRIDE_COLUMNS)  # a row's per-row cells, all empty
+# a value for each of read.OVERRIDE_COLUMNS, in order (json_schema and regex left empty)
+VALUES = '7,0.5,0.9,3,11,"[""x""]",2,3,,,"[""p"", ""q""]",1.1,0.5,-0.5,0.1,2,"[5, 6]"'
+
+
 def test_an_empty_cell_in_any_per_row_column_takes_the_runs_default(tmp_path):
     header = "id,prompt," + ",".join(read.OVERRIDE_COLUMNS)
-    (tmp_path / "p.csv").write_text(f'{header}\na,hello,,,,,,,,,,,\nb,world,7,0.5,0.9,3,11,"[""x""]",2,3,,,"[""p"", ""q""]"\nc,again, ,,,,,,,,,,  \n')
+    (tmp_path / "p.csv").write_text(f'{header}\na,hello{EMPTY}\nb,world,{VALUES}\nc,again, {EMPTY[:-1]}  \n')
     rows = [json.loads(r["row"]) for r in rows_of(tmp_path / "p.csv")]
     assert rows[0] == {} and rows[2] == {}  # empty, or blank (CSV has no null for text)
     assert rows[1]["stop"] == '["x"]' and rows[1]["top_k"] == "3"  # typed by the tokenize stage
@@ -54,7 +59,7 @@ def test_every_per_row_column_of_a_csv_with_empty_cells_gives_the_default_or_its
     from tests.helpers import model_with_tokenizer
 
     header = "id,prompt," + ",".join(read.OVERRIDE_COLUMNS)
-    (tmp_path / "p.csv").write_text(f'{header}\na,hello,,,,,,,,,,,\nb,world,7,0.5,0.9,3,11,"[""x""]",2,3,,,"[""p"", ""q""]"\nc,again, ,,,,,,,,,,  \n')
+    (tmp_path / "p.csv").write_text(f'{header}\na,hello{EMPTY}\nb,world,{VALUES}\nc,again, {EMPTY[:-1]}  \n')
     table = pa.concat_tables(read.read_file(tmp_path / "p.csv", "p.csv", "prompt", "id"))
     _, model_dir = model_with_tokenizer("llama", tmp_path / "m")
     defaults = SamplingParams(max_new_tokens=5, stop=("END",))
@@ -63,7 +68,9 @@ def test_every_per_row_column_of_a_csv_with_empty_cells_gives_the_default_or_its
     params = params_list(out.column("params"))
     assert params[0] == params[2] == defaults
     assert params[1] == SamplingParams(max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=("x",),
-                                       logprobs=2, n=3, choice=("p", "q"))
+                                       logprobs=2, n=3, choice=("p", "q"), repetition_penalty=1.1,
+                                       presence_penalty=0.5, frequency_penalty=-0.5, min_p=0.1, min_tokens=2,
+                                       stop_token_ids=(5, 6))
 
 
 def test_csv_ids_and_prompts_are_read_exactly_as_written_and_a_byte_order_mark_is_stripped(tmp_path):

@@ -46,6 +46,14 @@ def test_prompts_become_byte_tokens_and_defaults_fill_params(tokenizer_dir):
         ("x", {"choice": []}, "choice: expected a non-empty list of non-empty strings"),
         ("x", {"regex": "a", "choice": ["a"]}, "choice cannot be combined with regex"),
         ("x", {"n": 0}, "n must be an integer in [1, 1024], got 0"),
+        ("x", {"repetition_penalty": 0}, "repetition_penalty must be > 0 (1 turns it off), got 0"),
+        ("x", {"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2] (0 turns it off), got 2.5"),
+        ("x", {"frequency_penalty": "lots"}, "frequency_penalty: expected a number, got 'lots'"),
+        ("x", {"min_p": 1.5}, "min_p must be in [0, 1] (0 turns it off), got 1.5"),
+        ("x", {"min_tokens": 100}, "min_tokens must be an integer in [0, max_new_tokens (64)], got 100"),
+        ("x", {"min_tokens": 2.5}, "min_tokens: expected an integer, got 2.5"),
+        ("x", {"stop_token_ids": "[1, -2]"}, "stop_token_ids: expected a list of token ids (integers >= 0)"),
+        ("x", {"stop_token_ids": "eos"}, "stop_token_ids: expected a list of token ids, got 'eos'"),
     ],
 )
 def test_bad_rows_become_error_rows_naming_the_column(tokenizer_dir, prompt, row, error):
@@ -94,3 +102,14 @@ def test_a_rows_own_constraint_replaces_the_runs_and_csv_choices_are_a_json_list
     assert regex["params"]["regex"] == "[0-9]+" and regex["params"]["json_schema"] is None
     assert choice["params"]["choice"] == ["yes", "no"] and choice["params"]["json_schema"] is None
     assert json.loads(obj["params"]["json_schema"]) == {"type": "integer"} and obj["error"] is None
+
+
+def test_penalties_min_p_min_tokens_and_stop_token_ids_come_from_the_row_or_the_run(tokenizer_dir):
+    run = SamplingParams(repetition_penalty=1.2, min_p=0.05, stop_token_ids=(7,))
+    row = {"presence_penalty": "0.5", "frequency_penalty": -1, "min_tokens": "3", "stop_token_ids": "[10, 11]"}
+    p = run_stage(TokenizeStage(tokenizer_dir, False, run), [("r", "x", row), ("s", "y", {"stop_token_ids": 4})])
+    assert [x["error"] for x in p] == [None, None]
+    a, b = p[0]["params"], p[1]["params"]
+    assert (a["repetition_penalty"], a["presence_penalty"], a["frequency_penalty"], a["min_p"], a["min_tokens"],
+            a["stop_token_ids"]) == (1.2, 0.5, -1.0, 0.05, 3, [10, 11])
+    assert b["stop_token_ids"] == [4] and b["min_tokens"] == 0 and b["presence_penalty"] == 0.0
