@@ -40,7 +40,15 @@ ENGINE_VARIANTS = {"shardgen-int4-no-overlap": {"overlap_decode": False},
                    "shardgen-int4-preshuffled-fp8-kv-projected-admission": {"kv_cache_dtype": "fp8",
                                                                             "admission": "projected"},
                    "shardgen-bf16-projected-admission": {"admission": "projected"}}
-EXTRA_SYSTEMS = tuple(ENGINE_VARIANTS)
+# Run only when named: the default int4 path with every other request sampled otherwise, for what that costs the
+# step: its completion held to JSON_SCHEMA (structured outputs; the tokenizer is synthetic, of the model's vocabulary
+# size; a constrained completion ends where its JSON does), or penalised (as vLLM users ask for).
+JSON_SCHEMA = json.dumps({"type": "object", "properties": {"answer": {"type": "string"}, "score": {"type": "integer"}},
+                          "required": ["answer", "score"]})
+HALF_SAMPLED = {"shardgen-int4-json-half": {"json_schema": JSON_SCHEMA},
+                "shardgen-int4-penalties-half": {"repetition_penalty": 1.1, "presence_penalty": 0.5,
+                                                 "frequency_penalty": 0.5, "ignore_eos": True}}
+EXTRA_SYSTEMS = (*ENGINE_VARIANTS, *HALF_SAMPLED)
 GiB = 2**30
 
 
@@ -132,7 +140,12 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     engine_cfg = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                               gpu_memory_utilization=config.gpu_memory_utilization, cuda_graphs=config.cuda_graphs,
                               **ENGINE_VARIANTS.get(system, {}))
-    engine = build_engine(loaded, engine_cfg)
+    tokenizer = None
+    if "json_schema" in HALF_SAMPLED.get(system, {}):
+        from benchmarks.synthetic import synthetic_tokenizer
+
+        tokenizer = synthetic_tokenizer(LLAMA_8B["vocab_size"])
+    engine = build_engine(loaded, engine_cfg, tokenizer=tokenizer)
     runner = engine.runner
     ready_s = time.perf_counter() - start
     notes = {"layout": loaded.layout, "read_s": round(loaded.load_s, 2), "convert_s": round(loaded.convert_s, 2),
@@ -144,20 +157,28 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     for workload in config.workloads:
         prompts, output_len = workload_prompts(workload, config.scale)
         params = SamplingParams(max_new_tokens=output_len, ignore_eos=True)
-        requests = [Request(str(i), p, params) for i, p in enumerate(prompts)]
+        half = system in HALF_SAMPLED
+        other = SamplingParams(max_new_tokens=output_len, **HALF_SAMPLED.get(system, {}))
+        requests = [Request(str(i), p, other if half and i % 2 == 0 else params) for i, p in enumerate(prompts)]
         steps0, ahead0, cached0 = engine.stats.steps, engine.stats.steps_ahead, engine.scheduler.num_cached_tokens
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         done = engine.generate(requests)
         wall = time.perf_counter() - t0
         generated = sum(len(c.token_ids) for c in done)
-        assert generated == len(prompts) * output_len, "fixed-length outputs expected"
+        assert tokenizer is not None or generated == len(prompts) * output_len, "fixed-length outputs expected"
+        shape = {}
+        if half:
+            lengths = [len(c.token_ids) for c in done if int(c.request_id) % 2 == 0]
+            shape = {"other_rows": len(lengths), "other_mean_tokens": round(sum(lengths) / len(lengths), 1),
+                     "errors": sum(c.finish_reason == "error" for c in done)}
         ttft = sorted(c.time_to_first_token_s for c in done)
         results.append(_result(system, workload, prompts, output_len, wall, generated, ttft, weights, ready_s,
                                dict(notes, steps=engine.stats.steps - steps0, steps_ahead=engine.stats.steps_ahead - ahead0,
                                     preemptions=engine.scheduler.num_preemptions,
                                     cached_prompt_tokens=engine.scheduler.num_cached_tokens - cached0,
-                                    prefix_caching=engine_cfg.prefix_caching)))
+                                    prefix_caching=engine_cfg.prefix_caching,
+                                    ms_per_step=round(wall * 1000 / max(engine.stats.steps - steps0, 1), 2), **shape)))
         print(json.dumps(asdict(results[-1])), flush=True)
     del engine, runner, loaded
     _free()

@@ -49,6 +49,26 @@ def workload_prompts(name: str, scale: float, seed: int = 0) -> tuple[list[list[
     return torch.randint(0, 128000, (count, input_len), generator=g).tolist(), output_len
 
 
+def synthetic_tokenizer(vocab_size: int, seed: int = 0):
+    """A Hugging Face fast tokenizer of ``vocab_size`` tokens for a random model: the 95 printable ASCII characters,
+    then random strings of 2-8 of them (as a BPE vocabulary's merges are), then the EOS token. What a grammar's
+    per-step mask costs depends on the vocabulary's size and its tokens' text, not on the weights."""
+    import random
+    import string
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    chars = string.printable[:95]
+    vocab = {c: i for i, c in enumerate(chars)}
+    while len(vocab) < vocab_size - 1:
+        vocab.setdefault("".join(rng.choices(chars, k=rng.randint(2, 8))), len(vocab))
+    vocab["</s>"] = len(vocab)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="</s>")), eos_token="</s>")
+
+
 def write_checkpoint(out: Path, group_size: int = 128, shape: dict = LLAMA_8B) -> Path:
     """A plain int4 checkpoint of ``shape`` (the 8B one by default), random weights made and quantized on the GPU
     one tensor at a time; lm_head and embeddings stay bf16. Reused if ``out`` already holds one."""

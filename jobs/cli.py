@@ -146,12 +146,19 @@ def run(
     id_column: Optional[str] = typer.Option(None, help="Column holding a unique row id, in every input file (default: "
                                                        "id when every file has it; else ids are <file>:<row>)."),
     chat: bool = typer.Option(False, help="Prompts are JSON lists of {role, content}; apply the tokenizer's chat template."),
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="A Jinja chat template file, used "
+                                                 "instead of the tokenizer's own (with --chat)."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="A system message put first in every "
+                                                "chat prompt that has none (with --chat, or OpenAI batch chat "
+                                                "requests)."),
     input_format: str = typer.Option("auto", help="auto (each file by its extension: .parquet, .jsonl, .csv) or "
                                                   "openai-batch (OpenAI Batch API request lines: custom_id is the "
                                                   "id; /v1/chat/completions and /v1/completions bodies)."),
     output_format: str = typer.Option("parquet", help="parquet, or openai-batch (with --input-format openai-batch: "
                                                       "also writes openai-batch-output.jsonl, one OpenAI batch "
                                                       "response line per request, at the end)."),
+    single_file: Optional[str] = typer.Option(None, "--single-file", help="Also write every row, in input order, "
+                                              "into this one .parquet file (outside --output) at the end."),
     device: str = typer.Option("auto", help="auto (cuda if the cluster has GPUs), cpu or cuda."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per Ray Data batch (default: 256, or fewer so each "
@@ -184,7 +191,7 @@ def run(
     """Generate a completion for every row of a table of prompts; writes Parquet and prints a summary."""
     from shardgen.actors.engine.sequence import SamplingParams
     from shardgen.pipeline.interrupt import Interrupted
-    from shardgen.pipeline.options import RunOptions, read_json_schema
+    from shardgen.pipeline.options import RunOptions, read_chat_template, read_json_schema
 
     if (model is None) != (input is None):
         _fail("pass both --model and --input, or neither (to run the embedded demo)")
@@ -213,6 +220,7 @@ def run(
         options = RunOptions(
             model=model, input=input, output=output, tp=tp, replicas=replicas, device=device, dtype=dtype,
             prompt_column=prompt_column, id_column=id_column, chat=chat, input_format=input_format, output_format=output_format,
+            chat_template=read_chat_template(chat_template), system_prompt=system_prompt, single_file=single_file,
             batch_size=batch_size, overwrite=overwrite,
             address=address, int4_layout=int4_layout, allow_pickle=allow_pickle, verbose=verbose,
             kernel_cache_dir=user_cache_dir(),
@@ -278,6 +286,8 @@ def bench(
                                      "shardgen-bf16-fp8-kv (an fp8 KV cache), shardgen-int4-no-prefix-caching and "
                                      "shardgen-bf16-no-prefix-caching, "
                                      "shardgen-int4-no-overlap (every engine step synchronous), "
+                                     "shardgen-int4-json-half and shardgen-int4-penalties-half (every other "
+                                     "request held to a JSON schema, or penalised), "
                                      "shardgen-int4-one-attention-launch (a step's attention in one paged-kernel "
                                      "launch, not one per kind of sequence) and shardgen-int4-cudnn-prompts "
                                      "(long prompts through cuDNN, not FlashAttention)."),

@@ -46,9 +46,24 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 
 
+# Columns the stages hand on that are not output. With the output columns, no input column may be named so: the
+# input's other columns are carried through the stages beside them, into the output.
+STAGE_COLUMNS = ("row", "params", "prompt_token_ids", "completion_text", "layout")
+RESERVED = frozenset(OUTPUT_SCHEMA.names) | frozenset(STAGE_COLUMNS)
+
+
+def carried(table: pa.Table) -> list[str]:
+    """The input's own columns that ride along in ``table`` (everything the stages did not make)."""
+    return [c for c in table.column_names if c not in RESERVED]
+
+
 def output_table(block: pa.Table) -> pa.Table:
-    """The output columns of finished rows, in ``OUTPUT_SCHEMA``'s order and types (what a part file holds)."""
-    return block.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    """What a part file holds of finished rows: the output columns in ``OUTPUT_SCHEMA``'s order and types, then the
+    input's carried columns as they came."""
+    out = block.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    for name in carried(block):
+        out = out.append_column(block.schema.field(name), block.column(name))
+    return out
 
 
 def params_array(params: list[SamplingParams | None]) -> pa.Array:

@@ -19,14 +19,35 @@ INPUT_FORMATS = ("auto", "openai-batch")  # auto: each file by its extension; op
 OUTPUT_FORMATS = ("parquet", "openai-batch")  # openai-batch: the part files, then one JSONL file (openai_output.py)
 
 
+def _file_text(path: Path, field: str, what: str) -> str:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"`{field}` {path} does not exist; give {what}")
+    return Path(path).read_text()
+
+
+def read_chat_template(path: Path | None) -> str | None:
+    """The text of a ``chat_template`` file (None: no file), refused unless Jinja parses it."""
+    if path is None:
+        return None
+    text = _file_text(path, "chat_template", "a Jinja chat template file")
+    import jinja2
+
+    try:  # as transformers compiles it (its {% generation %} tag and loop controls), where it can say
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:
+        compile_template = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).from_string
+    try:
+        compile_template(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"`chat_template` {path} line {e.lineno}: not a Jinja template ({e.message})") from None
+    return text
+
+
 def read_json_schema(path: Path | None) -> str | None:
     """The text of a ``json_schema`` file for every row (None: no file), refused unless it is a JSON object."""
     if path is None:
         return None
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"`json_schema` {path} does not exist; give a file holding one JSON Schema")
-    text = path.read_text()
+    text = _file_text(path, "json_schema", "a file holding one JSON Schema")
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as e:
@@ -50,6 +71,8 @@ class ProcessorConfig:
     prompt_column: str = "prompt"
     id_column: str | None = None  # None: "id" when the input has it, else ids are made (<file>:<row> for files)
     chat: bool = False
+    chat_template: str | None = None  # a Jinja chat template's text, used instead of the tokenizer's own
+    system_prompt: str | None = None  # a system message for every chat prompt that has none
     batch_size: int | None = None  # None: pipeline.plan.auto_batch_size
     address: str | None = None
     int4_layout: str = "auto"
@@ -65,6 +88,10 @@ class ProcessorConfig:
         problems = self.problems()
         if problems:
             raise ValueError("; ".join(problems))
+
+    def chat_prompts(self) -> bool:
+        """Whether prompts may be chat messages (the chat template applies)."""
+        return self.chat
 
     def problems(self) -> list[str]:
         """Every value that cannot run, each named by its field."""
@@ -87,6 +114,11 @@ class ProcessorConfig:
                             f"`input` and `output` may be URIs")
         if not self.prompt_column or self.id_column == "":
             problems.append("`prompt_column` and `id_column` must not be empty")
+        if self.system_prompt == "":
+            problems.append("`system_prompt` must not be empty; leave it out for no system message")
+        elif (self.system_prompt is not None or self.chat_template is not None) and not self.chat_prompts():
+            problems.append(f"`{'system_prompt' if self.system_prompt is not None else 'chat_template'}` applies to "
+                            f"chat prompts: pass `chat` too (prompts as JSON lists of {{role, content}} messages)")
         for problem in self.sampling.problems():  # "top_p must be ..." -> "`top_p` must be ..."
             name, rest = problem.split(" ", 1)
             problems.append(f"`{name}` {rest}")
@@ -101,7 +133,11 @@ class RunOptions(ProcessorConfig):
     output: Path | str
     input_format: str = "auto"  # auto: each file by its extension; openai-batch: OpenAI Batch API request lines
     output_format: str = "parquet"
+    single_file: Path | str | None = None  # also every row in input order in this one Parquet file, at the end
     overwrite: bool = False
+
+    def chat_prompts(self) -> bool:
+        return self.chat or self.input_format == "openai-batch"  # a batch file's chat requests
 
     def problems(self) -> list[str]:
         problems = super().problems()

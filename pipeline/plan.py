@@ -41,6 +41,7 @@ class RunPlan:
     root: Location  # the input files are named relative to it
     id_column: str | None  # None: ids are <file>:<row>
     output: Location
+    carried: dict  # the input's other columns, carried into the output: name -> Arrow type
     resume_from: list[Location]  # finished part files of an earlier run of the same options
     manifest: dict  # what decides a row's completion (the run record)
     input_rows: int | None  # None: too costly to count
@@ -110,8 +111,8 @@ def plan(options: RunOptions) -> RunPlan:
         version=_version(), model=str(replicas.config.model), quantization=quant, tp=options.tp,
         replicas=options.replicas, device=replicas.device, dtype=replicas.dtype,
         sampling_defaults=asdict(options.sampling))
-    return RunPlan(replicas.config, replicas, files.files, files.root, files.id_column, files.output, resume_from,
-                   fields, input_rows, metadata, started)
+    return RunPlan(replicas.config, replicas, files.files, files.root, files.id_column, files.output, files.carried,
+                   resume_from, fields, input_rows, metadata, started)
 
 
 def run_manifest(options: RunOptions) -> dict:
@@ -120,6 +121,8 @@ def run_manifest(options: RunOptions) -> dict:
                            prompt_column=options.prompt_column, id_column=options.id_column, chat=options.chat,
                            # only when set: outputs of runs from before the option resume as they were
                            **({"input_format": options.input_format} if options.input_format != "auto" else {}),
+                           **{k: getattr(options, k) for k in ("chat_template", "system_prompt")
+                              if getattr(options, k) is not None},
                            sampling=asdict(options.sampling), max_model_len=options.engine.max_model_len)
 
 

@@ -24,12 +24,13 @@ class FilePlan:
     root: Location  # the files are named relative to it (ids without an id column are <name>:<row>)
     id_column: str | None  # None: ids are <file>:<row>
     output: Location
+    carried: dict  # the input's other columns, carried into the output: name -> Arrow type
 
 
 def check_model_files(config: ProcessorConfig) -> ModelConfig:
     """The model's config.json and tokenizer files, and the engine's lengths against them."""
     model = ModelConfig.from_dir(config.model)
-    check_tokenizer_files(config.model, chat=config.chat)
+    check_tokenizer_files(config.model, chat=config.chat and config.chat_template is None)
     limit = config.engine.max_model_len
     if limit is not None and limit > model.max_position_embeddings:
         raise ValueError(f"`max_model_len` {limit} is above the model's max_position_embeddings "
@@ -42,10 +43,15 @@ def check_files(options: RunOptions) -> FilePlan:
     check_model_files(options)
     files = read.input_files(options.input)
     output_dir.check_locations(options.output, options.input, options.model)
+    if options.single_file is not None:
+        from shardgen.pipeline.single_file import check_single_file
+
+        check_single_file(options.single_file, options.output, options.input)
     id_column = read.check_inputs(files, options.prompt_column, options.id_column, options.input_format)
     given = Location.of(options.input)
     root = given if given.is_dir() else given.parent
-    return FilePlan(files, root, id_column, Location.of(options.output))
+    carried = read.carried_columns(files, options.prompt_column, id_column, options.input_format)
+    return FilePlan(files, root, id_column, Location.of(options.output), carried)
 
 
 def check_model(config: ProcessorConfig) -> ModelConfig:

@@ -20,7 +20,7 @@ from typing import Callable
 from shardgen.pipeline.columns import OUTPUT_SCHEMA
 from shardgen.pipeline.options import ProcessorConfig
 from shardgen.pipeline.plan import ReplicaPlan, plan_replicas
-from shardgen.pipeline.stages import detokenize, generate, read, tokenize
+from shardgen.pipeline.stages import dataset, detokenize, generate, tokenize
 
 # Rows a replica holds per sequence its engine runs at once: the waiting ones refill the engine while a batch's
 # last rows finish and the next batch is on its way.
@@ -66,7 +66,8 @@ def generation_stages(r: ReplicaPlan, flush: generate.Flush | None = None, outpu
     return [
         Stage("batch", (), (), lambda ds: ds.repartition(target_num_rows_per_block=batch)),
         Stage("tokenize", tokenize.READS, tokenize.WRITES, lambda ds: ds.map_batches(
-            tokenize.TokenizeStage, fn_constructor_args=(model, c.chat, c.sampling), batch_format="pyarrow",
+            tokenize.TokenizeStage, fn_constructor_args=(model, c.chat, c.sampling, c.chat_template, c.system_prompt),
+            batch_format="pyarrow",
             batch_size=batch, compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=STAGE_ACTOR_CPUS)),
         Stage("generate", generate.READS, generate.WRITES, lambda ds: ds.map_batches(
             generate.GenerateStage, fn_constructor_args=(r.spec, flush), batch_format="pyarrow", batch_size=batch,
@@ -103,7 +104,8 @@ class Processor:
         self.replicas = replicas
         # No stage of its own after detokenize: on a 2-CPU machine a task stage there would wait for the CPU that
         # the input's read tasks and the rank hold (the stages' actors ask for none).
-        self.stages = [Stage("rows", (), read.WRITES, self._rows), *generation_stages(replicas, output_only=True)]
+        self.stages = [Stage("rows", dataset.READS, dataset.WRITES, self._rows),
+                       *generation_stages(replicas, output_only=True)]
         check_stages(self.stages, (), tuple(OUTPUT_SCHEMA.names))
 
     @property
@@ -114,8 +116,8 @@ class Processor:
         c = self.config
         columns = _known_columns(ds)
         if columns is not None:
-            read.check_dataset_columns(columns, c.prompt_column, c.id_column)
-        return ds.map_batches(read.dataset_rows, fn_kwargs={"prompt_column": c.prompt_column,
+            dataset.check_dataset_columns(columns, c.prompt_column, c.id_column)
+        return ds.map_batches(dataset.dataset_rows, fn_kwargs={"prompt_column": c.prompt_column,
                                                            "id_column": c.id_column}, batch_format="pyarrow")
 
     def __call__(self, ds):

@@ -57,7 +57,7 @@ def execute(p: RunPlan, echo: Callable[[str], None] = print, progress: TextIO | 
     flush = generate.Flush(output, p.metadata, r.spec.model_dir, control=interrupt.control_name(run_id))
     stages = ([resume_stage(finished)] if finished else []) + generation_stages(r, flush)
     check_stages(stages, read.WRITES, write.READS)
-    ds = read.read_prompts(p.files, p.root, o.prompt_column, p.id_column, o.input_format)
+    ds = read.read_prompts(p.files, p.root, o.prompt_column, p.id_column, o.input_format, p.carried)
     for stage in stages:
         ds = stage.apply(ds)
     todo = p.input_rows - (finished.inputs if finished else 0) if p.input_rows is not None else None
@@ -90,6 +90,12 @@ def execute(p: RunPlan, echo: Callable[[str], None] = print, progress: TextIO | 
                         finished.rows if finished else 0, cached)
     for line in summary.lines():
         echo(line)
+    if o.single_file is not None:
+        from shardgen.pipeline.single_file import write_single_file
+
+        rows = write_single_file(o.single_file, output, p.files, p.root, o.prompt_column, p.id_column,
+                                 o.input_format)
+        echo(f"shardgen: {rows:,} rows in input order in {o.single_file}")
     if o.output_format == "openai-batch":
         from shardgen.pipeline.openai_output import write_batch_output
 

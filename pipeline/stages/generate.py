@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from shardgen.actors.engine.sequence import FINISH_ERROR, Completion, Request
 from shardgen.actors.worker import ReplicaSpec
-from shardgen.pipeline.columns import TOP_LOGPROBS, params_list
+from shardgen.pipeline.columns import TOP_LOGPROBS, carried, params_list
 from shardgen.pipeline.storage import Location
 
 READS = ("id", "prompt", "prompt_token_ids", "params", "error")
@@ -214,6 +214,7 @@ class GenerateStage:
             "id": taken.column("id"), "prompt": taken.column("prompt"),
             **{k: pa.array([v[k] for v in values], t) for k, t in OUTPUT_TYPES.items()},
             "layout": pa.array([self.replica.layout] * len(take), pa.string()),
+            **{name: taken.column(name) for name in carried(batch)},
         })
 
     def _write(self, rows: pa.Table) -> None:

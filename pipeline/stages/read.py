@@ -147,6 +147,39 @@ def check_inputs(files: list[Where], prompt_column: str, id_column: str | None,
     return wanted
 
 
+def carried_columns(files: list[Where], prompt_column: str, id_column: str | None,
+                    input_format: str = "auto") -> dict[str, pa.DataType]:
+    """The input columns shardgen does not read, each with the type it keeps in the output: a Parquet column its
+    own Arrow type, a CSV or JSONL column text (those formats carry no types; a JSON value that is not a string is
+    kept as its JSON text). A column with an output column's name, or of two types in two files, is refused."""
+    from shardgen.pipeline.columns import RESERVED
+
+    if input_format == "openai-batch":
+        return {}
+    consumed = {prompt_column, *OVERRIDE_COLUMNS, id_column or DEFAULT_ID_COLUMN}
+    types: dict[str, pa.DataType] = {}
+    first: dict[str, Location] = {}
+    for f in map(Location.of, files):
+        for name, type_ in _column_types(f):
+            if name in consumed:
+                continue
+            if name in RESERVED:
+                raise ValueError(f"{f} has a column {name!r}, the name of a column shardgen writes; rename it in the "
+                                 f"input (the input's other columns are carried into the output beside shardgen's)")
+            if name in types and types[name] != type_:
+                raise ValueError(f"column {name!r} is {types[name]} in {first[name]} and {type_} in {f}; give it one "
+                                 f"type in every input file (it is carried into the output as it is)")
+            types.setdefault(name, type_)
+            first.setdefault(name, f)
+    return types
+
+
+def _column_types(file: Location) -> list[tuple[str, pa.DataType]]:
+    if format_of(file) == "parquet":
+        return [(field.name, field.type) for field in _parquet(file).schema_arrow]
+    return [(name, pa.string()) for name in peek(file).columns]
+
+
 def estimate_rows(files: list[Location]) -> int:
     """Rows in the input: exact for Parquet (from the footers), an upper bound for text files."""
     return sum(_parquet(f).metadata.num_rows if format_of(f) == "parquet" else f.size() // 16 for f in files)
@@ -178,26 +211,28 @@ def count_rows(files: list[Where]) -> int | None:
 
 
 def read_prompts(files: list[Location], root: Location, prompt_column: str, id_column: str | None,
-                 input_format: str = "auto"):
-    """A Ray Dataset of (id, prompt, row) for every row of every input file: one read task a file, streaming.
-    ``root``: the directory the files are named relative to (ids without an id column are ``<name>:<row>``)."""
+                 input_format: str = "auto", carried: dict[str, pa.DataType] | None = None):
+    """A Ray Dataset of (id, prompt, row) and the ``carried`` columns (``carried_columns``) for every row of every
+    input file: one read task a file, streaming. ``root``: the directory the files are named relative to (ids
+    without an id column are ``<name>:<row>``)."""
     import ray.data
 
     items = [{"name": f.relative_to(root)} for f in files]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _read_files, batch_format="pyarrow", batch_size=1,
-        fn_kwargs={"root": root, "prompt_column": prompt_column, "id_column": id_column, "input_format": input_format})
+        fn_kwargs={"root": root, "prompt_column": prompt_column, "id_column": id_column, "input_format": input_format,
+                   "carried": carried or {}})
 
 
 def _read_files(batch: pa.Table, root: Location, prompt_column: str, id_column: str | None,
-                input_format: str) -> Iterator[pa.Table]:
+                input_format: str, carried: dict[str, pa.DataType]) -> Iterator[pa.Table]:
     for name in batch.column("name").to_pylist():
-        yield from read_file(root.child(name), name, prompt_column, id_column, input_format)
+        yield from read_file(root.child(name), name, prompt_column, id_column, input_format, carried)
 
 
 def read_file(file: Where, name: str, prompt_column: str, id_column: str | None,
-              input_format: str = "auto") -> Iterator[pa.Table]:
-    """One input file as (id, prompt, row) tables, in order."""
+              input_format: str = "auto", carried: dict[str, pa.DataType] | None = None) -> Iterator[pa.Table]:
+    """One input file as (id, prompt, row) tables and the ``carried`` columns, in order."""
     file = Location.of(file)
     start = 0
     if input_format == "openai-batch":
@@ -208,37 +243,16 @@ def read_file(file: Where, name: str, prompt_column: str, id_column: str | None,
             start += table.num_rows
             yield table
         return
-    wanted = [prompt_column, *OVERRIDE_COLUMNS] + ([id_column] if id_column else [])
+    carried = carried or {}
+    wanted = [prompt_column, *OVERRIDE_COLUMNS] + ([id_column] if id_column else []) + list(carried)
     for columns, errors in iter_chunks(file, wanted):
-        table = _normalize(columns, errors, format_of(file), prompt_column, id_column, (name, start))
+        table = normalize_rows(columns, errors, format_of(file), prompt_column, id_column, (name, start))
+        for column, type_ in carried.items():
+            values = columns.get(column) or [None] * table.num_rows
+            table = table.append_column(pa.field(column, type_), pa.array(
+                [_text(v) for v in values] if pa.types.is_string(type_) else values, type_))
         start += table.num_rows
         yield table
-
-
-def check_dataset_columns(columns: list[str], prompt_column: str, id_column: str | None) -> None:
-    """A Ray Dataset given to a processor has the prompt column, and the id column if one is named."""
-    if prompt_column not in columns:
-        raise ValueError(f"the dataset has no column {prompt_column!r} (columns: {columns}); pass `prompt_column` "
-                         f"with the one that holds the prompts")
-    if id_column is not None and id_column not in columns:
-        raise ValueError(f"the dataset has no column {id_column!r} (columns: {columns}); pass `id_column` with a "
-                         f"column of unique ids, or leave it out for made-up ids")
-
-
-def dataset_rows(batch: pa.Table, prompt_column: str, id_column: str | None) -> pa.Table:
-    """A block of a user's Ray Dataset as (id, prompt, row), as ``read_file`` makes them of a file's rows. Ids come
-    from ``id_column`` (or ``id`` when the dataset has it); without one, each row gets ``<block uuid>:<row>``,
-    unique but not the same in another run (seeded sampling derives a row's seed from its id: give ids to
-    reproduce it)."""
-    import uuid
-
-    check_dataset_columns(batch.column_names, prompt_column, id_column)
-    if id_column is None and DEFAULT_ID_COLUMN in batch.column_names:
-        id_column = DEFAULT_ID_COLUMN
-    wanted = [prompt_column, *OVERRIDE_COLUMNS] + ([id_column] if id_column else [])
-    columns = {c: batch.column(c).to_pylist() for c in wanted if c in batch.column_names}
-    return _normalize(columns, [None] * batch.num_rows, "parquet", prompt_column, id_column,
-                      (uuid.uuid4().hex[:16], 0))
 
 
 def iter_ids(file: Where, id_column: str) -> Iterator[list[str | None]]:
@@ -265,21 +279,53 @@ def iter_chunks(file: Location, wanted: list[str], chunk_rows: int = 8192
         yield from _json_chunks(file, wanted, chunk_rows)
 
 
-def _csv_chunks(file: Location, wanted: list[str]) -> Iterator[tuple[dict[str, list], list]]:
-    """The wanted columns as text (CSV has no types, and inferring them turns the id ``007`` into 7; a wanted
-    column the file lacks is all null). The other columns are not converted at all, so no cell of theirs can
-    fail the file."""
-    import pyarrow.csv as pcsv
+def _csv_chunks(file: Location, wanted: list[str], chunk_rows: int = 8192
+                ) -> Iterator[tuple[dict[str, list], list[str | None]]]:
+    """The wanted columns as text, a record at a time (CSV has no types, and inferring them turns the id ``007``
+    into 7; a wanted column the file lacks is all null). A record with more or fewer fields than the header, or a
+    wanted cell that is not UTF-8, is an error row naming its line and the column; the file's other records go on.
+    Blank lines are not records. (Python's csv reader, not Arrow's: Arrow's fails the whole file on a record of
+    the wrong width that is not UTF-8 either, and does not know a record's line.)"""
+    import csv
 
-    try:
-        reader = pcsv.open_csv(file.open_stream(), parse_options=pcsv.ParseOptions(newlines_in_values=True),
-                               convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in wanted},
-                                                                   include_columns=wanted,
-                                                                   include_missing_columns=True))
-        for b in reader:
-            yield {c: b.column(c).to_pylist() for c in wanted}, [None] * b.num_rows
-    except pa.ArrowInvalid as e:
-        raise ValueError(f"cannot read {file} as csv ({e}); check the file") from e
+    columns: dict[str, list] = {c: [] for c in wanted}
+    errors: list[str | None] = []
+    with io.TextIOWrapper(file.open_stream(), encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        records = csv.reader(f)
+        try:
+            header = next(records, None) or []
+            index = {}
+            for i, name in enumerate(header):
+                index.setdefault(name, i)
+            where = [index.get(c) for c in wanted]
+            for record in records:
+                if not record:
+                    continue
+                values, error = _csv_record(record, len(header), where, wanted, records.line_num)
+                for c, v in zip(wanted, values):
+                    columns[c].append(v)
+                errors.append(error)
+                if len(errors) == chunk_rows:
+                    yield columns, errors
+                    columns, errors = {c: [] for c in wanted}, []
+        except csv.Error as e:
+            raise ValueError(f"cannot read {file} as csv (line {records.line_num}: {e}); check the file") from e
+    if errors:
+        yield columns, errors
+
+
+def _csv_record(record: list[str], width: int, where: list[int | None], wanted: list[str],
+                line: int) -> tuple[list[str | None], str | None]:
+    """One record's wanted cells, or what is wrong with it (then every cell is null)."""
+    if len(record) != width:
+        return [None] * len(wanted), f"line {line}: a record of {len(record)} fields where the header has {width}"
+    values = [record[i] if i is not None else None for i in where]
+    for c, v in zip(wanted, values):
+        try:
+            v is not None and v.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes, kept as surrogates by the reader
+            return [None] * len(wanted), f"line {line}: column {c!r} is not UTF-8 text"
+    return values, None
 
 
 class _JsonNumber(str):
@@ -324,8 +370,10 @@ def _parquet(file: Location):
     return pq.ParquetFile(file.open())
 
 
-def _normalize(columns: dict[str, list], errors: list[str | None], fmt: str, prompt_column: str,
-               id_column: str | None, positions: tuple[str, int]) -> pa.Table:
+def normalize_rows(columns: dict[str, list], errors: list[str | None], fmt: str, prompt_column: str,
+                   id_column: str | None, positions: tuple[str, int]) -> pa.Table:
+    """A chunk of rows as (id, prompt, row): the prompt as text (or chat messages, or what is wrong with it, in
+    ``row``), the per-row settings as ``row``'s JSON, the id as text or ``<positions[0]>:<row number>``."""
     ids, prompts, rows = [], [], []
     overrides = [c for c in OVERRIDE_COLUMNS if c in columns]
     prompt_values = columns.get(prompt_column) or [None] * len(errors)
@@ -352,6 +400,13 @@ def _normalize(columns: dict[str, list], errors: list[str | None], fmt: str, pro
         rows.append(json.dumps(row, default=str))
     return pa.table({"id": pa.array(ids, pa.string()), "prompt": pa.array(prompts, pa.string()),
                      "row": pa.array(rows, pa.string())})
+
+
+def _text(value: object) -> str | None:
+    """A carried value of a text column: text as it is (a JSON number as written), anything else as its JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(plain_json(value), default=str)
 
 
 def plain_json(value: object) -> object:

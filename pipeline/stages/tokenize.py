@@ -15,7 +15,7 @@ import json
 import pyarrow as pa
 
 from shardgen.actors.engine.sequence import SamplingParams
-from shardgen.pipeline.columns import params_array
+from shardgen.pipeline.columns import carried, params_array
 from shardgen.pipeline.stages.read import READ_ERROR
 
 READS = ("id", "prompt", "row")
@@ -29,12 +29,19 @@ def row_seed(run_seed: int, row_id: str) -> int:
 
 
 class TokenizeStage:
-    def __init__(self, model_dir: str, chat: bool, defaults: SamplingParams) -> None:
+    """``chat_template``: a template's text, used instead of the tokenizer's own; ``system_prompt``: a system message
+    put first in every chat prompt that has none."""
+
+    def __init__(self, model_dir: str, chat: bool, defaults: SamplingParams, chat_template: str | None = None,
+                 system_prompt: str | None = None) -> None:
         from shardgen.actors.model.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_dir)
+        if chat_template is not None:
+            self.tokenizer.chat_template = chat_template
         self.chat = chat
         self.defaults = defaults
+        self.system_prompt = system_prompt
         if chat and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"`chat` was given but the tokenizer in {model_dir} has no chat template")
 
@@ -46,11 +53,14 @@ class TokenizeStage:
             token_ids.append(toks)
             params.append(p)
             errors.append(err)
-        return pa.table({
+        out = pa.table({
             "id": pa.array(ids, pa.string()), "prompt": pa.array(prompts, pa.string()),
             "prompt_token_ids": pa.array(token_ids, pa.list_(pa.int32())),
             "params": params_array(params), "error": pa.array(errors, pa.string()),
         })
+        for name in carried(batch):  # the input's own columns, for the output
+            out = out.append_column(batch.schema.field(name), batch.column(name))
+        return out
 
     def _one(self, row_id: str | None, prompt: str | None, row: dict) -> tuple[list[int], SamplingParams | None, str | None]:
         if row_id is None:
@@ -71,6 +81,8 @@ class TokenizeStage:
                 messages = None
             if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
                 return [], params, "prompt: with `chat` a prompt must be a JSON list of {role, content} messages"
+            if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
+                messages = [{"role": "system", "content": self.system_prompt}, *messages]
             try:
                 toks = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
             except Exception as e:  # the template's own checks (roles out of order, content it cannot render)

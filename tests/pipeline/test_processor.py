@@ -47,13 +47,15 @@ def test_a_dataset_of_prompts_gives_the_completions_of_shardgen_run_for_the_same
     for r in out:
         assert r["completion"] == written[r["id"]]["completion"]
         assert r["completion_token_ids"] == written[r["id"]]["completion_token_ids"]
-    assert processor(ds).schema().names == OUTPUT_SCHEMA.names
+    assert processor(ds).schema().names == OUTPUT_SCHEMA.names  # the rows had no other columns
+    with pytest.raises(ValueError, match="the dataset's column 'completion' has the name of a column shardgen writes"):
+        processor(ray.data.from_items([{"prompt": "x", "completion": "mine"}]))
 
 
 def test_per_row_columns_override_the_config_and_every_row_yields_its_rows_or_one_error(processor):
     import ray
 
-    items = [{"prompt": f"Once upon a time {i}", "n": None, "max_new_tokens": None} for i in range(6)]
+    items = [{"prompt": f"Once upon a time {i}", "n": None, "max_new_tokens": None, "topic": i} for i in range(6)]
     items[1]["n"] = 3
     items[2]["max_new_tokens"] = 2
     items[3]["prompt"] = None
@@ -67,6 +69,7 @@ def test_per_row_columns_override_the_config_and_every_row_yields_its_rows_or_on
     assert len({r["id"] for r in by_prompt["Once upon a time 1"]}) == 1  # one id for a row's samples
     assert len({r["id"] for r in out}) == 6  # made-up ids, one per input row
     assert by_prompt["Once upon a time 2"][0]["completion_tokens"] == 2
+    assert [r["topic"] for r in by_prompt["Once upon a time 1"]] == [1, 1, 1]  # the dataset's own column, typed
     assert by_prompt[None][0]["error"] == "prompt: empty or null"
     (bad_n,) = by_prompt["Once upon a time 4"]
     assert bad_n["finish_reason"] == "error" and "n" in bad_n["error"] and bad_n["sample_index"] is None

@@ -5,6 +5,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from shardgen.actors.engine.config import EngineConfig
@@ -42,7 +43,6 @@ def test_every_id_exactly_once_with_two_replicas_and_with_tp2(demo, tmp_path):
     print(f"R=2xT=1 vs R=1xT=2 greedy completions identical for {same}/200 rows; "
           f"{a.generated_tokens / a.wall_s:.0f} and {b.generated_tokens / b.wall_s:.0f} generated tokens/s")
     assert same == 200
-    import pyarrow.parquet as pq
 
     meta = pq.read_schema(next((tmp_path / "r1t2").glob("part-*.parquet"))).metadata
     assert meta[b"shardgen.dtype"] == b"float32" and meta[b"shardgen.tp"] == b"2"  # what ran, not "auto"
@@ -86,7 +86,6 @@ def test_seeded_sampling_is_reproducible_across_runs_and_layouts(demo, tmp_path)
 def test_n_samples_are_n_rows_of_a_row_reproducible_across_layouts_and_an_error_row_is_one(demo, tmp_path):
     """--n 3 with a row's own n (2) and two bad rows, at T=2 and at R=2: every (id, sample_index) once, the same
     sampled tokens both ways, one error row per bad row; a rerun resumes with nothing left to do."""
-    import pyarrow.parquet as pq
 
     model, prompts = demo
     rows = [json.loads(line) for line in prompts.read_text().splitlines()[:10]]
@@ -125,9 +124,9 @@ def test_an_openai_batch_file_answers_chat_and_completions_requests_by_custom_id
     model, _ = demo
     chat_model = tmp_path / "model"
     shutil.copytree(model, chat_model)
-    (chat_model / "chat_template.jinja").write_text(
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}"
-        "<assistant>{% endif %}")
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}"
+                "<assistant>{% endif %}")
+    (chat_model / "chat_template.jinja").write_text(template)
     messages = [{"role": "system", "content": "Answer in code."}, {"role": "user", "content": "def add(a, b):"}]
     requests = [
         {"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
@@ -155,7 +154,8 @@ def test_an_openai_batch_file_answers_chat_and_completions_requests_by_custom_id
     assert len(lines["text-1"]["response"]["body"]["choices"]) == 2
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"id": "chat-1", "prompt": json.dumps(messages), "max_new_tokens": 6}) + "\n")
-    run(RunOptions(model=chat_model, input=plain, output=tmp_path / "plain", chat=True,
+    # the demo model has no template of its own: --chat-template gives it the same one
+    run(RunOptions(model=model, input=plain, output=tmp_path / "plain", chat=True, chat_template=template,
                    sampling=SamplingParams(max_new_tokens=16)))
     want = read_output(tmp_path / "plain")["chat-1"]
     assert got[("chat-1", 0)]["completion_token_ids"] == want["completion_token_ids"]
@@ -194,16 +194,21 @@ def test_structured_outputs_hold_for_every_row_and_a_rows_own_constraint_replace
     assert all(r["completion"] in ("yes", "no") for r in by_id["d"])
 
 
-def test_inputs_without_an_id_column_get_stable_file_and_row_ids(demo, tmp_path):
+def test_inputs_without_an_id_column_get_stable_file_and_row_ids_and_their_other_columns_come_through(demo, tmp_path):
     model, _ = demo
     data = tmp_path / "in"
     data.mkdir()
-    (data / "a.csv").write_text("prompt,max_new_tokens\nhello,3\nworld,4\n")
-    (data / "b.jsonl").write_text('{"prompt": "x"}\n{"prompt": null}\n{"prompt": "y", "top_p": 2}\n')
-    options = RunOptions(model=model, input=data, output=tmp_path / "out", sampling=SamplingParams(max_new_tokens=5))
+    (data / "a.csv").write_text("prompt,max_new_tokens,topic\nhello,3,greeting\nworld,4,\n")
+    (data / "b.jsonl").write_text('{"prompt": "x", "topic": 5}\n{"prompt": null}\n{"prompt": "y", "top_p": 2}\n')
+    options = RunOptions(model=model, input=data, output=tmp_path / "out", sampling=SamplingParams(max_new_tokens=5),
+                         single_file=tmp_path / "all.parquet")
     summary = run(options)
     out = read_output(tmp_path / "out")
     assert set(out) == {"a.csv:0", "a.csv:1", "b.jsonl:0", "b.jsonl:1", "b.jsonl:2"}
+    assert {i: r["topic"] for i, r in out.items()} == {"a.csv:0": "greeting", "a.csv:1": "", "b.jsonl:0": "5",
+                                                       "b.jsonl:1": None, "b.jsonl:2": None}
+    ordered = pq.read_table(tmp_path / "all.parquet")  # --single-file: the same rows in input order
+    assert ordered.column("id").to_pylist() == sorted(out) and ordered.column_names[-1] == "topic"
     assert summary.rows == 5 and summary.errors == 2
     assert out["a.csv:0"]["completion_tokens"] == 3 and out["a.csv:1"]["completion_tokens"] == 4
     assert out["b.jsonl:1"]["finish_reason"] == "error" and "prompt: empty or null" in out["b.jsonl:1"]["error"]

@@ -98,3 +98,11 @@ def test_a_replica_that_keeps_failing_stops_the_job_with_a_clear_message(flaky):
     with pytest.raises(RuntimeError, match=rf"a replica failed {generate.MAX_REPLICA_STARTS} times .*giving up"):
         stage(batch())
     assert len(flaky.made) == generate.MAX_REPLICA_STARTS and all(r.killed for r in flaky.made)
+
+
+def test_the_inputs_carried_columns_follow_each_rows_samples_and_its_error_row(flaky):
+    params = params_array([SamplingParams(max_new_tokens=2, n=2), None])
+    table = pa.table({"id": ["a", "b"], "prompt": ["x", None], "prompt_token_ids": [[1, 2], []], "params": params,
+                      "error": [None, "prompt: empty or null"], "topic": ["maths", "art"]})
+    out = GenerateStage(ReplicaSpec("m"))(table).to_pylist()
+    assert [(r["id"], r["topic"]) for r in out] == [("a", "maths"), ("b", "art")]

@@ -117,3 +117,32 @@ def test_the_id_column_is_in_every_file_with_rows_or_in_none(tmp_path, contents,
     for name, text in contents.items():
         (tmp_path / name).write_text(text)
     assert read.check_inputs(read.input_files(tmp_path), "prompt", id_column) == expected
+
+
+def test_the_inputs_other_columns_are_carried_parquet_with_its_types_text_formats_as_text(tmp_path):
+    pq.write_table(pa.table({"prompt": ["a"], "score": pa.array([3], pa.int16()), "tags": [["x", "y"]]}),
+                   tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "b", "score": 4, "extra": {"k": [1, 2.50]}, "n": 2}\n'
+                                      '{"prompt": "c", "extra": "plain"}\n')
+    files = read.input_files(tmp_path)
+    with pytest.raises(ValueError, match=r"column 'score' is int16 in .*a.parquet and string in .*b.jsonl"):
+        read.carried_columns(files, "prompt", None)
+    (tmp_path / "a.parquet").unlink()
+    files = read.input_files(tmp_path)
+    carried = read.carried_columns(files, "prompt", None)
+    assert carried == {"score": pa.string(), "extra": pa.string()}  # n is read as the row's own samples
+    rows = [r for t in read.read_file(files[0], "b.jsonl", "prompt", None, carried=carried) for r in t.to_pylist()]
+    assert [(r["score"], r["extra"]) for r in rows] == [("4", '{"k": [1, 2.5]}'), (None, "plain")]
+    pq.write_table(pa.table({"prompt": ["a"], "tags": [["x", "y"]]}), tmp_path / "c.parquet")
+    carried = read.carried_columns([tmp_path / "c.parquet"], "prompt", None)
+    assert carried == {"tags": pa.list_(pa.string())}
+    (row,) = [r for t in read.read_file(tmp_path / "c.parquet", "c", "prompt", None, carried=carried)
+              for r in t.to_pylist()]
+    assert row["tags"] == ["x", "y"]
+
+
+@pytest.mark.parametrize("column", ["completion", "error", "layout", "params"])
+def test_an_input_column_named_as_one_shardgen_writes_is_refused_naming_it(tmp_path, column):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "x", column: "mine"}) + "\n")
+    with pytest.raises(ValueError, match=rf"has a column '{column}', the name of a column shardgen writes; rename"):
+        read.carried_columns([tmp_path / "a.jsonl"], "prompt", None)

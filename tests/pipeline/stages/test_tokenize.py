@@ -78,6 +78,24 @@ def test_a_stop_string_is_one_stop_string_and_a_json_list_is_a_list(tokenizer_di
     assert out["error"] is None and out["params"]["stop"] == expected
 
 
+def test_a_chat_template_file_replaces_the_tokenizers_and_a_system_prompt_goes_where_none_is(tokenizer_dir):
+    template = "{% for m in messages %}[{{ m['role'] }}:{{ m['content'] }}]{% endfor %}"
+    stage = TokenizeStage(tokenizer_dir, True, SamplingParams(), chat_template=template, system_prompt="Be brief.")
+    asked = json.dumps([{"role": "user", "content": "hi"}])
+    own = json.dumps([{"role": "system", "content": "Be long."}, {"role": "user", "content": "hi"}])
+    a, b = run_stage(stage, [("a", asked, {}), ("b", own, {})])
+    text = lambda r: bytes(t for t in r["prompt_token_ids"] if t < 256).decode()  # noqa: E731 (specials dropped)
+    assert text(a) == "[system:Be brief.][user:hi]" and text(b) == "[system:Be long.][user:hi]"
+
+
+def test_a_chat_template_that_is_not_jinja_is_refused_naming_its_line(tmp_path):
+    from shardgen.pipeline.options import read_chat_template
+
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}\n{{ m['content'] }\n")
+    with pytest.raises(ValueError, match=r"`chat_template` .*t.jinja line 2: not a Jinja template"):
+        read_chat_template(tmp_path / "t.jinja")
+
+
 def test_run_seed_gives_each_row_its_own_stable_seed(tokenizer_dir):
     stage = TokenizeStage(tokenizer_dir, False, SamplingParams(temperature=1.0, seed=7))
     a, b = run_stage(stage, [("a", "x", {}), ("b", "x", {})])
@@ -113,3 +131,10 @@ def test_penalties_min_p_min_tokens_and_stop_token_ids_come_from_the_row_or_the_
     assert (a["repetition_penalty"], a["presence_penalty"], a["frequency_penalty"], a["min_p"], a["min_tokens"],
             a["stop_token_ids"]) == (1.2, 0.5, -1.0, 0.05, 3, [10, 11])
     assert b["stop_token_ids"] == [4] and b["min_tokens"] == 0 and b["presence_penalty"] == 0.0
+
+
+def test_the_inputs_carried_columns_pass_through_with_their_types(tokenizer_dir):
+    batch = pa.table({"id": ["a", "b"], "prompt": ["x", None], "row": ["{}", "{}"],
+                      "topic": pa.array([7, None], pa.int8())})
+    out = TokenizeStage(tokenizer_dir, False, SamplingParams())(batch)
+    assert out.schema.field("topic").type == pa.int8() and out.column("topic").to_pylist() == [7, None]

@@ -44,3 +44,11 @@ def test_a_rows_n_samples_count_its_prompt_once_and_a_part_file_without_sample_i
     assert (s.rows, s.inputs, s.prompt_tokens, s.completion_tokens) == (8, 2, 6, 16)
     old = rows(3).drop_columns(["sample_index"])  # written before sample_index existed
     assert (stats_of(old).rows, stats_of(old).inputs, stats_of(old).prompt_tokens) == (3, 3, 9)
+
+
+def test_the_inputs_carried_columns_follow_the_output_columns_with_their_types(tmp_path):
+    block = rows(2).append_column("score", pa.array([1.5, None], pa.float32()))
+    write_part(tmp_path, block, {})
+    table = pq.read_table(next(tmp_path.glob("part-*.parquet")))
+    assert table.schema.names == [*OUTPUT_SCHEMA.names, "score"]
+    assert table.schema.field("score").type == pa.float32() and table.column("score").to_pylist() == [1.5, None]
