@@ -30,6 +30,7 @@ def placement_group_name(run_id: str, replica: str) -> str:
 
 class Replica:
     def __init__(self, spec: ReplicaSpec, strategy: str = "STRICT_PACK", ready_timeout_s: float = 600.0) -> None:
+        self.spec = spec
         gpu = spec.device == "cuda"
         self.last_generated_tokens = 0
         self.last_cached_tokens = 0
@@ -90,12 +91,19 @@ class Replica:
             self.check_alive()
 
     def check_alive(self) -> None:
+        """Every worker answers, and rank 0's engine finishes steps: a rank hung without dying (a collective that
+        never completes) leaves every actor answering pings, but stalls the engine past ``step_timeout_s``."""
         try:
             ray.get([w.ping.remote() for w in self.workers], timeout=PING_TIMEOUT_S)
+            stalled = ray.get(self.workers[0].stalled_s.remote(), timeout=PING_TIMEOUT_S)
         except ray.exceptions.RayActorError as e:
             raise ReplicaFailed(f"a ShardWorker died: {type(e).__name__}") from e
         except ray.exceptions.GetTimeoutError as e:
             raise ReplicaFailed(f"a ShardWorker did not answer within {PING_TIMEOUT_S:.0f} s") from e
+        limit = self.spec.engine.step_timeout_s
+        if stalled > limit:
+            raise ReplicaFailed(f"rank 0's engine finished no step in {stalled:.0f} s (`step_timeout_s` {limit:g}): "
+                                f"a rank is stuck (a collective that never completes, or a wedged device)")
 
     def stats(self) -> dict:
         return ray.get(self.workers[0].stats.remote())

@@ -113,6 +113,11 @@ class ShardWorker:
         """Liveness check of the replica (served while the engine runs)."""
         return self.rank
 
+    def stalled_s(self) -> float:
+        """Rank 0: seconds its engine has had work without finishing a step (served while the engine runs)."""
+        assert self.engine is not None
+        return self.engine.stalled_s()
+
     def submit(self, requests: list[Request]) -> int:
         """Rank 0: add requests to the engine (alongside any others in flight); returns the group's id for
         ``collect``."""

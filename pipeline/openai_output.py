@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from itertools import groupby
+from itertools import accumulate, groupby
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -106,7 +106,7 @@ def _text_choice(row: dict, k: int, tokenizer) -> dict:
     logprobs = None
     if row["logprobs"] is not None:
         tokens = [_token(tokenizer, t)["token"] for t in row["completion_token_ids"]]
-        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        offsets = list(accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else []
         logprobs = {"tokens": tokens, "token_logprobs": list(row["logprobs"]), "text_offset": offsets,
                     "top_logprobs": [{_token(tokenizer, t["token_id"])["token"]: t["logprob"] for t in top[:k]}
                                      for top in row["top_logprobs"]]}

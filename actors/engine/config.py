@@ -39,6 +39,9 @@ class EngineConfig:
     admission: str = "greedy"
     # Share the KV blocks of a common prompt prefix between sequences (actors/engine/blocks.py).
     prefix_caching: bool = True
+    # A replica whose engine has work but finishes no step for this long is stuck (a rank hung in a collective, a
+    # wedged GPU) and is rebuilt: far above any step's time (seconds), so only a hang reaches it.
+    step_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSIONS:
@@ -51,5 +54,7 @@ class EngineConfig:
             raise ValueError(f"`max_model_len` must be >= 2, got {self.max_model_len}")
         if self.max_num_batched_tokens < 1 or self.block_size < 1:
             raise ValueError("the token budget per step and the block size must be >= 1")
+        if not self.step_timeout_s > 0:
+            raise ValueError(f"`step_timeout_s` must be > 0, got {self.step_timeout_s}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"`gpu_memory_utilization` must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -27,7 +27,7 @@ import torch
 from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.runner import ModelRunner
 from shardgen.actors.engine import stops
-from shardgen.actors.engine.grammar import Grammars, constraint_of
+from shardgen.actors.engine.grammar import Constraints, Grammars, constraint_of
 from shardgen.actors.engine.sampler import PendingTokens, adjust_logits, sample, token_logprobs
 from shardgen.actors.engine.scheduler import ScheduledBatch, Scheduler
 from shardgen.actors.engine.sequence import (
@@ -37,7 +37,6 @@ from shardgen.actors.engine.sequence import (
     Completion,
     Request,
     SampleGroup,
-    SamplingParams,
     Sequence,
     Status,
     penalized,
@@ -59,17 +58,18 @@ class Engine:
                  detokenize: Callable[[list[int]], str] | None = None,
                  make_grammars: Callable[[], Grammars] | None = None) -> None:
         self.runner = runner
+        self.config = config
         self.scheduler = Scheduler(config, runner.num_blocks, max_model_len)
         self.eos_token_ids = set(eos_token_ids)
         self.detokenize = detokenize
-        self._make_grammars = make_grammars  # built on the first constrained request (it imports xgrammar)
-        self._grammars: Grammars | None = None
+        self.constraints = Constraints(make_grammars)
         self.stats = EngineStats()
         self._inbox: list[tuple[Request, Future]] = []
         self._groups: dict[int, SampleGroup] = {}  # id(sequence) -> its request's samples
         self._lock = threading.Condition()
         self._closed = False
         self._ahead: tuple[ScheduledBatch, PendingTokens] | None = None  # a decode step launched, not yet read
+        self._progress_at = time.monotonic()  # when the last step ended, or the engine last had nothing to do
 
     # -- intake (any thread)
 
@@ -88,21 +88,48 @@ class Engine:
         order, a request's samples one after another."""
         futures = self.add(requests)
         while not all(f.done() for f in futures):
-            self.step()
+            try:
+                self.step()
+            except torch.OutOfMemoryError as e:
+                raise RuntimeError(self.failure(e)) from e
         return [c for f in futures for c in f.result()]
+
+    def failure(self, e: BaseException) -> str:
+        """What a step's exception tells the user; out of device memory names the settings that size a step."""
+        if isinstance(e, torch.OutOfMemoryError):
+            c = self.config
+            return (f"out of GPU memory in an engine step ({str(e).splitlines()[0][:160]}); lower "
+                    f"`max_num_batched_tokens` (now {c.max_num_batched_tokens}) or `max_num_seqs` (now "
+                    f"{c.max_num_seqs}), or `gpu_memory_utilization` (now {c.gpu_memory_utilization}) to leave the "
+                    f"steps more room")
+        return f"{type(e).__name__}: {e}"
 
     # -- the loop (one thread)
 
     def has_work(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_work() or self._ahead is not None
 
+    def stalled_s(self) -> float:
+        """Seconds the engine has had work without finishing a step (0 when idle): a step stuck in a collective or
+        on a wedged device shows here, while the actor still answers pings (any thread)."""
+        if not self.has_work():
+            self._progress_at = time.monotonic()
+            return 0.0
+        return time.monotonic() - self._progress_at
+
     def step(self) -> int:
         """One scheduling step; returns how many tokens it ran."""
+        try:
+            return self._step()
+        finally:
+            self._progress_at = time.monotonic()
+
+    def _step(self) -> int:
         with self._lock:
             for request, future in self._inbox:
                 seq = Sequence(request)
                 self._groups[id(seq)] = SampleGroup(future, request.params.n)
-                problem = self._constraint_problem(request.params)
+                problem = self.constraints.problem(request.params)
                 if problem is not None:
                     seq.status, seq.finish_reason, seq.error = Status.FINISHED, FINISH_ERROR, problem
                     self._resolve(seq)
@@ -124,7 +151,7 @@ class Engine:
             logits = logits[: len(sampled)]
         if self._overlappable(batch, sampled):
             return self._finish_decode(batch, PendingTokens(logits), list(range(len(batch.seqs))))
-        adjusted = adjust_logits(self._constrained(logits, sampled), sampled, self.eos_token_ids)
+        adjusted = adjust_logits(self.constraints.masked(logits, sampled), sampled, self.eos_token_ids)
         tokens = sample(adjusted, [s.params for s in sampled], [s.num_output for s in sampled])
         self._advance(batch)
         for i, (seq, token) in enumerate(zip(sampled, tokens)):
@@ -160,32 +187,6 @@ class Engine:
                     self._fork_samples(seq, group)
         self.stats.steps += 1
         self.stats.running_per_step.append(len(batch.seqs))
-
-    def _constraint_problem(self, params: SamplingParams) -> str | None:
-        """Why a request's structured-output constraint cannot run here (None: it can, or there is none)."""
-        constraint = constraint_of(params)
-        if constraint is None:
-            return None
-        if self._grammars is None:
-            if self._make_grammars is None:
-                return f"{constraint[0]}: this engine was built without its tokenizer, which structured outputs need"
-            self._grammars = self._make_grammars()
-        try:
-            self._grammars.compile(*constraint)
-        except ValueError as e:
-            return str(e)
-        return None
-
-    def _constrained(self, logits: torch.Tensor, sampled: list[Sequence]) -> torch.Tensor:
-        """``logits`` with each constrained row's forbidden tokens masked (a copy), or ``logits`` itself."""
-        rows = []
-        for i, seq in enumerate(sampled):
-            if constraint_of(seq.params) is not None:
-                if not seq.matcher_started:
-                    self._grammars.start(id(seq), seq.params)
-                    seq.matcher_started = True
-                rows.append((i, id(seq)))
-        return self._grammars.mask(logits, rows) if rows else logits
 
     def _fork_samples(self, first: Sequence, group: SampleGroup) -> None:
         """Make a request's samples 1..n-1 now that sample 0's prompt is in the cache: each starts with its full
@@ -258,7 +259,7 @@ class Engine:
             return self._finish(seq, FINISH_STOP)  # the stop token itself is not part of the completion
         seq.tokens.append(token)
         self.stats.generated_tokens += 1
-        if seq.matcher_started and self._grammars.accept(id(seq), token):
+        if self.constraints.accept(seq, token):
             return self._finish(seq, FINISH_STOP)  # the constraint's language is complete
         if p.stop and seq.num_output >= p.min_tokens and self.detokenize is not None and stops.hits_stop(
                 self.detokenize(seq.output_ids[-stops.tail_tokens(p.stop):]), p.stop):
@@ -273,8 +274,7 @@ class Engine:
 
     def _resolve(self, seq: Sequence) -> None:
         assert seq.status is Status.FINISHED
-        if seq.matcher_started:
-            self._grammars.forget(id(seq))
+        self.constraints.forget(seq)
         self._groups.pop(id(seq)).finish(seq)
 
     def run_forever(self, stop: threading.Event, heartbeat_s: float = 5.0) -> None:
@@ -292,7 +292,7 @@ class Engine:
                     self.runner.heartbeat()
                     last = time.monotonic()
         except BaseException as e:  # a dead step must fail every waiting request, never hang them
-            self.fail_all(f"engine failed: {type(e).__name__}: {e}")
+            self.fail_all(f"engine failed: {self.failure(e)}")
             raise
         finally:
             with self._lock:

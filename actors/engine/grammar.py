@@ -11,12 +11,12 @@ log-probabilities are the model's own (before the mask, as before temperature).
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 if TYPE_CHECKING:
-    from shardgen.actors.engine.sequence import SamplingParams
+    from shardgen.actors.engine.sequence import SamplingParams, Sequence
 
 
 def constraint_of(params: SamplingParams) -> tuple[str, str] | None:
@@ -90,3 +90,47 @@ class Grammars:
 
     def forget(self, key: int) -> None:
         self._matchers.pop(key, None)
+
+
+class Constraints:
+    """The engine's side of structured outputs: the replica's ``Grammars``, made at the first constrained request
+    (``make_grammars``; None: an engine without its tokenizer), and the matchers of its constrained sequences."""
+
+    def __init__(self, make_grammars: Callable[[], Grammars] | None) -> None:
+        self._make = make_grammars
+        self._grammars: Grammars | None = None
+
+    def problem(self, params: SamplingParams) -> str | None:
+        """Why a request's constraint cannot run here (None: it can, or there is none): it is compiled now, once."""
+        constraint = constraint_of(params)
+        if constraint is None:
+            return None
+        if self._grammars is None:
+            if self._make is None:
+                return f"{constraint[0]}: this engine was built without its tokenizer, which structured outputs need"
+            self._grammars = self._make()
+        try:
+            self._grammars.compile(*constraint)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def masked(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """``logits`` (row i for ``seqs[i]``) with each constrained row's forbidden tokens masked (a copy), or
+        ``logits`` itself when no row is constrained."""
+        rows = []
+        for i, seq in enumerate(seqs):
+            if constraint_of(seq.params) is not None:
+                if not seq.matcher_started:
+                    self._grammars.start(id(seq), seq.params)
+                    seq.matcher_started = True
+                rows.append((i, id(seq)))
+        return self._grammars.mask(logits, rows) if rows else logits
+
+    def accept(self, seq: Sequence, token: int) -> bool:
+        """Advance a constrained sequence by ``token``; True when its language is complete."""
+        return seq.matcher_started and self._grammars.accept(id(seq), token)
+
+    def forget(self, seq: Sequence) -> None:
+        if seq.matcher_started:
+            self._grammars.forget(id(seq))

@@ -35,12 +35,6 @@ DECODE = {"rows": 16, "key_tile": 128, "num_warps": 4, "num_stages": 3}
 PREFILL = {"rows": 128, "key_tile": 64, "num_warps": 4, "num_stages": 3}
 
 
-# How a decode launch multiplies an fp8 cache's tiles: "f16" widens them to float16 for the tensor cores, "fp8-qk"
-# quantizes q to e4m3 and multiplies q x k in fp8 (p x v in float16), "fp8" both products in fp8.
-FP8_MATH = {"f16": 0, "fp8-qk": 1, "fp8": 2}
-FP8_DECODE_MATH = "f16"
-
-
 def available() -> bool:
     return triton is not None
 
@@ -52,10 +46,9 @@ if triton is not None:
         q, q_pos, m_i, l_i, acc, n0, kv_end, seq, kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
         block_tables_ptr, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         window, d, d_valid, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr,
-        num_kv_heads, FP8: tl.constexpr, FP8_MATH: tl.constexpr,
+        num_kv_heads, FP8: tl.constexpr,
     ):
-        """One key tile [n0, n0 + BLOCK_N) of the online softmax: returns the updated (m_i, l_i, acc).
-        ``scale_log2``: the scores' factor (per row, [BLOCK_M, 1], when q was quantized to fp8)."""
+        """One key tile [n0, n0 + BLOCK_N) of the online softmax: returns the updated (m_i, l_i, acc)."""
         n = n0 + tl.arange(0, BLOCK_N)
         n_valid = n < kv_end
         page = tl.load(block_tables_ptr + seq * stride_bt + n // PAGE, mask=n_valid, other=0).to(tl.int64)
@@ -63,8 +56,7 @@ if triton is not None:
         k = tl.load(k_cache_ptr + k_offsets[None, :] + d[:, None], mask=n_valid[None, :] & d_valid[:, None], other=0.0)
         if FP8:  # scales (blocks, PAGE, num_kv_heads), one per key and head
             scale_offsets = (page * PAGE + n % PAGE) * num_kv_heads + kv_head
-            if FP8_MATH == 0:  # FP8_MATH > 0: q is fp8 too, and the tensor cores take the keys as they are stored
-                k = k.to(q.dtype)
+            k = k.to(q.dtype)
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee")
         else:
@@ -83,21 +75,9 @@ if triton is not None:
         l_i = l_i * alpha + tl.sum(p, 1)
         v_offsets = page * stride_vb + (n % PAGE) * stride_vs + kv_head * stride_vh
         v = tl.load(v_cache_ptr + v_offsets[:, None] + d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        if FP8 and FP8_MATH == 2:
-            # p x v on fp8 tensor cores: the values' per-key scales go into p, which is brought to [0, 1] by the
-            # tile's largest scale (e4m3 keeps 3 bits of p, as FlashAttention-3's fp8 path does) and taken out again.
-            v_scale = tl.load(v_scale_ptr + scale_offsets, mask=n_valid, other=0.0)
-            v_top = tl.max(v_scale, 0)
-            v_top = tl.where(v_top > 0.0, v_top, 1.0)
-            pv = (p * (v_scale / v_top)[None, :]).to(v.dtype)
-            return m_new, l_i, acc * alpha[:, None] + tl.dot(pv, v) * v_top
-        if FP8:  # widened as q was (float32 where exact products are asked for)
-            pv = p * tl.load(v_scale_ptr + scale_offsets, mask=n_valid, other=0.0)[None, :]
-            if IEEE:
-                v = v.to(tl.float32)
-            else:
-                pv = pv.to(tl.float16)
-                v = v.to(tl.float16)
+        if FP8:
+            pv = (p * tl.load(v_scale_ptr + scale_offsets, mask=n_valid, other=0.0)[None, :]).to(q.dtype)
+            v = v.to(q.dtype)
         else:
             pv = p.to(v.dtype)
         if IEEE:
@@ -117,7 +97,6 @@ if triton is not None:
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
         IEEE: tl.constexpr, PIPELINED: tl.constexpr, SPLITS: tl.constexpr, FP8: tl.constexpr,
-        FP8_MATH: tl.constexpr,
     ):
         seq = first_seq + tl.program_id(0)
         # Decode launches split each sequence's keys SPLITS ways (axis 1); other launches tile queries on it.
@@ -140,16 +119,7 @@ if triton is not None:
         d_valid = d < HEAD_DIM
         q_offsets = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
         q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
-        score_scale = scale_log2
-        if FP8 and FP8_MATH > 0:
-            # q quantized to e4m3 with a scale per row, so that q x k runs on fp8 tensor cores straight from the
-            # cache's bytes; the row's scale joins the softmax's.
-            q = q.to(tl.float32)
-            q_top = tl.max(tl.abs(q), 1)
-            q_scale = tl.where(q_top > 0.0, q_top / 448.0, 1.0)
-            q = (q / q_scale[:, None]).to(k_cache_ptr.dtype.element_ty)
-            score_scale = (q_scale * scale_log2)[:, None]
-        elif FP8 and not IEEE:
+        if FP8 and not IEEE:
             # Tiles of an fp8 cache are widened to float16, which Hopper converts e4m3 to in one instruction per two
             # values (bfloat16 goes through float32): a decode layer at 8B shapes took 158 us this way, 199 us
             # through bfloat16 (H200, 128 sequences; the bf16 cache: 159 us).
@@ -172,17 +142,15 @@ if triton is not None:
             for n0 in tl.range(kv_start, kv_end, BLOCK_N):
                 m_i, l_i, acc = _attend_key_tile(
                     q, q_pos, m_i, l_i, acc, n0, kv_end, seq, kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr,
-                    v_scale_ptr, block_tables_ptr, score_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                    stride_vh, stride_bt, window, d, d_valid, BLOCK_N, PAGE, SLIDING, IEEE, tl.num_programs(2), FP8,
-                    FP8_MATH)
+                    v_scale_ptr, block_tables_ptr, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                    stride_vh, stride_bt, window, d, d_valid, BLOCK_N, PAGE, SLIDING, IEEE, tl.num_programs(2), FP8)
         else:  # Triton's CPU interpreter cannot range() over a loaded bound
             n0 = kv_start
             while n0 < kv_end:
                 m_i, l_i, acc = _attend_key_tile(
                     q, q_pos, m_i, l_i, acc, n0, kv_end, seq, kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr,
-                    v_scale_ptr, block_tables_ptr, score_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                    stride_vh, stride_bt, window, d, d_valid, BLOCK_N, PAGE, SLIDING, IEEE, tl.num_programs(2), FP8,
-                    FP8_MATH)
+                    v_scale_ptr, block_tables_ptr, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                    stride_vh, stride_bt, window, d, d_valid, BLOCK_N, PAGE, SLIDING, IEEE, tl.num_programs(2), FP8)
                 n0 += BLOCK_N
         if SPLITS > 1:  # partial results; _combine_splits normalises them
             part = (seq * (tl.num_programs(2) * GROUP) + head) * SPLITS + split
@@ -283,8 +251,6 @@ def paged_attention(
         rows = context_lens.numel() * num_heads * splits  # indexed by absolute sequence
         part_acc = torch.empty(rows, head_dim_pad, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(rows, 2, dtype=torch.float32, device=q.device)
-    # fp8 tensor cores take 32 values along the product's inner dimension
-    fp8_math = cache.quantized and max_q_len == 1 and q.is_cuda and head_dim_pad >= 32
     grid = (end - first, splits if splits > 1 else triton.cdiv(max_q_len, block_q), num_kv_heads)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, cache.k_scale if cache.quantized else k_cache, cache.v_scale if cache.quantized else v_cache,
@@ -297,8 +263,7 @@ def paged_attention(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=launch["key_tile"],
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE=k_cache.shape[1],
         SLIDING=sliding_window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda, SPLITS=splits,
-        FP8=cache.quantized, FP8_MATH=FP8_MATH[FP8_DECODE_MATH] if fp8_math else 0,
-        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+        FP8=cache.quantized, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     if splits > 1:
         _combine_splits[(end - first, num_heads)](

@@ -16,10 +16,11 @@ import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from shardgen.actors.engine.sequence import FINISH_ERROR, Completion, Request
 from shardgen.actors.worker import ReplicaSpec
-from shardgen.pipeline.columns import TOP_LOGPROBS, carried, params_list
+from shardgen.pipeline.columns import OUTPUT_SCHEMA, carried, params_list
 from shardgen.pipeline.storage import Location
 
 READS = ("id", "prompt", "prompt_token_ids", "params", "error")
@@ -202,13 +203,15 @@ class GenerateStage:
 
     def _rows(self, batch: pa.Table, rows: list[int], results: dict[int, list[Completion]]) -> pa.Table:
         """The output rows of ``rows`` of the batch: one per sample of a row's completions, or one with its error."""
-        tokens = batch.column("prompt_token_ids").to_pylist()
-        errors = batch.column("error").to_pylist()
+        # only the rows asked for: a flush writes a few rows of each batch in flight, often
+        picked = batch.select(["prompt_token_ids", "error"]).take(pa.array(rows, pa.int64()))
+        lengths = pc.list_value_length(picked.column("prompt_token_ids")).fill_null(0).to_pylist()
+        errors = picked.column("error").to_pylist()
         take, values = [], []
-        for i in rows:
+        for j, i in enumerate(rows):
             for r in results.get(i) or [None]:
                 take.append(i)
-                values.append(_output_values(r, len(tokens[i] or []), errors[i]))
+                values.append(_output_values(r, lengths[j], errors[j]))
         taken = batch.take(pa.array(take, pa.int64()))
         return pa.table({
             "id": taken.column("id"), "prompt": taken.column("prompt"),
@@ -227,10 +230,10 @@ class GenerateStage:
         write.write_part(self.flush.output, self._detokenize(rows), self.flush.metadata)
 
 
-OUTPUT_TYPES = {"sample_index": pa.int32(), "completion_token_ids": pa.list_(pa.int32()),
-                "completion_text": pa.string(), "prompt_tokens": pa.int32(), "completion_tokens": pa.int32(),
-                "finish_reason": pa.string(), "error": pa.string(), "logprobs": pa.list_(pa.float32()),
-                "top_logprobs": TOP_LOGPROBS, "prompt_logprobs": pa.list_(pa.float32())}
+# The columns this stage makes, in the output schema's types (completion_text: a completion a stop string cut)
+OUTPUT_TYPES = {name: OUTPUT_SCHEMA.field(name).type for name in (
+    "sample_index", "completion_token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "error", "logprobs",
+    "top_logprobs", "prompt_logprobs")} | {"completion_text": pa.string()}
 
 
 def _output_values(r: Completion | None, prompt_tokens: int, error: str | None) -> dict:

@@ -311,3 +311,16 @@ def test_each_replica_holds_four_engine_waves_of_rows_within_rank0s_concurrency(
     assert batches_in_flight(100, 256) == 11  # rounded up: never fewer rows than four waves
     assert batches_in_flight(4096, 8) == MIN_BATCHES_IN_FLIGHT  # big batches: still several, so one's tail overlaps
     assert batches_in_flight(1, 256) == RANK0_CONCURRENCY  # more would only queue in front of rank 0
+
+
+def test_an_engine_that_finishes_no_step_in_time_has_its_replica_rebuilt_then_stops_the_job(demo, tmp_path):
+    """The health check's stall test end to end: with a step timeout no step can meet, every check finds rank 0's
+    engine stalled, as it would a rank hung in a collective; the replica is rebuilt, and after 3 starts the job stops
+    naming the timeout, keeping what was written."""
+    model, prompts = demo
+    options = RunOptions(model=model, input=prompts, output=tmp_path / "out", batch_size=200,
+                         sampling=SamplingParams(max_new_tokens=64, ignore_eos=True),
+                         engine=EngineConfig(step_timeout_s=1e-6, max_num_seqs=2))
+    with pytest.raises(RuntimeError, match=r"the job stopped: a replica failed 3 times \(last: rank 0's engine "
+                                           r"finished no step in \d+ s \(`step_timeout_s` 1e-06\): a rank is stuck"):
+        run(options)

@@ -286,3 +286,54 @@ def test_penalties_and_min_tokens_give_hugging_faces_greedy_tokens_and_leave_the
     assert early.token_ids == completion(hf(prompts[2], min_new_tokens=6, eos_token_id=eos))
     assert len(early.token_ids) >= 6 and eos not in early.token_ids
     assert alone.token_ids == hf_greedy(reference, prompts[1], 12)
+
+
+def test_out_of_memory_in_a_step_fails_every_request_naming_the_settings_to_lower_and_never_hangs(model, monkeypatch):
+    """What a CUDA OOM inside a step does (simulated: the runner raises torch's OutOfMemoryError): the serving loop
+    fails every waiting request with a message naming what to lower, and stops; nothing waits forever."""
+    import threading
+
+    _, loaded = model
+    engine = make_engine(loaded, max_num_batched_tokens=512)
+
+    def oom(step):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine.runner, "execute", oom)
+    with pytest.raises(RuntimeError, match=r"out of GPU memory in an engine step \(CUDA out of memory. Tried to "
+                                           r"allocate 20.00 GiB\); lower `max_num_batched_tokens` \(now 512\)"):
+        engine.generate([Request("a", random_prompts([5])[0], SamplingParams(max_new_tokens=3))])
+    served = make_engine(loaded)
+    monkeypatch.setattr(served.runner, "execute", oom)
+    futures = served.add([Request(str(i), p, SamplingParams(max_new_tokens=3)) for i, p in
+                          enumerate(random_prompts([5, 9]))])
+    stop = threading.Event()
+    loop = threading.Thread(target=lambda: pytest.raises(torch.OutOfMemoryError, served.run_forever, stop))
+    loop.start()
+    loop.join(timeout=30)
+    assert not loop.is_alive()
+    for f in futures:
+        with pytest.raises(RuntimeError, match="engine failed: out of GPU memory in an engine step"):
+            f.result(timeout=1)
+
+
+def test_a_step_that_never_ends_shows_as_a_stall_while_an_idle_engine_shows_none(model, monkeypatch):
+    """The health check's view of a rank hung in a collective: the step does not return, the actor still answers,
+    and the engine's stall grows (Replica.check_alive rebuilds the replica past ``step_timeout_s``)."""
+    import threading
+    import time
+
+    _, loaded = model
+    engine = make_engine(loaded)
+    assert engine.stalled_s() == 0.0
+    release = threading.Event()
+    execute = engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute", lambda step: (release.wait(), execute(step))[1])
+    engine.add([Request("a", random_prompts([5])[0], SamplingParams(max_new_tokens=2))])
+    stuck = threading.Thread(target=engine.step, daemon=True)
+    stuck.start()
+    time.sleep(0.5)
+    assert engine.stalled_s() >= 0.4
+    release.set()
+    stuck.join(timeout=30)
+    assert engine.stalled_s() < 0.4  # a step ended: progress again

@@ -33,7 +33,10 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 def engine(path, **config) -> Engine:
     cfg = EngineConfig(**{"max_num_seqs": 32, "max_num_batched_tokens": 512, **config})
-    return build_engine(load_model(path, device="cuda"), cfg)
+    # fbgemm's preshuffled GEMM rounds the same at any batch size; humming's (auto's int4-dual at decode) does not,
+    # which put greedy graphs-vs-eager agreement at 0.76 on a random tiny model (H100, 2026-12-06): this tests the
+    # engine, the layouts' accuracy is tested in tests/actors/int4/test_int4_cuda.py
+    return build_engine(load_model(path, device="cuda", int4_layout="int4-preshuffled"), cfg)
 
 
 def test_kv_cache_is_sized_from_memory_left_after_weights_and_measured_activations(checkpoint):

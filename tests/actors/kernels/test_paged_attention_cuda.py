@@ -48,27 +48,9 @@ def test_compiled_kernel_reads_an_fp8_cache_as_the_pytorch_path_dequantizes_it(n
     assert err < 2e-2
 
 
-@needs_fp8
-@pytest.mark.parametrize("math", ["fp8-qk", "fp8"])
-@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("decode")])
-def test_decode_in_fp8_math_matches_the_dequantized_cache(name, math, monkeypatch):
-    """q quantized to e4m3 per row (and p too, with ``fp8``): a few 1e-2 of the largest output is e4m3's rounding."""
-    from shardgen.actors.kernels import paged_attention as pa
-
-    monkeypatch.setattr(pa, "FP8_DECODE_MATH", math)
-    err = kernel_vs_reference(name, torch.bfloat16, "cuda", kv_cache_dtype="fp8")
-    print(f"{name}, {math}: max error {err:.2e} of the largest output")
-    assert err < 6e-2
-
-
-@pytest.mark.parametrize("kv_cache_dtype,math", [("auto", "f16"), pytest.param("fp8", "f16", marks=needs_fp8),
-                                                 pytest.param("fp8", "fp8-qk", marks=needs_fp8),
-                                                 pytest.param("fp8", "fp8", marks=needs_fp8)])
-def test_llama8b_shaped_decode_batch(kv_cache_dtype, math, monkeypatch):
-    from shardgen.actors.kernels import paged_attention as pa
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", pytest.param("fp8", marks=needs_fp8)])
+def test_llama8b_shaped_decode_batch(kv_cache_dtype):
     from shardgen.actors.kernels.paged_attention import paged_attention
-
-    monkeypatch.setattr(pa, "FP8_DECODE_MATH", math)
 
     ctx = torch.randint(1, 2100, (128,), generator=torch.Generator().manual_seed(3)).tolist()
     q, k, v, cache, meta = make_case([1] * 128, ctx, 32, 8, 128, torch.bfloat16, "cuda", kv_cache_dtype=kv_cache_dtype)
@@ -86,9 +68,9 @@ def test_llama8b_shaped_decode_batch(kv_cache_dtype, math, monkeypatch):
     torch.cuda.synchronize()
     us = start.elapsed_time(stop) / 20 * 1000
     kv_bytes = sum(ctx) * 8 * 2 * (128 * cache.k.element_size() + (4 if cache.quantized else 0))
-    print(f"8B decode, 128 seqs, {sum(ctx)} cached tokens, {kv_cache_dtype} cache, {math} math: max error {err:.2e}; "
-          f"{us:.0f} us per layer, {kv_bytes / us / 1e3:.0f} GB/s of KV read")
-    assert err < (2e-2 if math == "f16" else 6e-2)
+    print(f"8B decode, 128 seqs, {sum(ctx)} cached tokens, {kv_cache_dtype} cache: max error {err:.2e}; {us:.0f} us "
+          f"per layer, {kv_bytes / us / 1e3:.0f} GB/s of KV read")
+    assert err < 2e-2
 
 
 

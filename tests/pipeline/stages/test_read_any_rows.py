@@ -70,7 +70,7 @@ def test_every_csv_record_is_one_row_and_a_broken_record_is_an_error_naming_it(t
 
     def record(values: list[str]) -> bytes:
         text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerow(values)
+        csv.writer(text).writerow(values)  # its \r\n line ends: a cell holding \r or \n is quoted
         return text.getvalue().encode()  # a cell with a newline is quoted: one record over several lines
 
     records = [record(["" if r.get(c) is None else r[c] if isinstance(r[c], str) else json.dumps(r[c])
