@@ -111,7 +111,8 @@ def root_cause(e: BaseException) -> str:
         if not isinstance(inner, BaseException) or inner is e:
             break
         e = inner
-    lines = str(e).strip().splitlines()
+    # Ray 2.60 ends a failed task's message with a hint on retrying it: not the cause
+    lines = [line for line in str(e).strip().splitlines() if line.strip() and not line.startswith("To change retry")]
     return lines[-1] if lines else type(e).__name__
 
 
