@@ -105,17 +105,20 @@ def execute(p: RunPlan, echo: Callable[[str], None] = print, progress: TextIO | 
 
 
 def root_cause(e: BaseException) -> str:
-    """The last line of the innermost error under Ray's wrappers (``RuntimeError: ...``)."""
-    while True:
-        inner = getattr(e, "cause", None) or e.__cause__
-        if not isinstance(inner, BaseException) or inner is e:
-            break
-        e = inner
+    """What stopped the job, in one line: a generate stage's giving up (its own message, wherever Ray's wrappers put
+    it), else the last line of the innermost error under them (``RuntimeError: ...``)."""
+    chain, seen = [], set()
+    while isinstance(e, BaseException) and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    gave_up = generate.GAVE_UP.findall("\n".join(str(x) for x in chain))
+    if gave_up:
+        return gave_up[-1]
     # Ray 2.60 ends a failed task's message with a hint on retrying it: not the cause
-    lines = [line for line in str(e).strip().splitlines() if line.strip() and not line.startswith("To change retry")]
-    return lines[-1] if lines else type(e).__name__
-
-
+    lines = [line for line in str(chain[-1]).strip().splitlines()
+             if line.strip() and not line.startswith("To change retry")]
+    return lines[-1] if lines else type(chain[-1]).__name__
 
 
 def _reported(control) -> tuple[list[str], int]:

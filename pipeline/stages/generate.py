@@ -10,6 +10,7 @@ the batch size; on a stop (``RunControl``) each batch writes what is finished an
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ WRITES = ("id", "sample_index", "prompt", "completion_token_ids", "completion_te
 
 log = logging.getLogger(__name__)
 MAX_REPLICA_STARTS = 3  # a replica that fails this often (bad GPU, out of memory) stops the job
+GAVE_UP = re.compile(r"a replica failed \d+ times \(last: .*")  # that message, found under Ray's wrappers
 
 
 @dataclass(frozen=True)
