@@ -1,8 +1,10 @@
 """Next-token sampling: penalties and min_tokens on the logits, then greedy, or temperature, top-k, top-p and min_p,
 with per-sequence seeds.
 
-The penalties of a step's rows are applied together, on the device, from token counts built there in one scatter,
-and only to the rows that have them: a penalised row costs the others nothing. A seeded sequence draws its n-th
+The penalties of a step's rows are applied together, on the device, to the rows that have them, from token counts
+scattered there from padded lists that the host builds each step from every penalised row's tokens: on one H100
+that host work made a mixed step with half its rows penalised 19% longer (benchmarks/README.md); counts kept on
+the device per sequence are the next step. A seeded sequence draws its n-th
 token from a generator seeded by (seed, n), so its tokens do not depend on which other sequences share the batch,
 the replica, or the tensor-parallel layout.
 """
