@@ -28,7 +28,8 @@ from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.runner import ModelRunner
 from shardgen.actors.engine import stops
 from shardgen.actors.engine.grammar import Constraints, Grammars, constraint_of
-from shardgen.actors.engine.sampler import PendingTokens, adjust_logits, sample, token_logprobs
+from shardgen.actors.engine.penalties import Penalties
+from shardgen.actors.engine.sampler import PendingTokens, mask_early_stops, sample, token_logprobs
 from shardgen.actors.engine.scheduler import ScheduledBatch, Scheduler
 from shardgen.actors.engine.sequence import (
     FINISH_ERROR,
@@ -39,7 +40,6 @@ from shardgen.actors.engine.sequence import (
     SampleGroup,
     Sequence,
     Status,
-    penalized,
     sample_params,
 )
 
@@ -63,6 +63,7 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         self.detokenize = detokenize
         self.constraints = Constraints(make_grammars)
+        self.penalties = Penalties(runner.device)
         self.stats = EngineStats()
         self._inbox: list[tuple[Request, Future]] = []
         self._groups: dict[int, SampleGroup] = {}  # id(sequence) -> its request's samples
@@ -149,9 +150,10 @@ class Engine:
         if step.prompt_rows:
             self._prompt_logprobs(batch, step.prompt_rows, logits[len(sampled):])
             logits = logits[: len(sampled)]
+        penalised = self.penalties.apply(logits, sampled)  # logprobs stay the model's own: of ``logits``
         if self._overlappable(batch, sampled):
-            return self._finish_decode(batch, PendingTokens(logits), list(range(len(batch.seqs))))
-        adjusted = adjust_logits(self.constraints.masked(logits, sampled), sampled, self.eos_token_ids)
+            return self._finish_decode(batch, PendingTokens(penalised), list(range(len(batch.seqs))))
+        adjusted = mask_early_stops(self.constraints.masked(penalised, sampled), sampled, self.eos_token_ids)
         tokens = sample(adjusted, [s.params for s in sampled], [s.num_output for s in sampled])
         self._advance(batch)
         for i, (seq, token) in enumerate(zip(sampled, tokens)):
@@ -205,17 +207,18 @@ class Engine:
         self.scheduler.add_first(samples)
 
     def _overlappable(self, batch: ScheduledBatch, sampled: list[Sequence]) -> bool:
-        """A pure greedy decode step, on a runner that can launch the next one ahead (rows that report logprobs
-        read their logits on the host: not launched ahead)."""
+        """A pure greedy decode step, on a runner that can launch the next one ahead (rows that report logprobs or
+        follow a grammar read their logits on the host: not launched ahead; penalties are applied on the device)."""
         return (self.runner.can_overlap and len(sampled) == len(batch.seqs) and batch.total_tokens == len(batch.seqs)
                 and all(s.params.temperature == 0 and not s.params.logprobs and not s.params.prompt_logprobs
-                        and constraint_of(s.params) is None and not penalized(s.params)
+                        and constraint_of(s.params) is None
                         and s.num_output >= s.params.min_tokens for s in sampled))
 
     def _finish_decode(self, batch: ScheduledBatch, pending: PendingTokens, rows: list[int]) -> int:
         """Plan and launch the next decode step on ``pending``'s device tokens, then read them and append them
         while the GPU runs it. ``rows[i]``: the row of ``pending`` that holds ``batch.seqs[i]``'s token."""
         self._advance(batch)
+        self.penalties.count(batch.seqs, pending.tokens, rows)  # on the device: the step ahead's penalties see them
         limit = self.scheduler.max_model_len
         # Sequences this step finishes by length leave now; a stop token can only be seen once the tokens arrive.
         going_on = [i for i, s in enumerate(batch.seqs)
@@ -232,7 +235,7 @@ class Engine:
             if picked != list(range(ids.numel())):
                 ids = ids[torch.tensor(picked).to(ids.device, non_blocking=True)]
             logits = self.runner.execute(self.runner.prepare(ahead, input_ids=ids))
-            self._ahead = (ahead, PendingTokens(logits))
+            self._ahead = (ahead, PendingTokens(self.penalties.apply(logits, ahead.seqs)))
             self.stats.steps_ahead += 1
         tokens = pending.tolist()
         for seq, row in zip(batch.seqs, rows):
@@ -275,6 +278,7 @@ class Engine:
     def _resolve(self, seq: Sequence) -> None:
         assert seq.status is Status.FINISHED
         self.constraints.forget(seq)
+        self.penalties.forget(seq)
         self._groups.pop(id(seq)).finish(seq)
 
     def run_forever(self, stop: threading.Event, heartbeat_s: float = 5.0) -> None:

@@ -1,10 +1,7 @@
-"""Next-token sampling: penalties and min_tokens on the logits, then greedy, or temperature, top-k, top-p and min_p,
-with per-sequence seeds.
+"""Next-token sampling: min_tokens on the logits (penalties are applied before, by penalties.py), then greedy, or
+temperature, top-k, top-p and min_p, with per-sequence seeds.
 
-The penalties of a step's rows are applied together, on the device, to the rows that have them, from token counts
-scattered there from padded lists that the host builds each step from every penalised row's tokens: on one H100
-that host work made a mixed step with half its rows penalised 19% longer (benchmarks/README.md); counts kept on
-the device per sequence are the next step. A seeded sequence draws its n-th
+A seeded sequence draws its n-th
 token from a generator seeded by (seed, n), so its tokens do not depend on which other sequences share the batch,
 the replica, or the tensor-parallel layout.
 """
@@ -15,52 +12,22 @@ from typing import Sequence as Seq
 
 import torch
 
-from shardgen.actors.engine.sequence import SEED_MODULUS, SamplingParams, Sequence, penalized
+from shardgen.actors.engine.sequence import SEED_MODULUS, SamplingParams, Sequence
 
 
-def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Seq[int]) -> torch.Tensor:
-    """``logits`` (float32, (B, V), row i for ``seqs[i]``) with each row's penalties and min_tokens applied, as vLLM
-    (and Hugging Face's RepetitionPenaltyLogitsProcessor and MinNewTokensLengthLogitsProcessor) do: a copy, or
-    ``logits`` itself when no row has either."""
-    rows = [i for i, s in enumerate(seqs) if penalized(s.params)]
+def mask_early_stops(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Seq[int]) -> torch.Tensor:
+    """``logits`` (float32, (B, V), row i for ``seqs[i]``) with EOS and each row's stop tokens masked while the row
+    has fewer than its ``min_tokens``, as vLLM and Hugging Face's MinNewTokensLengthLogitsProcessor do: a copy, or
+    ``logits`` itself when no row needs it."""
     early = [i for i, s in enumerate(seqs) if s.num_output < s.params.min_tokens]
-    if not rows and not early:
+    vocab = logits.shape[1]
+    pairs = [(i, t) for i in early for t in {*eos_token_ids, *seqs[i].params.stop_token_ids} if t < vocab]
+    if not pairs:
         return logits
     logits = logits.clone()
-    vocab, device = logits.shape[1], logits.device
-    if rows:
-        index = torch.tensor(rows, device=device)
-        picked = [seqs[i].params for i in rows]
-        row_logits = logits[index]
-        out_counts = _counts([seqs[i].output_ids for i in rows], vocab, device)
-        repetition = torch.tensor([p.repetition_penalty for p in picked], device=device)[:, None]
-        if any(p.repetition_penalty != 1.0 for p in picked):
-            prompts = [seqs[i].tokens[: seqs[i].num_prompt] for i in rows]
-            seen = (out_counts > 0) | (_counts(prompts, vocab, device) > 0)
-            scaled = torch.where(row_logits > 0, row_logits / repetition, row_logits * repetition)
-            row_logits = torch.where(seen, scaled, row_logits)
-        frequency = torch.tensor([p.frequency_penalty for p in picked], device=device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in picked], device=device)[:, None]
-        row_logits = row_logits - frequency * out_counts - presence * (out_counts > 0)
-        logits[index] = row_logits
-    if early:
-        pairs = [(i, t) for i in early for t in {*eos_token_ids, *seqs[i].params.stop_token_ids} if t < vocab]
-        if pairs:
-            r, t = zip(*pairs)
-            logits[torch.tensor(r, device=device), torch.tensor(t, device=device)] = float("-inf")
+    r, t = zip(*pairs)
+    logits[torch.tensor(r, device=logits.device), torch.tensor(t, device=logits.device)] = float("-inf")
     return logits
-
-
-def _counts(ids: list[Seq[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """(len(ids), vocab) float32 occurrences of each token in each list: one scatter of the padded lists."""
-    width = max(1, max(len(x) for x in ids))
-    padded = torch.full((len(ids), width), vocab, dtype=torch.int64)  # the pad lands in a column dropped after
-    for i, x in enumerate(ids):
-        if x:
-            padded[i, : len(x)] = torch.as_tensor(x, dtype=torch.int64)
-    counts = torch.zeros(len(ids), vocab + 1, dtype=torch.float32, device=device)
-    counts.scatter_add_(1, padded.to(device, non_blocking=True), torch.ones(padded.shape, device=device))
-    return counts[:, :vocab]
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:

@@ -259,10 +259,12 @@ def test_prompt_logprobs_match_transformers_across_prefill_chunks_and_preemption
         assert max(abs(a - b) for a, b in zip(got.prompt_logprobs[1:], want)) <= 1e-4
 
 
-def test_penalties_and_min_tokens_give_hugging_faces_greedy_tokens_and_leave_the_batch_alone(model):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_penalties_and_min_tokens_give_hugging_faces_greedy_tokens_and_leave_the_batch_alone(model, overlap):
     """repetition_penalty and min_tokens through the paged engine: the same greedy tokens as transformers'
     ``generate(repetition_penalty=..., min_new_tokens=...)`` on the dequantized model; an unpenalised row in the same
-    batch gets the tokens it gets alone."""
+    batch gets the tokens it gets alone. With decode steps launched ahead, penalised rows are too (their counts are
+    updated on the device), with the same tokens."""
     reference, loaded = model
     prompts = random_prompts([9, 23, 14], seed=7)
     plain = hf_greedy(reference, prompts[2], 12)
@@ -275,7 +277,7 @@ def test_penalties_and_min_tokens_give_hugging_faces_greedy_tokens_and_leave_the
                                      do_sample=False, pad_token_id=reference.config.vocab_size - 1, **kw)
         return out[0, len(prompt):].tolist()
 
-    engine = make_engine(loaded, eos={eos})
+    engine = make_engine(loaded, eos={eos}, overlap_decode=overlap)
     reqs = [Request("rep", prompts[0], SamplingParams(max_new_tokens=12, repetition_penalty=1.5)),
             Request("plain", prompts[1], SamplingParams(max_new_tokens=12, ignore_eos=True)),
             Request("min", prompts[2], SamplingParams(max_new_tokens=12, min_tokens=6))]
@@ -286,6 +288,7 @@ def test_penalties_and_min_tokens_give_hugging_faces_greedy_tokens_and_leave_the
     assert early.token_ids == completion(hf(prompts[2], min_new_tokens=6, eos_token_id=eos))
     assert len(early.token_ids) >= 6 and eos not in early.token_ids
     assert alone.token_ids == hf_greedy(reference, prompts[1], 12)
+    assert (engine.stats.steps_ahead > 0) == overlap
 
 
 def test_out_of_memory_in_a_step_fails_every_request_naming_the_settings_to_lower_and_never_hangs(model, monkeypatch):

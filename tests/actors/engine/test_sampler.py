@@ -1,10 +1,11 @@
-"""Sampling on its own: penalties, min_tokens and min_p against Hugging Face's own logits processors; greedy,
+"""Sampling on its own: penalties (and the device counts they use), min_tokens and min_p against Hugging Face's own logits processors; greedy,
 temperature, top-k, top-p, and seeds that make a row's tokens its own."""
 
 import pytest
 import torch
 
-from shardgen.actors.engine.sampler import PendingTokens, adjust_logits, filtered_probs, sample
+from shardgen.actors.engine.penalties import Penalties
+from shardgen.actors.engine.sampler import PendingTokens, filtered_probs, mask_early_stops, sample
 from shardgen.actors.engine.sequence import SEED_MODULUS, Request, SamplingParams, Sequence
 
 VOCAB, EOS = 60, 59
@@ -14,6 +15,11 @@ def sequence(prompt: list[int], output: list[int], params: SamplingParams) -> Se
     seq = Sequence(Request("r", prompt, params))
     seq.tokens.extend(output)
     return seq
+
+
+def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos: list[int]) -> torch.Tensor:
+    """The engine's order: penalties from fresh device counts, then min_tokens."""
+    return mask_early_stops(Penalties(torch.device("cpu")).apply(logits, seqs), seqs, eos)
 
 
 def test_repetition_penalty_and_min_tokens_equal_hugging_faces_processors():
@@ -46,6 +52,28 @@ def test_presence_and_frequency_penalties_subtract_per_completion_token_as_opena
     want[0, 8] -= 0.5 - 0.25  # once in the completion (the prompt's tokens do not count)
     want[0, 20] -= 0.5 - 0.25 * 3
     torch.testing.assert_close(got, want)
+
+
+def test_device_counts_follow_tokens_counted_on_the_device_or_caught_up_from_the_host_and_slots_are_reused_clean():
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.4)
+    penalties = Penalties(torch.device("cpu"), min_slots=2)
+    a, b, plain = sequence([1, 2], [], params), sequence([7], [7, 7], params), sequence([5], [], SamplingParams())
+    penalties.apply(logits, [a, plain, b])
+    # a decode step's tokens counted on the device, then appended by the host: counted once
+    penalties.count([a, plain, b], torch.tensor([30, 31, 32]), [0, 1, 2])
+    a.tokens.append(30), plain.tokens.append(31), b.tokens.append(32)
+    b.tokens.append(33)  # and a token only the host saw (a step not launched ahead)
+    got = penalties.apply(logits, [a, plain, b])
+    torch.testing.assert_close(got, adjust_logits(logits, [a, plain, b], [EOS]))
+    assert torch.equal(got[1], logits[1])
+    c = sequence([40], [], params)  # a third penalised sequence: the slots double, keeping a's and b's counts
+    torch.testing.assert_close(penalties.apply(logits, [a, b, c]), adjust_logits(logits, [a, b, c], [EOS]))
+    assert penalties.num_slots == 4
+    penalties.forget(a)
+    d = sequence([9], [], params)  # takes a's slot: none of a's prompt or output is seen
+    torch.testing.assert_close(penalties.apply(logits[:1], [d]), adjust_logits(logits[:1], [d], [EOS]))
+    assert penalties.num_slots == 4
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 1.0, 0.1), (0.7, 10, 0.9, 0.05),
