@@ -30,7 +30,7 @@ TINY = dict(vocab_size=301, hidden_size=128, intermediate_size=256, num_hidden_l
 
 
 def hf_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: object):
-    """A randomly initialised transformers model of ``family`` (llama, mistral, qwen2, qwen3)."""
+    """A randomly initialised transformers model of ``family`` (llama, mistral, qwen2, qwen3, phi3, opt)."""
     import transformers as tf
 
     classes = {
@@ -38,11 +38,18 @@ def hf_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **o
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": None}),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 64}),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {"pad_token_id": 0, "eos_token_id": 2, "sliding_window": None}),
+        "opt": (tf.OPTConfig, tf.OPTForCausalLM, {"ffn_dim": TINY["intermediate_size"], "init_std": 0.2,
+                                                  "word_embed_proj_dim": TINY["hidden_size"]}),
     }
     config_cls, model_cls, extra = classes[family]
     torch.manual_seed(seed)
     config = config_cls(**{**TINY, **extra, **overrides})
     model = model_cls(config).eval()
+    if family == "opt":  # transformers starts biases at 0 and LayerNorms at 1: random, so a misread one shows
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "layer_norm" in name:
+                p.data += 0.1 * torch.randn_like(p)
     # Parameters only: transformers keeps rotary inv_freq in float32 whatever the weights' dtype.
     for p in model.parameters():
         p.data = p.data.to(dtype)

@@ -85,6 +85,7 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, tp: TPGroup, device: torch.device, config: EngineConfig,
                  max_model_len: int) -> None:
         self.model, self.tp, self.device, self.config = loaded.model, tp, device, config
+        self.model.set_max_model_len(max_model_len)
         self.block_size = config.block_size
         self.dtype = self.model.model.embed_tokens.weight.dtype
         self.use_triton = device.type == "cuda" and paged_attention.available()

@@ -6,7 +6,9 @@ file gets a message that names the file and the key to fix.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,10 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "OPTForCausalLM": "opt",
+    "Phi3ForCausalLM": "phi3",  # Phi-3 and Phi-4 (q/k/v and gate/up fused in the checkpoint)
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,20 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # longrope (Phi-3): per-frequency divisors below and above original_max_position_embeddings, and the factor
+    # cos and sin are scaled by
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class OptConfig:
+    """What OPT has and the Llama-like families do not (learned positions, LayerNorm, ReLU and biases are implied)."""
+
+    layer_norm_before: bool = True  # False (OPT-350m): each norm comes after its residual add
+    final_layer_norm: bool = True  # absent when the norms come after, or with _remove_final_layer_norm
+    word_embed_proj_dim: int | None = None  # embeddings narrower than hidden_size, projected in and out
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,7 @@ class ModelConfig:
     quant: QuantConfig | None
     torch_dtype: str
     eos_token_ids: tuple[int, ...] = field(default=())
+    opt: OptConfig | None = None  # set for OPT only
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -108,11 +127,18 @@ class ModelConfig:
                 raise ValueError(f"{source}: key {key!r} is missing; a {arch} config needs it")
             return raw[key]
 
+        if family == "opt":
+            return _opt_config(raw, source, need)
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{source}: hidden_act {act!r} is not supported; shardgen's MLP is SwiGLU (silu)")
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
+        rope_params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        partial = float(rope_params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
+        if partial != 1.0:
+            raise ValueError(f"{source}: partial_rotary_factor {partial} is not supported (Phi-4-mini's 0.75 among "
+                             f"them); shardgen rotates the whole head")
         kv_heads = int(raw.get("num_key_value_heads") or heads)
         head_dim = int(raw.get("head_dim") or hidden // heads)
         sliding = raw.get("sliding_window")
@@ -120,6 +146,10 @@ class ModelConfig:
             sliding = None
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        rope = _parse_rope(raw, source)
+        if rope.rope_type == "longrope" and not len(rope.short_factor) == len(rope.long_factor) == head_dim // 2:
+            raise ValueError(f"{source}: longrope's short_factor and long_factor need head_dim / 2 = {head_dim // 2} "
+                             f"values each; they have {len(rope.short_factor)} and {len(rope.long_factor)}")
         return cls(
             architecture=arch,
             family=family,
@@ -137,7 +167,7 @@ class ModelConfig:
             mlp_bias=bool(raw.get("mlp_bias", False)),
             qk_norm=family == "qwen3",
             sliding_window=int(sliding) if sliding else None,
-            rope=_parse_rope(raw, source),
+            rope=rope,
             quant=_parse_quant(raw.get("quantization_config"), source),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
             eos_token_ids=eos_ids,
@@ -157,7 +187,8 @@ class ModelConfig:
             out.append(f"does not divide intermediate_size {self.intermediate_size}")
         if out or self.quant is None:
             return out
-        row_parallel = {"o_proj": self.num_heads * self.head_dim, "down_proj": self.intermediate_size}
+        row_parallel = ({"out_proj": self.hidden_size, "fc2": self.intermediate_size} if self.family == "opt" else
+                        {"o_proj": self.num_heads * self.head_dim, "down_proj": self.intermediate_size})
         for kind, k in row_parallel.items():
             if int4_groups is None:
                 groups = {self.quant.group_size}
@@ -177,8 +208,45 @@ class ModelConfig:
             raise ValueError(f"`tp` {tp_size} {'; '.join(problems)}{heads}. Valid `tp` for this model: "
                              f"{self.valid_tp_sizes(int4_groups)}")
 
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embeddings and of lm_head's input (OPT's may be narrower than hidden_size)."""
+        return self.opt.word_embed_proj_dim if self.opt and self.opt.word_embed_proj_dim else self.hidden_size
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        """Where the decoder's tensors live in the checkpoint (shardgen's own modules are always ``model.*``)."""
+        return "model.decoder." if self.family == "opt" else "model."
+
     def valid_tp_sizes(self, int4_groups: dict[str, int] | None = None, limit: int = 64) -> list[int]:
         return [t for t in range(1, limit + 1) if not self.tp_problems(t, int4_groups)]
+
+
+def _opt_config(raw: dict[str, Any], source: str, need) -> ModelConfig:
+    """OPT's config.json (transformers' OPTConfig names and defaults)."""
+    act = raw.get("activation_function", "relu")
+    if act != "relu":
+        raise ValueError(f"{source}: activation_function {act!r} is not supported; shardgen's OPT MLP is ReLU")
+    if not raw.get("enable_bias", True) or not raw.get("layer_norm_elementwise_affine", True):
+        raise ValueError(f"{source}: enable_bias and layer_norm_elementwise_affine must be true (as in every "
+                         f"published OPT); shardgen's OPT layers have biases and affine LayerNorms")
+    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    before = bool(raw.get("do_layer_norm_before", True))
+    proj = int(raw.get("word_embed_proj_dim") or hidden)
+    eos = raw.get("eos_token_id", 2)
+    return ModelConfig(
+        architecture="OPTForCausalLM", family="opt", vocab_size=int(need("vocab_size")), hidden_size=hidden,
+        intermediate_size=int(need("ffn_dim")), num_layers=int(need("num_hidden_layers")), num_heads=heads,
+        num_kv_heads=heads, head_dim=hidden // heads, rms_norm_eps=1e-5,  # nn.LayerNorm's default eps
+        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)), attention_bias=True, mlp_bias=True,
+        qk_norm=False, sliding_window=None, rope=RopeConfig(), quant=_parse_quant(raw.get("quantization_config"), source),
+        torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float16"),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
+        opt=OptConfig(layer_norm_before=before,
+                      final_layer_norm=before and not raw.get("_remove_final_layer_norm", False),
+                      word_embed_proj_dim=proj if proj != hidden else None),
+        raw=raw)
 
 
 def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
@@ -186,16 +254,31 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
     params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    rope_type = "longrope" if rope_type == "su" else rope_type  # Phi-3's first name for it, as transformers reads it
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"{source}: rope type {rope_type!r} is not supported; shardgen supports {SUPPORTED_ROPE_TYPES}")
-    return RopeConfig(
+    # Phi-3 keeps original_max_position_embeddings beside max_position_embeddings, not in the rope parameters.
+    original = int(params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings", 8192)))
+    rope = RopeConfig(
         theta=theta,
         rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
+        factor=float(params.get("factor") or 1.0),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        original_max_position_embeddings=original,
     )
+    if rope_type != "longrope":
+        return rope
+    # As transformers' _compute_longrope_parameters: the factor defaults to the ratio of the context lengths.
+    factor = float(params.get("factor") or raw.get("max_position_embeddings", original) / original)
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    short, long = params.get("short_factor"), params.get("long_factor")
+    if not isinstance(short, list) or not isinstance(long, list):
+        raise ValueError(f"{source}: longrope needs short_factor and long_factor lists in rope_scaling")
+    return dataclasses.replace(rope, factor=factor, short_factor=tuple(map(float, short)),
+                               long_factor=tuple(map(float, long)), attention_factor=float(attention))
 
 
 def _parse_quant(qc: dict[str, Any] | None, source: str) -> QuantConfig | None:

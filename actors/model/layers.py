@@ -21,7 +21,27 @@ from shardgen.actors.model.config import RopeConfig
 from shardgen.actors.model.distributed import SINGLE, TPGroup
 
 
-def _param(data: torch.Tensor, loader, **attrs: object) -> nn.Parameter:
+# Checkpoint projection -> (merged shardgen parameter, part index).
+PACKED_MODULES = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+def merged_group(int4_groups: dict[str, int], prefix: str, merged: str) -> int | None:
+    """The int4 group size of the checkpoint projections merged into ``prefix.merged`` (None: all dense), or of
+    the one fused tensor a checkpoint holds for them (Phi-3's qkv_proj and gate_up_proj)."""
+    if f"{prefix}.{merged}" in int4_groups:
+        return int4_groups[f"{prefix}.{merged}"]
+    sources = [f"{prefix}.{src}" for src, (dst, _) in PACKED_MODULES.items() if dst == merged]
+    groups = {int4_groups.get(s) for s in sources}
+    if len(groups) != 1:
+        raise ValueError(f"{', '.join(sources)} must all be int4 with one group size, or all plain; the checkpoint has {groups}")
+    return groups.pop()
+
+
+def parameter(data: torch.Tensor, loader, **attrs: object) -> nn.Parameter:
+    """A frozen parameter that carries its ``weight_loader``."""
     p = nn.Parameter(data, requires_grad=False)
     p.weight_loader = loader
     for k, v in attrs.items():
@@ -55,8 +75,8 @@ class LinearBase(nn.Module):
             w = int4.empty((out_local, in_local), group_size, dtype, device)
         else:
             w = torch.zeros(out_local, in_local, dtype=dtype, device=device)
-        self.weight = _param(w, self.weight_loader, input_dim=1, output_dim=0)
-        self.bias = _param(torch.zeros(out_local, dtype=dtype, device=device), self.weight_loader, output_dim=0) if bias else None
+        self.weight = parameter(w, self.weight_loader, input_dim=1, output_dim=0)
+        self.bias = parameter(torch.zeros(out_local, dtype=dtype, device=device), self.weight_loader, output_dim=0) if bias else None
 
     def weight_loader(self, param: nn.Parameter, ckpt: Checkpoint, name: str, shard_id: object = None) -> None:
         raise NotImplementedError
@@ -89,7 +109,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input in one GEMM (gate/up, q/k/v).
 
     Each rank's weight is [shard of part 0; shard of part 1; ...], so the local
-    output splits back into the parts with ``split(local_sizes)``.
+    output splits back into the parts with ``split(local_sizes)``. The parts come from one checkpoint tensor each
+    (``shard_id`` names the part), or all from one fused tensor (``shard_id`` None: Phi-3), sliced per part.
     """
 
     def __init__(self, in_features: int, part_sizes: list[int], bias: bool = False, group_size: int | None = None,
@@ -100,6 +121,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(part_sizes), bias, group_size, tp, dtype, device)
 
     def weight_loader(self, param: nn.Parameter, ckpt: Checkpoint, name: str, shard_id: object = None) -> None:
+        if shard_id is None:  # one fused tensor [part 0; part 1; ...]: each part's slice for this rank
+            full = (sum(self.part_sizes), self.in_features) if param is self.weight else (sum(self.part_sizes),)
+            for i, part in enumerate(self.part_sizes):
+                start, length = self.tp.shard(part)
+                src = read_checked(ckpt, name, full, 0, sum(self.part_sizes[:i]) + start, length,
+                                   param is self.weight and self.group_size is not None)
+                int4.copy_rows(param.data, src, sum(self.local_sizes[:i]))
+            return
         assert isinstance(shard_id, int), shard_id
         part = self.part_sizes[shard_id]
         full = (part, self.in_features) if param is self.weight else (part,)
@@ -153,7 +182,7 @@ class VocabParallelBase(nn.Module):
             w = int4.empty((self.rows_per_rank, hidden_size), group_size, dtype, device)
         else:
             w = torch.zeros(self.rows_per_rank, hidden_size, dtype=dtype, device=device)
-        self.weight = _param(w, self.weight_loader, input_dim=1, output_dim=0)
+        self.weight = parameter(w, self.weight_loader, input_dim=1, output_dim=0)
 
     def weight_loader(self, param: nn.Parameter, ckpt: Checkpoint, name: str, shard_id: object = None) -> None:
         length = max(self.vocab_end - self.vocab_start, 0)
@@ -202,7 +231,7 @@ class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.eps = eps
-        self.weight = _param(torch.ones(size, dtype=dtype, device=device), self.weight_loader)
+        self.weight = parameter(torch.ones(size, dtype=dtype, device=device), self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, ckpt: Checkpoint, name: str, shard_id: object = None) -> None:
         param.data.copy_(read_checked(ckpt, name, tuple(param.shape), 0, 0, param.shape[0], False))
@@ -212,9 +241,13 @@ class RMSNorm(nn.Module):
         return fused_ops.rms_norm(x, self.weight, self.eps, residual)
 
 
-def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
-    """Inverse frequencies of rotary embeddings, with Llama 3 / linear scaling as transformers computes them."""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def rope_inv_freq(head_dim: int, rope: RopeConfig, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies of rotary embeddings, with Llama 3 / linear / LongRoPE scaling as transformers computes
+    them (``long``: LongRoPE's factors for contexts beyond original_max_position_embeddings)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    if rope.rope_type == "longrope":
+        return 1.0 / (torch.tensor(rope.long_factor if long else rope.short_factor) * rope.theta ** exponent)
+    inv_freq = 1.0 / (rope.theta ** exponent)
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
@@ -231,12 +264,26 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (rotate-half form, as in transformers' Llama/Qwen)."""
+    """Rotary position embedding (rotate-half form, as in transformers' Llama/Qwen/Phi-3).
+
+    LongRoPE has two sets of frequencies; transformers picks per forward call by the sequence's length. shardgen
+    picks once per engine, as vLLM does: the long ones when the engine's ``max_model_len`` is beyond
+    original_max_position_embeddings (``use_long_factors``), so a sequence's cached keys never mix the two.
+    """
 
     def __init__(self, head_dim: int, rope: RopeConfig, device: torch.device | str = "cpu") -> None:
         super().__init__()
+        self.rope, self.head_dim = rope, head_dim
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, rope).to(device), persistent=False)
+        self.scale = rope.attention_factor  # cos and sin scaled: q and k each, after the rotation
+
+    def use_long_factors(self, on: bool) -> None:
+        if self.rope.rope_type == "longrope":
+            self.inv_freq = rope_inv_freq(self.head_dim, self.rope, long=on).to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim); rotated in place on the GPU."""
-        return fused_ops.apply_rotary(q, k, positions, self.inv_freq)
+        q, k = fused_ops.apply_rotary(q, k, positions, self.inv_freq)
+        if self.scale != 1.0:
+            q, k = q * self.scale, k * self.scale
+        return q, k

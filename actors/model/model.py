@@ -1,4 +1,5 @@
-"""Decoder-only transformer (Llama, Mistral, Qwen2, Qwen3) built from tensor-parallel layers.
+"""Decoder-only transformer (Llama, Mistral, Qwen2, Qwen3; OPT's decoder is in opt.py) built from tensor-parallel
+layers.
 
 ``forward(input_ids, positions, meta, kv_caches)`` takes the tokens of a
 batch flattened into one dimension, so prefill, decode and chunked prefill run
@@ -19,21 +20,19 @@ from shardgen.actors.model.config import ModelConfig
 from shardgen.actors.model.distributed import SINGLE, TPGroup
 from shardgen.actors.kernels.kv_cache import LayerCache
 from shardgen.actors.model.layers import (
+    PACKED_MODULES,
     MergedColumnParallelLinear,
     ParallelLMHead,
     RMSNorm,
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
+    merged_group,
 )
+from shardgen.actors.model.opt import OPTDecoder
 
 log = logging.getLogger(__name__)
 
-# Checkpoint projection -> (merged shardgen parameter, part index).
-PACKED_MODULES = {
-    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -48,7 +47,7 @@ class Attention(nn.Module):
         self.sliding_window = cfg.sliding_window
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = MergedColumnParallelLinear(
-            cfg.hidden_size, [q, kv, kv], cfg.attention_bias, _merged_group(int4_groups, prefix, "qkv_proj"), tp, dtype, device)
+            cfg.hidden_size, [q, kv, kv], cfg.attention_bias, merged_group(int4_groups, prefix, "qkv_proj"), tp, dtype, device)
         o_bias = cfg.attention_bias and cfg.family != "qwen2"  # Qwen2 has q/k/v bias only
         self.o_proj = RowParallelLinear(q, cfg.hidden_size, o_bias, int4_groups.get(f"{prefix}.o_proj"), tp, dtype, device)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, device)
@@ -77,7 +76,7 @@ class MLP(nn.Module):
         super().__init__()
         i = cfg.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
-            cfg.hidden_size, [i, i], cfg.mlp_bias, _merged_group(int4_groups, prefix, "gate_up_proj"), tp, dtype, device)
+            cfg.hidden_size, [i, i], cfg.mlp_bias, merged_group(int4_groups, prefix, "gate_up_proj"), tp, dtype, device)
         self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, int4_groups.get(f"{prefix}.down_proj"), tp, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,16 +134,24 @@ class CausalLM(nn.Module):
         int4_groups = int4_groups or {}
         cfg.check_tp(tp.size, int4_groups)
         self.config, self.tp = cfg, tp
-        self.model = DecoderModel(cfg, int4_groups, tp, dtype, device)
+        decoder = OPTDecoder if cfg.family == "opt" else DecoderModel
+        self.model = decoder(cfg, int4_groups, tp, dtype, device)
         if cfg.tie_word_embeddings and "lm_head" in int4_groups:
             raise ValueError("lm_head is int4 but tie_word_embeddings is true; set it false in config.json (the head is stored separately)")
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, int4_groups.get("lm_head"), tp, dtype, device)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.embed_dim, int4_groups.get("lm_head"), tp, dtype, device)
         if cfg.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[LayerCache] | None = None) -> torch.Tensor:
         return self.model(input_ids, positions, meta, kv_caches)
+
+    def set_max_model_len(self, max_model_len: int) -> None:
+        """What the engine will run up to: LongRoPE models take their long frequencies beyond the original length."""
+        long = max_model_len > self.config.rope.original_max_position_embeddings
+        for m in self.modules():
+            if isinstance(m, RotaryEmbedding):
+                m.use_long_factors(long)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -161,12 +168,14 @@ class CausalLM(nn.Module):
         for name in ckpt.names():
             if name.endswith(_IGNORED_SUFFIXES) or (self.config.tie_word_embeddings and name == "lm_head.weight"):
                 continue
-            target, shard_id = _param_name(name)
+            target, shard_id = _param_name(name, self.config.checkpoint_prefix)
             if target not in params:
                 log.warning("ignoring checkpoint tensor %s: the model has no parameter for it", name)
                 continue
             param = params[target]
             param.weight_loader(param, ckpt, name, shard_id)
+            if shard_id is None and ("qkv_proj" in target or "gate_up_proj" in target):  # fused: every part
+                loaded |= {(target, i) for i in range(3 if "qkv_proj" in target else 2)}
             loaded.add((target, shard_id))
         missing = sorted(f"{n}" + (f" (part {s})" if s is not None else "") for n, s in expected - loaded)
         if missing:
@@ -175,8 +184,11 @@ class CausalLM(nn.Module):
                 f"it is incomplete or does not match config.json")
 
 
-def _param_name(name: str) -> tuple[str, int | None]:
-    """Checkpoint tensor name -> (shardgen parameter name, merged part or None)."""
+def _param_name(name: str, prefix: str = "model.") -> tuple[str, int | None]:
+    """Checkpoint tensor name -> (shardgen parameter name, merged part or None); the decoder's ``prefix`` in the
+    checkpoint becomes ``model.``."""
+    if name.startswith(prefix):
+        name = "model." + name[len(prefix):]
     parts = name.split(".")
     for i, p in enumerate(parts):
         if p in PACKED_MODULES:
@@ -185,10 +197,3 @@ def _param_name(name: str) -> tuple[str, int | None]:
             return ".".join(parts), shard_id
     return name, None
 
-
-def _merged_group(int4_groups: dict[str, int], prefix: str, merged: str) -> int | None:
-    sources = [f"{prefix}.{src}" for src, (dst, _) in PACKED_MODULES.items() if dst == merged]
-    groups = {int4_groups.get(s) for s in sources}
-    if len(groups) != 1:
-        raise ValueError(f"{', '.join(sources)} must all be int4 with one group size, or all plain; the checkpoint has {groups}")
-    return groups.pop()

@@ -20,7 +20,7 @@ from shardgen.actors.model.checkpoint import INDEX_FILE, Checkpoint
 from shardgen.actors.model.checkpoint_writer import PlannedTensor, save_checkpoint
 from shardgen.actors.model.config import ModelConfig, QuantConfig
 
-_LAYER_LINEAR = re.compile(r"^model\.layers\.\d+\..*\.weight$")
+_LAYER_LINEAR = re.compile(r"^model\.(decoder\.)?layers\.\d+\..*\.weight$")  # OPT keeps them under model.decoder
 _NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".tmp")
 
 
@@ -82,7 +82,7 @@ def quantize_checkpoint(
             plan.append(PlannedTensor(name, entry.shape, entry.dtype, group_size, _quantizer(ckpt, name, group_size)))
         untie = False
         if quantize_lm_head:
-            head = "lm_head.weight" if "lm_head.weight" in ckpt else "model.embed_tokens.weight"
+            head = "lm_head.weight" if "lm_head.weight" in ckpt else f"{cfg.checkpoint_prefix}embed_tokens.weight"
             entry = ckpt.entry(head)
             if entry.shape[1] % group_size:
                 report.unquantizable.append(f"lm_head.weight (K={entry.shape[1]} is not a multiple of {group_size})")

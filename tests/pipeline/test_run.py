@@ -48,7 +48,7 @@ def test_every_id_exactly_once_with_two_replicas_and_with_tp2(demo, tmp_path):
     assert meta[b"shardgen.dtype"] == b"float32" and meta[b"shardgen.tp"] == b"2"  # what ran, not "auto"
 
 
-@pytest.mark.parametrize("family,tp", [("llama", 1), ("llama", 2), ("qwen3", 1), ("qwen3", 2)])
+@pytest.mark.parametrize("family,tp", [("llama", 1), ("llama", 2), ("qwen3", 1), ("qwen3", 2), ("opt", 1)])
 def test_greedy_completions_equal_transformers_generate(tmp_path, family, tp):
     reference, model = model_with_tokenizer(family, tmp_path)
     shared = "The quick brown fox jumps over the lazy dog. " * 4  # prefix caching: blocks shared when admitted later

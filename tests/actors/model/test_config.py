@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -108,3 +109,42 @@ def test_qwen2_has_qkv_bias_and_qwen3_has_qk_norm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "architectures": ["Qwen2ForCausalLM"]}))
     assert ModelConfig.from_dir(tmp_path).attention_bias
     assert cfg(architectures=["Qwen3ForCausalLM"], head_dim=128).qk_norm
+
+
+def test_opt_125m_config_reads_with_transformers_defaults_and_its_tp_rule_names_the_valid_degrees():
+    from transformers import OPTConfig
+
+    raw = {**OPTConfig(hidden_size=768, num_attention_heads=12, ffn_dim=3072, num_hidden_layers=12,
+                       word_embed_proj_dim=768).to_dict(), "architectures": ["OPTForCausalLM"],
+           "quantization_config": QuantConfig(128).to_hf_dict()}
+    c = ModelConfig.from_dict(raw)
+    assert (c.family, c.intermediate_size, c.num_kv_heads, c.head_dim, c.tie_word_embeddings) == ("opt", 3072, 12, 64, True)
+    assert c.opt.layer_norm_before and c.opt.final_layer_norm and c.opt.word_embed_proj_dim is None
+    assert c.checkpoint_prefix == "model.decoder." and c.embed_dim == 768
+    # out_proj's K of 768 splits into 192 columns at tp 4: not a multiple of G = 128
+    with pytest.raises(ValueError, match=r"out_proj: .*Valid `tp` for this model: \[1, 2, 3, 6\]"):
+        c.check_tp(4)
+    narrow = ModelConfig.from_dict({**raw, "hidden_size": 1024, "num_attention_heads": 16, "ffn_dim": 4096,
+                                    "word_embed_proj_dim": 512, "do_layer_norm_before": False})
+    assert narrow.embed_dim == 512 and not narrow.opt.final_layer_norm
+
+
+@pytest.mark.parametrize("key,value,match", [("activation_function", "gelu", "activation_function 'gelu'"),
+                                             ("enable_bias", False, "enable_bias and layer_norm_elementwise_affine")])
+def test_opt_variants_shardgen_does_not_run_are_refused_naming_the_key(key, value, match):
+    raw = {"architectures": ["OPTForCausalLM"], "vocab_size": 1000, "hidden_size": 256, "ffn_dim": 512,
+           "num_hidden_layers": 2, "num_attention_heads": 4, key: value}
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_dict(raw)
+
+
+def test_phi3_longrope_reads_as_transformers_and_what_shardgen_cannot_rotate_is_refused():
+    phi = {**BASE, "architectures": ["Phi3ForCausalLM"], "num_key_value_heads": 8, "max_position_embeddings": 131072,
+           "original_max_position_embeddings": 4096}
+    su = cfg(**phi, rope_scaling={"type": "su", "short_factor": [1.0] * 32, "long_factor": [2.0] * 32})
+    assert su.family == "phi3" and su.rope.rope_type == "longrope" and su.rope.factor == 32.0
+    assert su.rope.attention_factor == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)
+    with pytest.raises(ValueError, match="need head_dim / 2 = 32 values each; they have 3 and 32"):
+        cfg(**phi, rope_scaling={"type": "longrope", "short_factor": [1.0] * 3, "long_factor": [2.0] * 32})
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.75 is not supported"):
+        cfg(**phi, partial_rotary_factor=0.75)

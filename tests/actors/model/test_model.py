@@ -20,7 +20,7 @@ from tests.helpers import (
     shardgen_logits,
 )
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "opt"]
 RTOL = 1e-4
 
 
@@ -38,7 +38,7 @@ def checkpoints(tmp_path_factory):
 def test_logits_match_transformers_on_dequantized_weights(checkpoints, family):
     reference, path = checkpoints[family]
     loaded = load_model(path)
-    assert loaded.layout == int4.LAYOUT_CPU and loaded.int4_weights == 2 * 4  # qkv, o, gate_up, down per layer
+    assert loaded.layout == int4.LAYOUT_CPU and loaded.int4_weights == 2 * 4  # qkv, o, gate_up, down per layer (OPT: qkv, out, fc1, fc2)
     ids = torch.randint(0, 301, (3, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = reference(ids).logits
@@ -110,3 +110,45 @@ def test_sliding_window_masks_old_keys_like_transformers(tmp_path):
     with torch.no_grad():
         want = model(ids).logits
     assert _max_rel_diff(shardgen_logits(loaded.model, ids), want) < RTOL
+
+
+def test_opt_with_norms_after_the_residual_and_narrow_projected_embeddings_matches_transformers(tmp_path):
+    """OPT-350m's variant: do_layer_norm_before false (no final norm), word_embed_proj_dim below hidden_size (the
+    project_in/project_out linears, kept dense by quantize), tied embeddings."""
+    reference, path = int4_checkpoint("opt", tmp_path, do_layer_norm_before=False, word_embed_proj_dim=64,
+                                      tie_word_embeddings=True)
+    loaded = load_model(path)
+    assert loaded.model.model.final_layer_norm is None and loaded.model.model.project_in is not None
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+    ids = torch.randint(0, 301, (2, 13), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = reference(ids).logits
+    assert _max_rel_diff(shardgen_logits(loaded.model, ids), want) < RTOL
+    prompt = ids[0, :6].tolist()
+    assert greedy_paged(loaded.model, [prompt], new_tokens=10)[0] == hf_greedy(reference, prompt, 10)
+
+
+def test_phi3_reads_fused_projections_and_longrope_picks_its_frequencies_by_max_model_len(tmp_path):
+    """Phi-3 stores qkv_proj and gate_up_proj fused (int4 here, sliced per part on load); LongRoPE's short factors
+    match transformers on a prompt within original_max_position_embeddings, and its long factors (chosen when the
+    engine's max_model_len is beyond it) on a prompt past it, where transformers takes them too."""
+    g = torch.Generator().manual_seed(9)
+    factors = lambda: (1 + 3 * torch.rand(16, generator=g)).tolist()  # noqa: E731 (head_dim 32: 16 frequencies)
+    rope = {"rope_type": "longrope", "short_factor": factors(), "long_factor": factors(), "rope_theta": 10000.0}
+    reference, path = int4_checkpoint("phi3", tmp_path, rope_scaling=rope, original_max_position_embeddings=64)
+    from shardgen.actors.model.checkpoint import Checkpoint
+
+    with Checkpoint(path) as ckpt:
+        assert ckpt.entry("model.layers.0.self_attn.qkv_proj.weight").is_int4
+        assert ckpt.entry("model.layers.0.mlp.gate_up_proj.weight").is_int4
+    model = load_model(path).model
+    assert model.config.rope.attention_factor == pytest.approx((1 + torch.log(torch.tensor(4.0)).item()
+                                                                / torch.log(torch.tensor(64.0)).item()) ** 0.5)
+    for max_model_len, length in ((64, 40), (256, 90)):
+        model.set_max_model_len(max_model_len)
+        ids = torch.randint(0, 301, (2, length), generator=g)
+        with torch.no_grad():
+            want = reference(ids).logits
+        assert _max_rel_diff(shardgen_logits(model, ids), want) < RTOL, max_model_len
+    prompt = ids[0, :70].tolist()  # long factors throughout: transformers' choice for a sequence past 64
+    assert greedy_paged(model, [prompt], new_tokens=8)[0] == hf_greedy(reference, prompt, 8)

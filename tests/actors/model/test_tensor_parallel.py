@@ -60,7 +60,12 @@ CASES = [
     ("qwen2", 2, {}),  # q/k/v bias
     ("qwen3", 2, {"tie_word_embeddings": True}),  # q/k norm, tied head over vocab shards
     ("llama", 4, {"num_key_value_heads": 4}),
+    ("opt", 2, {"tie_word_embeddings": True}),  # biases everywhere, learned positions, LayerNorm, ReLU
+    ("phi3", 2, {}),  # q/k/v and gate/up fused in the checkpoint: each part sliced per rank
 ]
+# (qkv, o, gate_up, down) of layer 0 in each family's module names
+SHARDED = {"opt": ("self_attn.qkv_proj", "self_attn.out_proj", "fc1", "fc2")}
+LLAMA_SHARDED = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 @pytest.mark.slow
@@ -86,8 +91,7 @@ def test_tp_logits_and_greedy_tokens_equal_tp1(tmp_path, family, world, override
     # Each rank holds exactly its 1/T slice of every sharded parameter.
     full = {n: tuple(p.shape) for n, p in single.named_parameters()}
     shapes = ranks[0]["shapes"]
-    assert shapes["model.layers.0.self_attn.qkv_proj.weight"][0] * world == full["model.layers.0.self_attn.qkv_proj.weight"][0]
-    assert shapes["model.layers.0.self_attn.o_proj.weight"][1] * world == full["model.layers.0.self_attn.o_proj.weight"][1]
-    assert shapes["model.layers.0.mlp.gate_up_proj.weight"][0] * world == full["model.layers.0.mlp.gate_up_proj.weight"][0]
-    assert shapes["model.layers.0.mlp.down_proj.weight"][1] * world == full["model.layers.0.mlp.down_proj.weight"][1]
+    qkv, o, gate_up, down = (f"model.layers.0.{m}.weight" for m in SHARDED.get(family, LLAMA_SHARDED))
+    assert shapes[qkv][0] * world == full[qkv][0] and shapes[gate_up][0] * world == full[gate_up][0]
+    assert shapes[o][1] * world == full[o][1] and shapes[down][1] * world == full[down][1]
     assert shapes["model.embed_tokens.weight"][0] == -(-301 // world)
