@@ -345,6 +345,12 @@ def inspect(
     groups = sorted({e.group_size for e in entries if e.is_int4})
     typer.echo(f"{model}: {cfg.architecture}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, intermediate "
                f"{cfg.intermediate_size}, {cfg.num_heads} heads / {cfg.num_kv_heads} KV heads, vocab {cfg.vocab_size}")
+    if cfg.moe:
+        experts_int4 = sum(e.is_int4 and ".experts." in e.name for e in entries)
+        typer.echo(f"experts: {cfg.moe.num_experts} in each of {sum(cfg.moe.sparse)} MoE layers, top {cfg.moe.top_k} "
+                   f"a token{' (renormalised)' if cfg.moe.norm_topk_prob else ''}, expert intermediate "
+                   f"{cfg.moe.intermediate_size}; {experts_int4} int4 expert weights, routers "
+                   f"{'float' if not any(e.is_int4 and e.name.endswith('.gate.weight') for e in entries) else 'int4'}")
     quant = f"plain int4, group size {cfg.quant.group_size}" if cfg.quant else "none (float)"
     typer.echo(f"quantization: {quant}; {int4_n} int4 weights (group sizes {groups or '-'}), "
                f"{len(entries) - int4_n} float tensors")

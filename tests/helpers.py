@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,8 @@ TINY = dict(vocab_size=301, hidden_size=128, intermediate_size=256, num_hidden_l
 
 
 def hf_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: object):
-    """A randomly initialised transformers model of ``family`` (llama, mistral, qwen2, qwen3, phi3, opt)."""
+    """A randomly initialised transformers model of ``family`` (llama, mistral, qwen2, qwen3, phi3, gemma3, qwen3_moe, mixtral,
+    opt)."""
     import transformers as tf
 
     classes = {
@@ -39,6 +41,16 @@ def hf_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **o
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 64}),
         "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {"pad_token_id": 0, "eos_token_id": 2, "sliding_window": None}),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {
+            "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 6, "final_logit_softcapping": 30.0,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+        "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM, {
+            "head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+            "norm_topk_prob": True, "mlp_only_layers": [1]}),  # layer 1 dense: both kinds of MLP
+        "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, {"num_local_experts": 4, "num_experts_per_tok": 2,
+                                                               "sliding_window": None}),
         "opt": (tf.OPTConfig, tf.OPTForCausalLM, {"ffn_dim": TINY["intermediate_size"], "init_std": 0.2,
                                                   "word_embed_proj_dim": TINY["hidden_size"]}),
     }
@@ -46,9 +58,9 @@ def hf_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **o
     torch.manual_seed(seed)
     config = config_cls(**{**TINY, **extra, **overrides})
     model = model_cls(config).eval()
-    if family == "opt":  # transformers starts biases at 0 and LayerNorms at 1: random, so a misread one shows
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or "layer_norm" in name:
+    if family in ("opt", "gemma3"):  # transformers starts biases and Gemma's norms at 0, LayerNorms at 1: random,
+        for name, p in model.named_parameters():  # so a misread one shows
+            if name.endswith(".bias") or "norm" in name:
                 p.data += 0.1 * torch.randn_like(p)
     # Parameters only: transformers keeps rotary inv_freq in float32 whatever the weights' dtype.
     for p in model.parameters():
@@ -81,7 +93,18 @@ def dequantized_reference(model, ckpt_dir: Path):
     state = model.state_dict()
     with Checkpoint(ckpt_dir) as ckpt:
         for name in ckpt.names():
-            state[name] = int4.dequantize(ckpt.read(name)) if ckpt.entry(name).is_int4 else ckpt.read(name)
+            w = int4.dequantize(ckpt.read(name)) if ckpt.entry(name).is_int4 else ckpt.read(name)
+            expert = re.match(r"(.*)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$", name)
+            if expert is None:
+                state[name.replace(".block_sparse_moe.", ".mlp.")] = w
+                continue
+            # transformers 5 holds the experts stacked: gate_up_proj (E, 2I, H) = [gate; up], down_proj (E, H, I)
+            layer, e, proj = expert.group(1), int(expert.group(2)), expert.group(3)
+            stacked = state[f"{layer}.mlp.experts.{'down_proj' if proj in ('down_proj', 'w2') else 'gate_up_proj'}"]
+            half = stacked.shape[1] // 2
+            rows = {"gate_proj": slice(0, half), "w1": slice(0, half), "up_proj": slice(half, None),
+                    "w3": slice(half, None)}.get(proj, slice(None))
+            stacked[e, rows] = w
     model = model.float()
     model.load_state_dict(state)
     return model

@@ -89,6 +89,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+# -- GELU(gate) * up (Gemma): torch's own ops on every device; Gemma's MLPs have not been profiled on a GPU yet
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: (tokens, 2I) holding [gate | up]; returns gelu_tanh(gate) * up, (tokens, I)."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
 # -- SiLU(gate) * up
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

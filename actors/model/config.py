@@ -23,6 +23,9 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "OPTForCausalLM": "opt",
     "Phi3ForCausalLM": "phi3",  # Phi-3 and Phi-4 (q/k/v and gate/up fused in the checkpoint)
+    "Gemma3ForCausalLM": "gemma3",  # text only
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
@@ -49,6 +52,33 @@ class OptConfig:
     layer_norm_before: bool = True  # False (OPT-350m): each norm comes after its residual add
     final_layer_norm: bool = True  # absent when the norms come after, or with _remove_final_layer_norm
     word_embed_proj_dim: int | None = None  # embeddings narrower than hidden_size, projected in and out
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    """What Gemma 3 adds: local (sliding-window) layers with their own rope, the attention scale, soft-capping."""
+
+    sliding: tuple[bool, ...]  # per layer: a local, sliding-window layer
+    sliding_window: int
+    local_rope: RopeConfig
+    query_pre_attn_scalar: float
+    final_logit_softcapping: float | None = None
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """A mixture-of-experts MLP: top-k of ``num_experts`` SwiGLU experts per token, and where the checkpoint keeps
+    them (Qwen3-MoE: ``mlp.experts.E.{gate,up,down}_proj``, Mixtral: ``block_sparse_moe.experts.E.{w1,w3,w2}``,
+    the router as ``gate`` beside ``experts``)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # each expert's
+    norm_topk_prob: bool  # the top-k weights renormalised to sum to 1
+    sparse: tuple[bool, ...]  # per layer: experts (True) or the dense MLP of intermediate_size
+    block: str = "mlp"  # the checkpoint's name of the MoE block
+    gate_up: tuple[str, str] = ("gate_proj", "up_proj")
+    down: str = "down_proj"
 
 
 @dataclass(frozen=True)
@@ -96,6 +126,9 @@ class ModelConfig:
     torch_dtype: str
     eos_token_ids: tuple[int, ...] = field(default=())
     opt: OptConfig | None = None  # set for OPT only
+    gemma: GemmaConfig | None = None  # set for Gemma 3 only
+    hidden_act: str = "silu"  # the MLP's gate activation: silu, or gelu_pytorch_tanh (Gemma)
+    moe: MoeConfig | None = None  # set for the mixture-of-experts families
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -129,6 +162,8 @@ class ModelConfig:
 
         if family == "opt":
             return _opt_config(raw, source, need)
+        if family == "gemma3":
+            return _gemma3_config(raw, source, need)
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{source}: hidden_act {act!r} is not supported; shardgen's MLP is SwiGLU (silu)")
@@ -165,12 +200,13 @@ class ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             sliding_window=int(sliding) if sliding else None,
             rope=rope,
             quant=_parse_quant(raw.get("quantization_config"), source),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
             eos_token_ids=eos_ids,
+            moe=_parse_moe(raw, family, source),
             raw=raw,
         )
 
@@ -183,17 +219,26 @@ class ModelConfig:
         out = []
         if self.num_heads % tp_size or self.num_kv_heads % tp_size:
             out.append(f"does not divide the attention heads ({self.num_heads}) and KV heads ({self.num_kv_heads})")
-        if self.intermediate_size % tp_size:
+        dense_mlp = self.moe is None or not all(self.moe.sparse)
+        if dense_mlp and self.intermediate_size % tp_size:
             out.append(f"does not divide intermediate_size {self.intermediate_size}")
+        if self.moe and self.moe.intermediate_size % tp_size:
+            out.append(f"does not divide the experts' intermediate size {self.moe.intermediate_size}")
         if out or self.quant is None:
             return out
-        row_parallel = ({"out_proj": self.hidden_size, "fc2": self.intermediate_size} if self.family == "opt" else
-                        {"o_proj": self.num_heads * self.head_dim, "down_proj": self.intermediate_size})
-        for kind, k in row_parallel.items():
+        # (what, its K, which checkpoint modules): a row-parallel int4 slice must hold whole groups
+        row_parallel = ([("out_proj", self.hidden_size, ".out_proj"), ("fc2", self.intermediate_size, ".fc2")]
+                        if self.family == "opt" else [("o_proj", self.num_heads * self.head_dim, ".o_proj")])
+        if self.family != "opt" and dense_mlp:
+            row_parallel.append(("down_proj", self.intermediate_size, ".mlp.down_proj"))
+        if self.moe:
+            row_parallel.append((f"experts' {self.moe.down}", self.moe.intermediate_size, f".{self.moe.down}"))
+        for kind, k, suffix in row_parallel:
             if int4_groups is None:
                 groups = {self.quant.group_size}
             else:
-                groups = {g for name, g in int4_groups.items() if name.endswith(f".{kind}")}
+                groups = {g for name, g in int4_groups.items() if name.endswith(suffix)
+                          and (".experts." in name) == kind.startswith("experts")}
             out += [f"{kind}: {problem}" for g in sorted(groups) if (problem := row_slice_problem(k, tp_size, g))]
         return out
 
@@ -247,6 +292,72 @@ def _opt_config(raw: dict[str, Any], source: str, need) -> ModelConfig:
                       final_layer_norm=before and not raw.get("_remove_final_layer_norm", False),
                       word_embed_proj_dim=proj if proj != hidden else None),
         raw=raw)
+
+
+def _gemma3_config(raw: dict[str, Any], source: str, need) -> ModelConfig:
+    """Gemma 3's text config.json, as Google publishes it (rope_theta, rope_local_base_freq, rope_scaling,
+    sliding_window_pattern) or as transformers 5 writes it (rope_parameters per layer type, layer_types)."""
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"{source}: hidden_activation {act!r} is not supported; shardgen's Gemma MLP is "
+                         f"gelu_pytorch_tanh")
+    if raw.get("attn_logit_softcapping") is not None:
+        raise ValueError(f"{source}: attn_logit_softcapping is set; shardgen's attention kernels do not soft-cap "
+                         f"scores (Gemma 3 leaves it null)")
+    if raw.get("use_bidirectional_attention"):
+        raise ValueError(f"{source}: use_bidirectional_attention is for embedding models; shardgen generates text")
+    layers = int(need("num_hidden_layers"))
+    pattern = int(raw.get("sliding_window_pattern", 6))
+    types = raw.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                       for i in range(layers)]
+    if len(types) != layers:
+        raise ValueError(f"{source}: layer_types has {len(types)} entries for {layers} layers")
+    nested = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    if "full_attention" in nested or "sliding_attention" in nested:
+        global_raw = {"rope_parameters": nested.get("full_attention") or {"rope_theta": 1_000_000.0}}
+        local_raw = {"rope_parameters": nested.get("sliding_attention") or {"rope_theta": 10_000.0}}
+    else:
+        global_raw = {"rope_theta": raw.get("rope_theta", 1_000_000.0), "rope_scaling": raw.get("rope_scaling")}
+        local_raw = {"rope_theta": raw.get("rope_local_base_freq", 10_000.0)}
+    heads = int(need("num_attention_heads"))
+    head_dim = int(raw.get("head_dim") or 256)
+    eos = raw.get("eos_token_id", 1)
+    return ModelConfig(
+        architecture="Gemma3ForCausalLM", family="gemma3", vocab_size=int(need("vocab_size")),
+        hidden_size=int(need("hidden_size")), intermediate_size=int(need("intermediate_size")), num_layers=layers,
+        num_heads=heads, num_kv_heads=int(raw.get("num_key_value_heads") or heads), head_dim=head_dim,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 131072)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        attention_bias=bool(raw.get("attention_bias", False)), mlp_bias=False, qk_norm=True, sliding_window=None,
+        rope=_parse_rope(global_raw, source), quant=_parse_quant(raw.get("quantization_config"), source),
+        torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
+        gemma=GemmaConfig(sliding=tuple(t == "sliding_attention" for t in types),
+                          sliding_window=int(raw.get("sliding_window") or 4096),
+                          local_rope=_parse_rope(local_raw, source),
+                          query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or head_dim),
+                          final_logit_softcapping=raw.get("final_logit_softcapping")),
+        hidden_act="gelu_pytorch_tanh", raw=raw)
+
+
+def _parse_moe(raw: dict[str, Any], family: str, source: str) -> MoeConfig | None:
+    """Qwen3-MoE's and Mixtral's expert settings (transformers' names and defaults)."""
+    layers = int(raw["num_hidden_layers"])
+    if family == "mixtral":
+        return MoeConfig(num_experts=int(raw.get("num_local_experts", 8)), top_k=int(raw.get("num_experts_per_tok", 2)),
+                         intermediate_size=int(raw["intermediate_size"]), norm_topk_prob=True, sparse=(True,) * layers,
+                         block="block_sparse_moe", gate_up=("w1", "w3"), down="w2")
+    if family != "qwen3_moe":
+        return None
+    if "moe_intermediate_size" not in raw:
+        raise ValueError(f"{source}: key 'moe_intermediate_size' is missing; a Qwen3MoeForCausalLM config needs it")
+    step, dense = int(raw.get("decoder_sparse_step", 1)), set(raw.get("mlp_only_layers") or [])
+    experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 128)  # Qwen's name, or transformers 5's
+    return MoeConfig(num_experts=experts, top_k=int(raw.get("num_experts_per_tok", 8)),
+                     intermediate_size=int(raw["moe_intermediate_size"]),
+                     norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+                     sparse=tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers)))
 
 
 def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:

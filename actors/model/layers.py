@@ -17,7 +17,7 @@ from torch import nn
 from shardgen.actors.kernels import fused_ops
 from shardgen.actors import int4
 from shardgen.actors.model.checkpoint import Checkpoint
-from shardgen.actors.model.config import RopeConfig
+from shardgen.actors.model.config import ModelConfig, RopeConfig
 from shardgen.actors.model.distributed import SINGLE, TPGroup
 
 
@@ -25,15 +25,21 @@ from shardgen.actors.model.distributed import SINGLE, TPGroup
 PACKED_MODULES = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    "w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1),  # Mixtral's experts
 }
+LLAMA_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# Checkpoint module names of other families -> shardgen's (Mixtral's MoE block and its experts' down projection).
+RENAMED_MODULES = {"block_sparse_moe": "mlp", "w2": "down_proj"}
 
 
-def merged_group(int4_groups: dict[str, int], prefix: str, merged: str) -> int | None:
+def merged_group(int4_groups: dict[str, int], prefix: str, merged: str,
+                 sources: tuple[str, ...] | None = None) -> int | None:
     """The int4 group size of the checkpoint projections merged into ``prefix.merged`` (None: all dense), or of
-    the one fused tensor a checkpoint holds for them (Phi-3's qkv_proj and gate_up_proj)."""
+    the one fused tensor a checkpoint holds for them (Phi-3's qkv_proj and gate_up_proj). ``sources``: the
+    checkpoint's names of the parts (default: Llama's q/k/v_proj or gate/up_proj)."""
     if f"{prefix}.{merged}" in int4_groups:
         return int4_groups[f"{prefix}.{merged}"]
-    sources = [f"{prefix}.{src}" for src, (dst, _) in PACKED_MODULES.items() if dst == merged]
+    sources = [f"{prefix}.{src}" for src in sources or LLAMA_PARTS[merged]]
     groups = {int4_groups.get(s) for s in sources}
     if len(groups) != 1:
         raise ValueError(f"{', '.join(sources)} must all be int4 with one group size, or all plain; the checkpoint has {groups}")
@@ -138,12 +144,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Splits the input features: rank r holds columns [r*K/T, (r+1)*K/T) of W; partial sums all-reduced."""
+    """Splits the input features: rank r holds columns [r*K/T, (r+1)*K/T) of W; partial sums all-reduced, unless
+    ``reduce`` is false (the experts of an MoE block: their sum is reduced once, by the block)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int | None = None,
-                 tp: TPGroup = SINGLE, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 tp: TPGroup = SINGLE, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 reduce: bool = True) -> None:
         assert in_features % tp.size == 0, (in_features, tp.size)
-        self.in_features, self.out_features = in_features, out_features
+        assert reduce or not bias, "a bias is added once, after the reduction"
+        self.in_features, self.out_features, self.reduce = in_features, out_features, reduce
         # The bias is whole on every rank and added once, after the reduction.
         super().__init__(in_features // tp.size, out_features, bias, group_size, tp, dtype, device)
 
@@ -160,11 +169,32 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._linear(x, None)
-        if self.tp.size > 1:
+        if self.tp.size > 1 and self.reduce:
             dist.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+class MLP(nn.Module):
+    """The gated MLP: down(act(gate) * up), gate and up in one GEMM. ``intermediate``, ``parts`` (the checkpoint's
+    names of gate and up) and ``down`` default to the dense MLP's; an MoE expert passes its own, and ``reduce``
+    false (the block reduces the experts' sum once)."""
+
+    def __init__(self, cfg: ModelConfig, prefix: str, int4_groups: dict[str, int], tp: TPGroup,
+                 dtype: torch.dtype, device: torch.device | str, intermediate: int | None = None,
+                 parts: tuple[str, str] | None = None, down: str = "down_proj", reduce: bool = True) -> None:
+        super().__init__()
+        i = intermediate or cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [i, i], cfg.mlp_bias, merged_group(int4_groups, prefix, "gate_up_proj", parts), tp, dtype,
+            device)
+        self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, int4_groups.get(f"{prefix}.{down}"), tp,
+                                           dtype, device, reduce)
+        self.act_and_mul = fused_ops.silu_and_mul if cfg.hidden_act == "silu" else fused_ops.gelu_tanh_and_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class VocabParallelBase(nn.Module):
@@ -239,6 +269,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm(x); with ``residual``: (RMSNorm(x + residual), x + residual), in one kernel on the GPU."""
         return fused_ops.rms_norm(x, self.weight, self.eps, residual)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual); before the first layer there is no residual yet: (RMSNorm(x), x)."""
+        return (self(x), x) if residual is None else self(x, residual)
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig, long: bool = False) -> torch.Tensor:

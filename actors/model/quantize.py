@@ -71,7 +71,8 @@ def quantize_checkpoint(
             report.bytes_in += math.prod(entry.shape) * entry.dtype.itemsize
             if cfg.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            wanted = bool(_LAYER_LINEAR.match(name)) and len(entry.shape) == 2
+            # an MoE router (".gate", beside the experts) stays in the float dtype, as transformers keeps it
+            wanted = bool(_LAYER_LINEAR.match(name)) and len(entry.shape) == 2 and not name.endswith(".gate.weight")
             if not wanted:
                 plan.append(PlannedTensor(name, entry.shape, entry.dtype, None, _reader(ckpt, name)))
                 continue

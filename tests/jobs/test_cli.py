@@ -177,6 +177,21 @@ def test_inspect_describes_the_checkpoint(tmp_path):
     assert "valid --tp: [1, 2]" in r.stdout
 
 
+def test_quantize_and_inspect_a_mixture_of_experts_model(tmp_path):
+    """shardgen quantize makes every expert's projections int4 and keeps the router float; inspect says so."""
+    from shardgen.jobs.demo import build_byte_tokenizer
+
+    src = save_hf(hf_model("qwen3_moe"), tmp_path / "moe")
+    build_byte_tokenizer(src)
+    r = shardgen("quantize", str(src), str(tmp_path / "moe-int4"), "--group-size", "32")
+    assert r.returncode == 0, r.stderr
+    r = shardgen("inspect", str(tmp_path / "moe-int4"))
+    assert r.returncode == 0, r.stderr
+    assert "Qwen3MoeForCausalLM, 2 layers" in r.stdout
+    assert ("experts: 4 in each of 1 MoE layers, top 2 a token (renormalised), expert intermediate 64; "
+            "12 int4 expert weights, routers float") in r.stdout  # 4 experts x gate, up, down
+
+
 def test_a_model_id_runs_from_the_local_hugging_face_cache_and_a_missing_one_says_how_to_fetch_it(tmp_path):
     from shardgen.jobs.demo import demo_assets
     from tests.actors.model.test_hub import fake_hub_cache

@@ -148,3 +148,47 @@ def test_phi3_longrope_reads_as_transformers_and_what_shardgen_cannot_rotate_is_
         cfg(**phi, rope_scaling={"type": "longrope", "short_factor": [1.0] * 3, "long_factor": [2.0] * 32})
     with pytest.raises(ValueError, match="partial_rotary_factor 0.75 is not supported"):
         cfg(**phi, partial_rotary_factor=0.75)
+
+
+def test_gemma3_config_as_google_publishes_it_reads_like_transformers_5s():
+    published = {"architectures": ["Gemma3ForCausalLM"], "vocab_size": 262144, "hidden_size": 1152,
+                 "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1,
+                 "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 512, "sliding_window_pattern": 6,
+                 "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+                 "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "hidden_activation": "gelu_pytorch_tanh"}
+    c = ModelConfig.from_dict(published)
+    assert c.family == "gemma3" and c.hidden_act == "gelu_pytorch_tanh" and c.tie_word_embeddings
+    assert c.gemma.sliding == tuple((i + 1) % 6 != 0 for i in range(26)) and c.gemma.sliding_window == 512
+    assert (c.rope.theta, c.rope.rope_type, c.rope.factor) == (1e6, "linear", 8.0)
+    assert (c.gemma.local_rope.theta, c.gemma.local_rope.rope_type) == (1e4, "default")
+    from transformers import Gemma3TextConfig
+
+    v5 = {**Gemma3TextConfig(**{k: v for k, v in published.items() if k != "architectures"}).to_dict(),
+          "architectures": ["Gemma3ForCausalLM"]}
+    assert ModelConfig.from_dict(v5).gemma == c.gemma and ModelConfig.from_dict(v5).rope == c.rope
+    with pytest.raises(ValueError, match="attn_logit_softcapping is set"):
+        ModelConfig.from_dict({**published, "attn_logit_softcapping": 50.0})
+    with pytest.raises(ValueError, match="architecture.*Gemma3ForConditionalGeneration.*not supported"):
+        ModelConfig.from_dict({**published, "architectures": ["Gemma3ForConditionalGeneration"]})
+
+
+QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
+                 "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+                 "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+                 "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                 "quantization_config": QuantConfig(128).to_hf_dict()}
+
+
+def test_qwen3_moe_config_reads_its_experts_and_its_tp_rule_counts_each_experts_down_slice():
+    c = ModelConfig.from_dict(QWEN3_30B_A3B)
+    assert (c.moe.num_experts, c.moe.top_k, c.moe.intermediate_size, c.moe.norm_topk_prob) == (128, 8, 768, True)
+    assert all(c.moe.sparse) and c.qk_norm
+    # an expert's down_proj has K = 768: 384 columns at tp 2, 192 at tp 4 (not whole groups of 128)
+    with pytest.raises(ValueError, match=r"experts' down_proj: .*Valid `tp` for this model: \[1, 2\]"):
+        c.check_tp(4)
+    mixed = ModelConfig.from_dict({**QWEN3_30B_A3B, "decoder_sparse_step": 2, "mlp_only_layers": [1]})
+    assert mixed.moe.sparse[:4] == (False, False, False, True)
+    mixtral = ModelConfig.from_dict({**BASE, "architectures": ["MixtralForCausalLM"], "num_local_experts": 8,
+                                     "num_experts_per_tok": 2})
+    assert (mixtral.moe.block, mixtral.moe.gate_up, mixtral.moe.down, mixtral.moe.norm_topk_prob) == (
+        "block_sparse_moe", ("w1", "w3"), "w2", True)

@@ -143,3 +143,28 @@ def test_an_opt_125m_shaped_checkpoint_saved_by_transformers_runs_through_shardg
         assert rows[f"p{i}"]["error"] is None
     print(f"OPT-125m shape through `run`: greedy completions equal to transformers' int4 model for {same}/{len(texts)}")
     assert same >= len(texts) - 1  # bf16 kernels of two engines: a close call may go the other way
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_saved_by_transformers_torchao_loads_in_shardgen(family, tmp_path):
+    """What transformers' TorchAoConfig writes for an MoE model (its experts are stacked parameters, not linears),
+    and shardgen's logits on it against transformers' own int4 model."""
+    shape = dict(SHAPE, intermediate_size=512, **({"moe_intermediate_size": 256} if family == "qwen3_moe" else {}))
+    float_dir = save_hf(hf_model(family, torch.bfloat16, **shape), tmp_path / f"{family}-float")
+    config = TorchAoConfig(Int4WeightOnlyConfig(group_size=128, int4_packing_format="plain"))
+    hf = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config, dtype=torch.bfloat16,
+                                              device_map="cuda")
+    hf.save_pretrained(tmp_path / "hf-int4")
+    with Checkpoint(tmp_path / "hf-int4") as ckpt:
+        experts = [e for e in ckpt.entries.values() if ".experts." in e.name]
+        attention = [e for e in ckpt.entries.values() if "self_attn" in e.name and e.name.endswith("proj.weight")]
+        print(f"{family}: transformers' int4 checkpoint: {sum(e.is_int4 for e in experts)} of {len(experts)} expert "
+              f"tensors int4 ({sorted({e.name.split('.experts.')[1] for e in experts})[:3]} ...), "
+              f"{sum(e.is_int4 for e in attention)} of {len(attention)} attention projections int4")
+    loaded = load_model(tmp_path / "hf-int4", device="cuda", int4_layout="int4-preshuffled")
+    with torch.no_grad():
+        want = hf(IDS.cuda()).logits
+    got = shardgen_logits(loaded.model, IDS.cuda())
+    err = _rel(got, want)
+    print(f"{family}: transformers-saved int4 -> shardgen: logits rel diff {err:.2e}")
+    assert err < 2e-2

@@ -20,7 +20,7 @@ from tests.helpers import (
     shardgen_logits,
 )
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "opt"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "qwen3_moe", "mixtral", "opt"]
 RTOL = 1e-4
 
 
@@ -38,7 +38,10 @@ def checkpoints(tmp_path_factory):
 def test_logits_match_transformers_on_dequantized_weights(checkpoints, family):
     reference, path = checkpoints[family]
     loaded = load_model(path)
-    assert loaded.layout == int4.LAYOUT_CPU and loaded.int4_weights == 2 * 4  # qkv, o, gate_up, down per layer (OPT: qkv, out, fc1, fc2)
+    # qkv, o, gate_up, down per layer (OPT: qkv, out, fc1, fc2); an MoE layer has gate_up and down per expert
+    moe = loaded.config.moe
+    mlps = [2 * moe.num_experts if moe and moe.sparse[i] else 2 for i in range(2)]
+    assert loaded.layout == int4.LAYOUT_CPU and loaded.int4_weights == 2 * 2 + sum(mlps)
     ids = torch.randint(0, 301, (3, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = reference(ids).logits
@@ -152,3 +155,19 @@ def test_phi3_reads_fused_projections_and_longrope_picks_its_frequencies_by_max_
         assert _max_rel_diff(shardgen_logits(model, ids), want) < RTOL, max_model_len
     prompt = ids[0, :70].tolist()  # long factors throughout: transformers' choice for a sequence past 64
     assert greedy_paged(model, [prompt], new_tokens=8)[0] == hf_greedy(reference, prompt, 8)
+
+
+def test_moe_experts_are_int4_one_tensor_each_and_the_router_stays_float(tmp_path):
+    from shardgen.actors.model.checkpoint import Checkpoint
+    from shardgen.actors.model.loader import int4_groups
+    from shardgen.actors.model.model import CausalLM
+
+    _, path = int4_checkpoint("mixtral", tmp_path)
+    with Checkpoint(path) as ckpt:
+        assert all(ckpt.entry(f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight").is_int4
+                   for e in range(4) for w in ("w1", "w2", "w3"))
+        assert not ckpt.entry("model.layers.0.block_sparse_moe.gate.weight").is_int4
+        groups = int4_groups(ckpt)
+    loaded = load_model(path)
+    with pytest.raises(ValueError, match=r"block_sparse_moe.gate \(the router\) is int4"):
+        CausalLM(loaded.config, int4_groups={**groups, "model.layers.0.block_sparse_moe.gate": 32})

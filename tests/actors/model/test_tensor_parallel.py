@@ -62,9 +62,14 @@ CASES = [
     ("llama", 4, {"num_key_value_heads": 4}),
     ("opt", 2, {"tie_word_embeddings": True}),  # biases everywhere, learned positions, LayerNorm, ReLU
     ("phi3", 2, {}),  # q/k/v and gate/up fused in the checkpoint: each part sliced per rank
+    ("gemma3", 2, {"tie_word_embeddings": True}),  # local and global layers, (1 + w) norms, soft-capped logits
+    ("qwen3_moe", 2, {}),  # each expert split like the MLP, its sum reduced once; a dense layer beside
+    ("mixtral", 2, {}),
 ]
 # (qkv, o, gate_up, down) of layer 0 in each family's module names
-SHARDED = {"opt": ("self_attn.qkv_proj", "self_attn.out_proj", "fc1", "fc2")}
+SHARDED = {"opt": ("self_attn.qkv_proj", "self_attn.out_proj", "fc1", "fc2"),
+           "qwen3_moe": ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.experts.3.gate_up_proj", "mlp.experts.3.down_proj"),
+           "mixtral": ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.experts.3.gate_up_proj", "mlp.experts.3.down_proj")}
 LLAMA_SHARDED = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
