@@ -43,6 +43,10 @@ class RopeConfig:
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     attention_factor: float = 1.0
+    partial_rotary_factor: float = 1.0  # the share of each head that rotates (Phi-4-mini: 0.75); the rest passes
+
+    def rotary_dim(self, head_dim: int) -> int:
+        return int(head_dim * self.partial_rotary_factor)
 
 
 @dataclass(frozen=True)
@@ -171,9 +175,8 @@ class ModelConfig:
         heads = int(need("num_attention_heads"))
         rope_params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         partial = float(rope_params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
-        if partial != 1.0:
-            raise ValueError(f"{source}: partial_rotary_factor {partial} is not supported (Phi-4-mini's 0.75 among "
-                             f"them); shardgen rotates the whole head")
+        if not 0 < partial <= 1:
+            raise ValueError(f"{source}: partial_rotary_factor {partial} is not in (0, 1]")
         kv_heads = int(raw.get("num_key_value_heads") or heads)
         head_dim = int(raw.get("head_dim") or hidden // heads)
         sliding = raw.get("sliding_window")
@@ -181,9 +184,10 @@ class ModelConfig:
             sliding = None
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        rope = _parse_rope(raw, source)
-        if rope.rope_type == "longrope" and not len(rope.short_factor) == len(rope.long_factor) == head_dim // 2:
-            raise ValueError(f"{source}: longrope's short_factor and long_factor need head_dim / 2 = {head_dim // 2} "
+        rope = dataclasses.replace(_parse_rope(raw, source), partial_rotary_factor=partial)
+        half = rope.rotary_dim(head_dim) // 2
+        if rope.rope_type == "longrope" and not len(rope.short_factor) == len(rope.long_factor) == half:
+            raise ValueError(f"{source}: longrope's short_factor and long_factor need rotary_dim / 2 = {half} "
                              f"values each; they have {len(rope.short_factor)} and {len(rope.long_factor)}")
         return cls(
             architecture=arch,

@@ -307,16 +307,24 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, rope: RopeConfig, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        self.rope, self.head_dim = rope, head_dim
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, rope).to(device), persistent=False)
-        self.scale = rope.attention_factor  # cos and sin scaled: q and k each, after the rotation
+        self.rope, self.head_dim, self.rotary_dim = rope, head_dim, rope.rotary_dim(head_dim)
+        self.register_buffer("inv_freq", rope_inv_freq(self.rotary_dim, rope).to(device), persistent=False)
+        self.scale = rope.attention_factor  # cos and sin scaled: the rotated part of q and k, after the rotation
 
     def use_long_factors(self, on: bool) -> None:
         if self.rope.rope_type == "longrope":
-            self.inv_freq = rope_inv_freq(self.head_dim, self.rope, long=on).to(self.inv_freq.device)
+            self.inv_freq = rope_inv_freq(self.rotary_dim, self.rope, long=on).to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim); rotated in place on the GPU."""
+        if self.rotary_dim == self.head_dim:
+            return self._rotate(positions, q, k)
+        # As transformers' partial rotary: the first rotary_dim features of each head rotate, the rest pass through.
+        r = self.rotary_dim
+        q_rot, k_rot = self._rotate(positions, q[..., :r], k[..., :r])
+        return torch.cat([q_rot, q[..., r:]], dim=-1), torch.cat([k_rot, k[..., r:]], dim=-1)
+
+    def _rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, k = fused_ops.apply_rotary(q, k, positions, self.inv_freq)
         if self.scale != 1.0:
             q, k = q * self.scale, k * self.scale

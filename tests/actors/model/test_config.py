@@ -138,16 +138,19 @@ def test_opt_variants_shardgen_does_not_run_are_refused_naming_the_key(key, valu
         ModelConfig.from_dict(raw)
 
 
-def test_phi3_longrope_reads_as_transformers_and_what_shardgen_cannot_rotate_is_refused():
+def test_phi3_longrope_and_partial_rotary_read_as_transformers_does_and_wrong_lengths_are_refused():
     phi = {**BASE, "architectures": ["Phi3ForCausalLM"], "num_key_value_heads": 8, "max_position_embeddings": 131072,
            "original_max_position_embeddings": 4096}
     su = cfg(**phi, rope_scaling={"type": "su", "short_factor": [1.0] * 32, "long_factor": [2.0] * 32})
     assert su.family == "phi3" and su.rope.rope_type == "longrope" and su.rope.factor == 32.0
     assert su.rope.attention_factor == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)
-    with pytest.raises(ValueError, match="need head_dim / 2 = 32 values each; they have 3 and 32"):
+    with pytest.raises(ValueError, match="need rotary_dim / 2 = 32 values each; they have 3 and 32"):
         cfg(**phi, rope_scaling={"type": "longrope", "short_factor": [1.0] * 3, "long_factor": [2.0] * 32})
-    with pytest.raises(ValueError, match="partial_rotary_factor 0.75 is not supported"):
-        cfg(**phi, partial_rotary_factor=0.75)
+    mini = cfg(**phi, partial_rotary_factor=0.75,  # Phi-4-mini: 48 of 64 features rotate, 24 frequencies
+               rope_scaling={"type": "longrope", "short_factor": [1.0] * 24, "long_factor": [2.0] * 24})
+    assert mini.rope.rotary_dim(mini.head_dim) == 48
+    with pytest.raises(ValueError, match="partial_rotary_factor 1.5 is not in"):
+        cfg(**phi, partial_rotary_factor=1.5)
 
 
 def test_gemma3_config_as_google_publishes_it_reads_like_transformers_5s():

@@ -131,6 +131,24 @@ def test_opt_with_norms_after_the_residual_and_narrow_projected_embeddings_match
     assert greedy_paged(loaded.model, [prompt], new_tokens=10)[0] == hf_greedy(reference, prompt, 10)
 
 
+def test_phi4_mini_partial_rotary_matches_transformers(tmp_path):
+    """Phi-4-mini rotates 3/4 of each head (partial_rotary_factor 0.75) with LongRoPE; the rest passes through."""
+    g = torch.Generator().manual_seed(10)
+    factors = lambda: (1 + 3 * torch.rand(12, generator=g)).tolist()  # noqa: E731 (24 of 32 features: 12 frequencies)
+    rope = {"rope_type": "longrope", "short_factor": factors(), "long_factor": factors(), "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75}
+    reference, path = int4_checkpoint("phi3", tmp_path, rope_scaling=rope, original_max_position_embeddings=64,
+                                      partial_rotary_factor=0.75, tie_word_embeddings=True)
+    model = load_model(path).model
+    assert model.model.layers[0].self_attn.rotary.rotary_dim == 24
+    ids = torch.randint(0, 301, (2, 30), generator=g)
+    with torch.no_grad():
+        want = reference(ids).logits
+    assert _max_rel_diff(shardgen_logits(model, ids), want) < RTOL
+    prompt = ids[0, :9].tolist()
+    assert greedy_paged(model, [prompt], new_tokens=8)[0] == hf_greedy(reference, prompt, 8)
+
+
 def test_phi3_reads_fused_projections_and_longrope_picks_its_frequencies_by_max_model_len(tmp_path):
     """Phi-3 stores qkv_proj and gate_up_proj fused (int4 here, sliced per part on load); LongRoPE's short factors
     match transformers on a prompt within original_max_position_embeddings, and its long factors (chosen when the
