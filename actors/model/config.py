@@ -182,8 +182,6 @@ class ModelConfig:
         sliding = raw.get("sliding_window")
         if family == "qwen2" and not raw.get("use_sliding_window", False):
             sliding = None
-        eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         rope = dataclasses.replace(_parse_rope(raw, source), partial_rotary_factor=partial)
         half = rope.rotary_dim(head_dim) // 2
         if rope.rope_type == "longrope" and not len(rope.short_factor) == len(rope.long_factor) == half:
@@ -209,7 +207,7 @@ class ModelConfig:
             rope=rope,
             quant=_parse_quant(raw.get("quantization_config"), source),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
-            eos_token_ids=eos_ids,
+            eos_token_ids=_eos_ids(raw.get("eos_token_id")),
             moe=_parse_moe(raw, family, source),
             raw=raw,
         )
@@ -271,6 +269,11 @@ class ModelConfig:
         return [t for t in range(1, limit + 1) if not self.tp_problems(t, int4_groups)]
 
 
+def _eos_ids(eos: Any) -> tuple[int, ...]:
+    """config.json's eos_token_id: one id, a list of them, or none."""
+    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+
+
 def _opt_config(raw: dict[str, Any], source: str, need) -> ModelConfig:
     """OPT's config.json (transformers' OPTConfig names and defaults)."""
     act = raw.get("activation_function", "relu")
@@ -282,7 +285,6 @@ def _opt_config(raw: dict[str, Any], source: str, need) -> ModelConfig:
     hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
     before = bool(raw.get("do_layer_norm_before", True))
     proj = int(raw.get("word_embed_proj_dim") or hidden)
-    eos = raw.get("eos_token_id", 2)
     return ModelConfig(
         architecture="OPTForCausalLM", family="opt", vocab_size=int(need("vocab_size")), hidden_size=hidden,
         intermediate_size=int(need("ffn_dim")), num_layers=int(need("num_hidden_layers")), num_heads=heads,
@@ -291,7 +293,7 @@ def _opt_config(raw: dict[str, Any], source: str, need) -> ModelConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)), attention_bias=True, mlp_bias=True,
         qk_norm=False, sliding_window=None, rope=RopeConfig(), quant=_parse_quant(raw.get("quantization_config"), source),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float16"),
-        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
+        eos_token_ids=_eos_ids(raw.get("eos_token_id", 2)),
         opt=OptConfig(layer_norm_before=before,
                       final_layer_norm=before and not raw.get("_remove_final_layer_norm", False),
                       word_embed_proj_dim=proj if proj != hidden else None),
@@ -325,7 +327,6 @@ def _gemma3_config(raw: dict[str, Any], source: str, need) -> ModelConfig:
         local_raw = {"rope_theta": raw.get("rope_local_base_freq", 10_000.0)}
     heads = int(need("num_attention_heads"))
     head_dim = int(raw.get("head_dim") or 256)
-    eos = raw.get("eos_token_id", 1)
     return ModelConfig(
         architecture="Gemma3ForCausalLM", family="gemma3", vocab_size=int(need("vocab_size")),
         hidden_size=int(need("hidden_size")), intermediate_size=int(need("intermediate_size")), num_layers=layers,
@@ -336,7 +337,7 @@ def _gemma3_config(raw: dict[str, Any], source: str, need) -> ModelConfig:
         attention_bias=bool(raw.get("attention_bias", False)), mlp_bias=False, qk_norm=True, sliding_window=None,
         rope=_parse_rope(global_raw, source), quant=_parse_quant(raw.get("quantization_config"), source),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
-        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
+        eos_token_ids=_eos_ids(raw.get("eos_token_id", 1)),
         gemma=GemmaConfig(sliding=tuple(t == "sliding_attention" for t in types),
                           sliding_window=int(raw.get("sliding_window") or 4096),
                           local_rope=_parse_rope(local_raw, source),

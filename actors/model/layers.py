@@ -46,6 +46,11 @@ def merged_group(int4_groups: dict[str, int], prefix: str, merged: str,
     return groups.pop()
 
 
+def load_whole(param: nn.Parameter, ckpt: Checkpoint, name: str, shard_id: object = None) -> None:
+    """The ``weight_loader`` of a tensor every rank holds whole (norms, OPT's positions)."""
+    param.data.copy_(read_checked(ckpt, name, tuple(param.shape), 0, 0, param.shape[0], False))
+
+
 def parameter(data: torch.Tensor, loader, **attrs: object) -> nn.Parameter:
     """A frozen parameter that carries its ``weight_loader``."""
     p = nn.Parameter(data, requires_grad=False)
@@ -264,7 +269,7 @@ class RMSNorm(nn.Module):
         self.weight = parameter(torch.ones(size, dtype=dtype, device=device), self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, ckpt: Checkpoint, name: str, shard_id: object = None) -> None:
-        param.data.copy_(read_checked(ckpt, name, tuple(param.shape), 0, 0, param.shape[0], False))
+        load_whole(param, ckpt, name)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm(x); with ``residual``: (RMSNorm(x + residual), x + residual), in one kernel on the GPU."""

@@ -14,7 +14,6 @@ from torch import nn
 
 from shardgen.actors.kernels.kv_cache import LayerCache
 from shardgen.actors.model.attention import AttentionMetadata, attention
-from shardgen.actors.model.checkpoint import Checkpoint
 from shardgen.actors.model.config import ModelConfig
 from shardgen.actors.model.distributed import SINGLE, TPGroup
 from shardgen.actors.model.layers import (
@@ -22,9 +21,9 @@ from shardgen.actors.model.layers import (
     MergedColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    load_whole,
     merged_group,
     parameter,
-    read_checked,
 )
 
 POSITION_OFFSET = 2  # OPT's position table reserves its first two rows (fairseq's padding offset)
@@ -36,11 +35,8 @@ class LayerNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = parameter(torch.ones(size, dtype=dtype, device=device), self.weight_loader)
-        self.bias = parameter(torch.zeros(size, dtype=dtype, device=device), self.weight_loader)
-
-    def weight_loader(self, param: nn.Parameter, ckpt: Checkpoint, name: str, shard_id: object = None) -> None:
-        param.data.copy_(read_checked(ckpt, name, tuple(param.shape), 0, 0, param.shape[0], False))
+        self.weight = parameter(torch.ones(size, dtype=dtype, device=device), load_whole)
+        self.bias = parameter(torch.zeros(size, dtype=dtype, device=device), load_whole)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
@@ -52,10 +48,7 @@ class PositionEmbedding(nn.Module):
     def __init__(self, max_positions: int, hidden_size: int, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
         self.weight = parameter(torch.zeros(max_positions + POSITION_OFFSET, hidden_size, dtype=dtype, device=device),
-                             self.weight_loader)
-
-    def weight_loader(self, param: nn.Parameter, ckpt: Checkpoint, name: str, shard_id: object = None) -> None:
-        param.data.copy_(read_checked(ckpt, name, tuple(param.shape), 0, 0, param.shape[0], False))
+                             load_whole)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(positions + POSITION_OFFSET, self.weight)
