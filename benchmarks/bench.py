@@ -1,4 +1,5 @@
-"""``shardgen bench`` (or ``python -m benchmarks.bench``, same options): a Llama-3.1-8B-shaped model with random weights, run side by side on one GPU by shardgen
+"""``shardgen bench`` (or ``python -m benchmarks.bench``, same options): a model of a real shape (Llama-3.1-8B by
+default, or ``--shape``: Qwen3-30B-A3B, a mixture of experts) with random weights, run side by side on one GPU by shardgen
 (int4 preshuffled, int4 plain, bf16) and by Hugging Face ``generate`` (bf16, int4 through torchao), on fixed
 workloads of random token ids with fixed output lengths.
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.synthetic import LLAMA_8B, WORKLOADS, random_model, workload_prompts, write_checkpoint
+from benchmarks.synthetic import SHAPES, WORKLOADS, random_model, workload_prompts, write_checkpoint
 from shardgen.actors.engine.build import build_engine
 from shardgen.actors.engine.config import EngineConfig
 
@@ -64,7 +65,8 @@ class BenchConfig:
     gpu_memory_utilization: float = EngineConfig.gpu_memory_utilization
     hf_batch_sizes: tuple[int, ...] = (256, 128, 64, 32, 16)
     results_dir: Path = Path("benchmarks/results")
-    checkpoint_dir: Path = Path("/tmp/shardgen-bench-llama8b-int4")
+    checkpoint_dir: Path | None = None  # default: /tmp/shardgen-bench-<shape>-int4
+    shape: str = "llama-8b"  # a key of benchmarks.synthetic.SHAPES
     cuda_graphs: bool = True
     kernel_cache_dir: Path | None = None  # int4 kernel timings measured for shapes the GPU's table lacks
 
@@ -74,8 +76,19 @@ class BenchConfig:
         if unknown:
             raise ValueError(f"unknown workload or system {unknown}; workloads: {', '.join(WORKLOADS)}; "
                              f"systems: {', '.join(known)}")
+        if self.shape not in SHAPES:
+            raise ValueError(f"unknown --shape {self.shape!r}; shapes: {', '.join(SHAPES)}")
         if not 0 < self.scale <= 1:
             raise ValueError(f"--scale must be in (0, 1], got {self.scale}")
+
+
+    @property
+    def model(self) -> dict:
+        return SHAPES[self.shape]
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.checkpoint_dir or Path(f"/tmp/shardgen-bench-{self.shape}-int4")
 
 
 @dataclass
@@ -116,7 +129,7 @@ def gemm_by_rows(layout: str) -> dict[str, str]:
 
     names = {"int4-humming": "humming W4A16, bf16 activations", "int4-humming-fp8act": "humming W4A8, e4m3 activations",
              "int4-preshuffled": "fbgemm preshuffled W4A16, bf16 activations",
-             "int4-plain": "fbgemm rowwise W4A16, bf16 activations", "dense": "cuBLAS bf16"}
+             "int4-plain": "fbgemm rowwise W4A16, bf16 activations", int4.LAYOUT_DENSE: "cuBLAS bf16"}
     if layout == int4.LAYOUT_DUAL:
         m = int4.DUAL_HUMMING_MAX_M
         return {f"1-{m}": names["int4-humming"], f">{m}": names["int4-preshuffled"]}
@@ -130,11 +143,11 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     if system.startswith("shardgen-bf16"):
-        loaded = random_model(LLAMA_8B, "bf16")
+        loaded = random_model(config.model, "bf16")
     else:
         # shardgen-int4 is the default path (int4_layout auto); the others force a layout, for comparisons.
         layout = next((name for name in INT4_LAYOUTS if name in system), "auto")
-        loaded = load_model(config.checkpoint_dir, device="cuda", int4_layout=layout,
+        loaded = load_model(config.checkpoint, device="cuda", int4_layout=layout,
                             kernel_cache_dir=config.kernel_cache_dir)
     weights = torch.cuda.memory_allocated()
     engine_cfg = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -144,7 +157,7 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
     if "json_schema" in HALF_SAMPLED.get(system, {}):
         from benchmarks.synthetic import synthetic_tokenizer
 
-        tokenizer = synthetic_tokenizer(LLAMA_8B["vocab_size"])
+        tokenizer = synthetic_tokenizer(config.model["vocab_size"])
     engine = build_engine(loaded, engine_cfg, tokenizer=tokenizer)
     runner = engine.runner
     ready_s = time.perf_counter() - start
@@ -186,18 +199,14 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
 
 
 def run_hf(system: str, config: BenchConfig) -> list[Result]:
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        LogitsProcessor,
-        LogitsProcessorList,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    hf_cfg = LlamaConfig(**{k: v for k, v in LLAMA_8B.items() if k != "architectures"})
+    raw = {k: v for k, v in config.model.items() if k not in ("architectures", "model_type")}
+    hf_cfg = AutoConfig.for_model(config.model["model_type"], **raw)
     with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(hf_cfg, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
     notes = {"attn_implementation": model.config._attn_implementation}
     if system == "hf-int4-preshuffled":
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
@@ -233,7 +242,7 @@ def run_hf(system: str, config: BenchConfig) -> list[Result]:
         generate([[1] * 16] * 2, 4)  # warm-up
         for workload in config.workloads:
             prompts, output_len = workload_prompts(workload, config.scale)
-            for batch in _hf_batch_candidates(generate, prompts, output_len, config.hf_batch_sizes):
+            for batch in _hf_batch_candidates(generate, prompts, output_len, config.hf_batch_sizes, config.model):
                 try:
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
@@ -257,11 +266,12 @@ def run_hf(system: str, config: BenchConfig) -> list[Result]:
     return results
 
 
-def _hf_batch_candidates(generate, prompts: list[list[int]], output_len: int, sizes: tuple[int, ...]) -> list[int]:
+def _hf_batch_candidates(generate, prompts: list[list[int]], output_len: int, sizes: tuple[int, ...],
+                         shape: dict) -> list[int]:
     """Batch sizes to try, largest first, from the first whose prompt pass fits with room left for its whole
     KV cache (measured peak of a 2-token generate + the cache's growth to the full output)."""
-    head_dim = LLAMA_8B["hidden_size"] // LLAMA_8B["num_attention_heads"]
-    per_token = 2 * LLAMA_8B["num_hidden_layers"] * LLAMA_8B["num_key_value_heads"] * head_dim * 2  # K and V, bf16
+    head_dim = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+    per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * 2  # K and V, bf16
     total = torch.cuda.get_device_properties(0).total_memory
     for i, size in enumerate(sizes):
         size = min(size, len(prompts))
@@ -290,8 +300,8 @@ def _free() -> None:
     torch.cuda.empty_cache()
 
 
-def print_table(results: list[Result], device: str) -> None:
-    print(f"\nshardgen bench on {device} (Llama-3.1-8B shape, random weights, int4 G=128, lm_head bf16)")
+def print_table(results: list[Result], device: str, shape: str) -> None:
+    print(f"\nshardgen bench on {device} ({shape} shape, random weights, int4 G=128, lm_head bf16)")
     print(f"{'workload':>14} {'system':>26} {'total tok/s':>12} {'gen tok/s':>10} {'TTFT mean s':>12} "
           f"{'peak GiB':>9} {'ready s':>8} {'wall s':>8}")
     for r in sorted(results, key=lambda r: (r.workload, r.system)):
@@ -299,7 +309,7 @@ def print_table(results: list[Result], device: str) -> None:
               f"{r.ttft_mean_s:>12.3f} {r.peak_gpu_gib:>9.1f} {r.load_s:>8.1f} {r.wall_s:>8.1f}")
 
 
-def plot(results: list[Result], device: str, path: Path) -> Path | None:
+def plot(results: list[Result], device: str, path: Path, shape: str) -> Path | None:
     try:
         import matplotlib
 
@@ -320,24 +330,24 @@ def plot(results: list[Result], device: str, path: Path) -> Path | None:
         ax.set_xticks(range(len(ran)), [s.replace("-", "\n") for s in ran], fontsize=7)
         ax.set_title(f"{w} ({'x'.join(map(str, WORKLOADS[w]))})")
         ax.set_ylabel("total tokens/s")
-    fig.suptitle(f"shardgen vs Hugging Face generate, Llama-3.1-8B shape, {device}")
+    fig.suptitle(f"shardgen vs Hugging Face generate, {shape} shape, {device}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
 
 
 def save_results(results: list[Result], config: BenchConfig, device: str) -> None:
-    """Merge into results_dir/bench-<device>.json (a later run of a system and workload replaces the earlier one)
-    and redraw the plot."""
+    """Merge into results_dir/bench-<device>.json (bench-<shape>-<device>.json for shapes other than the 8B; a later
+    run of a system and workload replaces the earlier one) and redraw the plot."""
     config.results_dir.mkdir(parents=True, exist_ok=True)
-    slug = device.replace(" ", "_")
+    slug = ("" if config.shape == "llama-8b" else f"{config.shape}-") + device.replace(" ", "_")
     out = config.results_dir / f"bench-{slug}.json"
     earlier = json.loads(out.read_text())["results"] if out.exists() else []
     keep = [r for r in earlier if (r["system"], r["workload"]) not in {(x.system, x.workload) for x in results}]
     merged = keep + [asdict(r) for r in results]
     out.write_text(json.dumps({"device": device, "torch": torch.__version__, "config": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}, "results": merged}, indent=2))
-    png = plot([Result(**r) for r in merged], device, config.results_dir / f"bench-{slug}.png")
+    png = plot([Result(**r) for r in merged], device, config.results_dir / f"bench-{slug}.png", config.shape)
     print(f"wrote {out}" + (f" and {png}" if png else " (no matplotlib: no plot)"), flush=True)
 
 
@@ -346,8 +356,8 @@ def run_bench(config: BenchConfig) -> list[Result]:
     device = torch.cuda.get_device_name()
     if any(s.startswith("shardgen-int4") for s in config.systems):
         t = time.perf_counter()
-        write_checkpoint(config.checkpoint_dir)
-        print(f"checkpoint {config.checkpoint_dir} ready in {time.perf_counter() - t:.1f} s", flush=True)
+        write_checkpoint(config.checkpoint, shape=config.model)
+        print(f"checkpoint {config.checkpoint} ready in {time.perf_counter() - t:.1f} s", flush=True)
     results: list[Result] = []
     run = time.strftime("%Y-%m-%dT%H:%M:%S")  # results of one invocation share it: their ratios are side by side
     for system in config.systems:
@@ -355,7 +365,7 @@ def run_bench(config: BenchConfig) -> list[Result]:
             r.notes["run"] = run
             results.append(r)
         save_results(results, config, device)  # after every system: a run cut short keeps what it measured
-    print_table(results, device)
+    print_table(results, device, config.shape)
     return results
 
 

@@ -4,13 +4,24 @@
 
     python -m benchmarks.driver_memory resume --finished 1000000 --todo 100
     python -m benchmarks.driver_memory load --prompts 100000
+    python -m benchmarks.driver_memory million --prompts 1000000 --kill-at 0.5
+
+``million`` runs the job as a user would (``shardgen run`` in its own process, on a Ray cluster started with
+``ray start --head``), samples the driver's and every Ray worker's resident memory, kills the driver (SIGKILL) once
+``--kill-at`` of the rows are written, runs the same command again (it resumes) and checks that every id is written
+exactly once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import resource
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -85,15 +96,129 @@ def write_finished(output: Path, options: RunOptions, n: int, rows_per_file: int
     output_dir.write_manifest(output, run_manifest(options))
 
 
+def proc_rss_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def ray_workers() -> dict[int, str]:
+    """pid -> name (``ray::Rank``, ``ray::MapWorker(...)``, ``ray::IDLE``) of this machine's Ray worker processes."""
+    workers = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    name = f.read().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if name.startswith("ray::"):  # ray::ShardWorker.collect while it runs a method: named by its actor
+                workers[int(entry)] = re.sub(r"\.[A-Za-z_]\w*$", "", name.split(" ")[0])
+    return workers
+
+
+class PartCounter:
+    """Rows written so far: the part files' row counts, each file's footer read once."""
+
+    def __init__(self, output: Path) -> None:
+        self.output, self.rows = output, {}
+
+    def __call__(self) -> tuple[int, int]:
+        for path in self.output.glob(f"{output_dir.PART_PREFIX}*.parquet"):
+            if path.name not in self.rows:
+                try:
+                    self.rows[path.name] = pq.read_metadata(path).num_rows
+                except OSError:  # being replaced by a rename this instant
+                    continue
+        return sum(self.rows.values()), len(self.rows)
+
+
+def watch(command: list[str], env: dict[str, str], log: Path, counter: PartCounter, kill_at_rows: int | None,
+          every: float) -> dict:
+    """Run ``command`` (the driver) to its end, or SIGKILL it once ``kill_at_rows`` rows are written; sample the
+    driver's and the Ray workers' memory every ``every`` seconds."""
+    t0 = time.perf_counter()
+    samples, peaks = [], {}
+    with open(log, "w") as out:
+        driver = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        killed = False
+        while driver.poll() is None:
+            time.sleep(every)
+            rows, files = counter()
+            workers = {pid: (name, proc_rss_mib(pid)) for pid, name in ray_workers().items()}
+            by_name: dict[str, float] = {}
+            for name, rss in workers.values():
+                if rss is not None:
+                    by_name[name] = max(by_name.get(name, 0.0), rss)
+                    peaks[name] = max(peaks.get(name, 0.0), rss)
+            samples.append({"s": round(time.perf_counter() - t0, 1), "rows": rows, "files": files,
+                            "driver_rss_mib": round(proc_rss_mib(driver.pid) or 0.0, 1),
+                            "workers_rss_mib": round(sum(r for _, r in workers.values() if r), 1),
+                            "largest_rss_mib_by_worker": {k: round(v, 1) for k, v in sorted(by_name.items())}})
+            print(f"{samples[-1]['s']:8.1f} s {rows:>9,} rows {files:>6} files  driver "
+                  f"{samples[-1]['driver_rss_mib']:.0f} MiB  workers {samples[-1]['workers_rss_mib']:.0f} MiB",
+                  flush=True)
+            if kill_at_rows is not None and rows >= kill_at_rows:
+                driver.send_signal(signal.SIGKILL)
+                killed = True
+        driver.wait()
+    rows, files = counter()
+    driver_peak = max((s["driver_rss_mib"] for s in samples), default=0.0)
+    return {"wall_s": round(time.perf_counter() - t0, 1), "killed": killed, "exit_code": driver.returncode,
+            "rows_at_end": rows, "files_at_end": files, "driver_rss_peak_mib": driver_peak,
+            "worker_rss_peak_mib": {k: round(v, 1) for k, v in sorted(peaks.items())},
+            "samples": samples[:: max(1, len(samples) // 40)] + samples[-1:],
+            "log_tail": log.read_text().splitlines()[-6:]}
+
+
+def million(a: argparse.Namespace, tmp: Path) -> dict:
+    """A million rows through ``shardgen run``, its driver killed half-way and resumed."""
+    model, _ = demo_assets()
+    write_prompts(tmp / "in", a.prompts)
+    out = tmp / "out"
+    port = 6390 + os.getpid() % 100
+    address = f"127.0.0.1:{port}"
+    ray = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a cluster of this machine only, for this benchmark
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=3",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True, env=env)
+    command = [sys.executable, "-m", "shardgen.jobs.cli", "run", "--model", str(model), "--input", str(tmp / "in"),
+               "--output", str(out), "--max-new-tokens", "1", "--batch-size", "256", "--address", address]
+    counter = PartCounter(out)
+    try:
+        first = watch(command, env, tmp / "first.log", counter, int(a.prompts * a.kill_at) if a.kill_at else None,
+                      a.every)
+        second = watch(command, env, tmp / "resumed.log", counter, None, a.every) if first["killed"] else None
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
+    ids = pq.read_table(out, columns=["id", "error"])
+    unique = len(set(ids.column("id").to_pylist()))
+    return {"mode": "million", "input_rows": a.prompts, "command": " ".join(command[1:]), "kill_at": a.kill_at,
+            "first": first, "resumed": second, "rows_written": ids.num_rows, "unique_ids": unique,
+            "errors": ids.num_rows - ids.column("error").null_count,
+            "every_id_once": ids.num_rows == a.prompts == unique,
+            "rows_per_s": round(a.prompts / (first["wall_s"] + (second["wall_s"] if second else 0.0)), 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["resume", "load"])
+    parser.add_argument("mode", choices=["resume", "load", "million"])
     parser.add_argument("--finished", type=int, default=1_000_000)
     parser.add_argument("--todo", type=int, default=100)
     parser.add_argument("--prompts", type=int, default=100_000)
+    parser.add_argument("--kill-at", type=float, default=0.5, help="million: share of rows after which the driver "
+                        "is killed (0: never)")
+    parser.add_argument("--every", type=float, default=5.0, help="million: seconds between memory samples")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/driver_memory.json"))
     a = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="shardgen-driver-memory-"))
+    if a.mode == "million":
+        result = million(a, tmp)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("first", "resumed")}))
+        save(a.results, result)
+        return
     model, _ = demo_assets()
     total = a.finished + a.todo if a.mode == "resume" else a.prompts
     write_prompts(tmp / "in", total)
@@ -114,10 +239,14 @@ def main() -> None:
         "driver_maxrss_mib": round(peak_mib(), 1), "rss_samples": sampler.samples[:: max(1, len(sampler.samples) // 60)],
     }
     print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}))
-    earlier = json.loads(a.results.read_text()) if a.results.exists() else {}
-    earlier[a.mode] = result
-    a.results.parent.mkdir(parents=True, exist_ok=True)
-    a.results.write_text(json.dumps(earlier, indent=2))
+    save(a.results, result)
+
+
+def save(path: Path, result: dict) -> None:
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    earlier[result["mode"]] = result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(earlier, indent=2))
 
 
 if __name__ == "__main__":

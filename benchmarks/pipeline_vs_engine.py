@@ -33,7 +33,7 @@ from shardgen.actors.engine.build import build_engine
 
 from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.sequence import SamplingParams
-from benchmarks.bench import write_checkpoint
+from benchmarks.synthetic import write_checkpoint
 from shardgen.jobs.demo import build_byte_tokenizer
 
 ENGINE = EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192)

@@ -32,7 +32,8 @@ from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.runner import ModelRunner, StepInput
 from shardgen.actors.engine.sequence import Request, SamplingParams
 from benchmarks.synthetic import random_model
-from benchmarks.bench import LLAMA_8B, warm_up
+from benchmarks.bench import warm_up
+from benchmarks.synthetic import LLAMA_8B
 from benchmarks.synthetic import make_case
 
 

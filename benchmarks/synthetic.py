@@ -1,4 +1,5 @@
-"""Synthetic models and workloads, written once: the model shapes the benchmarks run (Llama-3.1 8B and 70B),
+"""Synthetic models and workloads, written once: the model shapes the benchmarks run (Llama-3.1 8B and 70B,
+Qwen3-30B-A3B),
 random plain int4 checkpoints and random in-memory models of them, the benchmark workloads of random token ids, and
 random paged-attention cases. The benchmarks and the tests use these."""
 
@@ -28,8 +29,42 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab
 # Llama-3.1-70B's shape (issue 8: tensor parallelism on several GPUs).
 LLAMA_70B = dict(LLAMA_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                  num_key_value_heads=8)
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj")
+# Qwen3-30B-A3B's shape (issue 21: mixtures of experts): 48 layers of 128 experts, 8 routed a token.
+QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+                 "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128,
+                 "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                 "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                 "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                 "tie_word_embeddings": False}
+SHAPES = {"llama-8b": LLAMA_8B, "llama-70b": LLAMA_70B, "qwen3-30b-a3b": QWEN3_30B_A3B}
+
+
+def layer_linears(shape: dict) -> dict[str, tuple[int, int]]:
+    """Every int4 linear of one decoder layer of ``shape``: its name under the layer and its (out, in) shape."""
+    h = shape["hidden_size"]
+    d = shape.get("head_dim") or h // shape["num_attention_heads"]
+    q, kv = d * shape["num_attention_heads"], d * shape["num_key_value_heads"]
+    linears = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+               "self_attn.o_proj": (h, q)}
+    experts = [f"mlp.experts.{e}." for e in range(shape.get("num_experts", 0))] or ["mlp."]
+    i = shape["moe_intermediate_size"] if "num_experts" in shape else shape["intermediate_size"]
+    for e in experts:
+        linears.update({f"{e}gate_proj": (i, h), f"{e}up_proj": (i, h), f"{e}down_proj": (h, i)})
+    return linears
+
+
+def layer_floats(shape: dict) -> dict[str, tuple[int, ...]]:
+    """One decoder layer's float tensors: norms (Qwen3's per-head q/k norms too) and a mixture's router."""
+    h = shape["hidden_size"]
+    floats: dict[str, tuple[int, ...]] = {"input_layernorm": (h,), "post_attention_layernorm": (h,)}
+    if shape["model_type"] in ("qwen3", "qwen3_moe"):
+        d = shape.get("head_dim") or h // shape["num_attention_heads"]
+        floats.update({"self_attn.q_norm": (d,), "self_attn.k_norm": (d,)})
+    if "num_experts" in shape:
+        floats["mlp.gate"] = (shape["num_experts"], h)
+    return floats
+
+
 # (prompts, prompt tokens, generated tokens). throughput: TensorRT-LLM's published H200 shape (128 in / 2048 out), run
 # when named, with --max-num-seqs as high as the cache holds. shared-prefix: every prompt is one system prompt of
 # SHARED_PREFIX tokens and a suffix of its own (prefix caching, issue 19).
@@ -71,14 +106,11 @@ def synthetic_tokenizer(vocab_size: int, seed: int = 0):
 
 def write_checkpoint(out: Path, group_size: int = 128, shape: dict = LLAMA_8B) -> Path:
     """A plain int4 checkpoint of ``shape`` (the 8B one by default), random weights made and quantized on the GPU
-    one tensor at a time; lm_head and embeddings stay bf16. Reused if ``out`` already holds one."""
+    one tensor at a time; lm_head, embeddings, norms and routers stay bf16. Reused if ``out`` already holds one."""
     if (out / "config.json").exists():
         return out
     cfg = dict(shape, quantization_config=QuantConfig(group_size).to_hf_dict())
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-              "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def randn(shape: tuple[int, ...]) -> torch.Tensor:
@@ -87,10 +119,11 @@ def write_checkpoint(out: Path, group_size: int = 128, shape: dict = LLAMA_8B) -
     plan = [PlannedTensor("model.embed_tokens.weight", (v, h), torch.bfloat16, None, lambda: randn((v, h)))]
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}"
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            plan.append(PlannedTensor(f"{p}.{norm}.weight", (h,), torch.bfloat16, None,
-                                      lambda: torch.ones(h, dtype=torch.bfloat16)))
-        for name, shape in shapes.items():
+        for name, size in layer_floats(cfg).items():
+            make = (lambda size=size: torch.ones(size, dtype=torch.bfloat16)) if len(size) == 1 else \
+                (lambda size=size: randn(size))
+            plan.append(PlannedTensor(f"{p}.{name}.weight", size, torch.bfloat16, None, make))
+        for name, shape in layer_linears(cfg).items():
             plan.append(PlannedTensor(f"{p}.{name}.weight", shape, torch.bfloat16, group_size,
                                       lambda shape=shape: int4.quantize(randn(shape), group_size)))
     plan.append(PlannedTensor("model.norm.weight", (h,), torch.bfloat16, None, lambda: torch.ones(h, dtype=torch.bfloat16)))
@@ -107,7 +140,8 @@ def random_model(raw: dict, layout: str, group_size: int = 128) -> LoadedModel:
     """The model with random weights made on the GPU: int4 layers quantized there, then converted (or bf16)."""
     quantized = layout != "bf16"
     cfg = ModelConfig.from_dict({**raw, **({"quantization_config": QuantConfig(group_size).to_hf_dict()} if quantized else {})})
-    groups = {f"model.layers.{i}.{m}": group_size for i in range(cfg.num_layers) for m in PROJECTIONS} if quantized else {}
+    linears = layer_linears(raw)
+    groups = {f"model.layers.{i}.{m}": group_size for i in range(cfg.num_layers) for m in linears} if quantized else {}
     start = time.perf_counter()
     model = CausalLM(cfg, SINGLE, torch.bfloat16, "cuda", groups)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -120,9 +154,10 @@ def random_model(raw: dict, layout: str, group_size: int = 128) -> LoadedModel:
         else:
             p.data.normal_(0, 0.02, generator=gen)
     loaded = time.perf_counter()
-    count = int4.convert_module_weights(model, layout, torch.bfloat16) if quantized else 0
+    layout = layout if quantized else int4.LAYOUT_DENSE
+    count = int4.convert_module_weights(model, layout, torch.bfloat16)  # a dense model's experts are grouped too
     torch.cuda.synchronize()
-    return LoadedModel(model.eval(), cfg, layout if quantized else "dense", count, loaded - start, time.perf_counter() - loaded)
+    return LoadedModel(model.eval(), cfg, layout, count, loaded - start, time.perf_counter() - loaded)
 
 
 def make_case(q_lens: list[int], ctx_lens: list[int], hq: int, hkv: int, d: int, dtype: torch.dtype,

@@ -24,15 +24,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench import (
-    DEFAULT_WORKLOADS,
-    LLAMA_8B,
-    LLAMA_70B,
-    WORKLOADS,
-    warm_up,
-    workload_prompts,
-    write_checkpoint,
-)
+from benchmarks.bench import DEFAULT_WORKLOADS, warm_up
+from benchmarks.synthetic import LLAMA_8B, LLAMA_70B, WORKLOADS, workload_prompts, write_checkpoint
 
 SHAPES = {"8b": LLAMA_8B, "70b": LLAMA_70B}
 GiB = 2**30

@@ -298,9 +298,13 @@ def bench(
                                                  help="shardgen engine: share of GPU memory to use."),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="shardgen engine: no CUDA graphs."),
     results_dir: Path = typer.Option(Path("benchmarks/results"), help="Where the JSON and PNG go."),
-    checkpoint_dir: Path = typer.Option(Path("/tmp/shardgen-bench-llama8b-int4"), help="Where the 8B int4 checkpoint is written (reused if present)."),
+    shape: str = typer.Option("llama-8b", help="Model shape: llama-8b (Llama-3.1-8B), llama-70b, or qwen3-30b-a3b "
+                                               "(Qwen3-30B-A3B, 128 experts, 8 a token)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="Where the int4 checkpoint of the shape is written (reused "
+                                                        "if present); default /tmp/shardgen-bench-<shape>-int4."),
 ) -> None:
-    """Benchmark a Llama-3.1-8B-shaped model on one GPU: shardgen (int4 in each layout; bf16) vs Hugging Face generate."""
+    """Benchmark a model of a real shape with random weights on one GPU: shardgen (int4 in each layout; bf16) vs
+    Hugging Face generate."""
     import torch
 
     try:  # the harness lives in the repository's benchmarks/ package, beside its results; it is not installed
@@ -314,7 +318,7 @@ def bench(
         config = BenchConfig(workloads=tuple(workloads.split(",")), systems=tuple(systems.split(",")), scale=scale,
                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              gpu_memory_utilization=gpu_memory_utilization, results_dir=results_dir,
-                             checkpoint_dir=checkpoint_dir, cuda_graphs=not enforce_eager,
+                             checkpoint_dir=checkpoint_dir, shape=shape, cuda_graphs=not enforce_eager,
                              kernel_cache_dir=user_cache_dir())
     except ValueError as e:
         _fail(str(e))

@@ -183,7 +183,12 @@ def connect(config: ProcessorConfig, quiet: bool = True) -> None:
         return
     logs = {"log_to_driver": config.verbose, "logging_level": "INFO" if config.verbose else "WARNING"}
     if config.address:
-        ray.init(address=config.address, **logs)
+        try:
+            ray.init(address=config.address, **logs)
+        except ConnectionError as e:
+            raise ValueError(f"could not attach to the Ray cluster at `address` {config.address} ({e}); start one "
+                             f"there (ray start --head), give the address `ray start` printed, or leave `address` "
+                             f"out to start a local cluster") from e
         return
     ranks = config.tp * config.replicas
     # A local cluster (its workers inherit this process's environment).

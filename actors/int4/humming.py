@@ -8,6 +8,9 @@ codes and group scales:
   ``zp = 8 - z / s``. humming applies it in bf16 (``__hsub2``), which rounds ``u - zp`` to 8 significant bits: the
   weight it multiplies differs from the dequantized one by up to 2**-5 of a quantization step (tests state the
   tolerance).
+- A mixture's experts in ``int4-humming`` (and ``int4-dual``) are stacked (E, N, K) and run by humming's W4A16
+  grouped GEMM (``grouped_contiguous``: rows grouped by expert, ``expert_layout`` their first-row offsets), with the
+  same codes, scales and zero points (``convert_experts``).
 - ``int4-humming-fp8act`` (W4A8): every token's activations quantized to e4m3 with one scale (inside the call),
   times the signed codes q with their group scales on fp8 tensor cores. humming's fp8 path has no float zero point,
   so the zero point goes through a split: ``x . w = sum_g s_g (x_g . q_g) + sum_g z_g (sum of x over group g)``;
@@ -35,6 +38,12 @@ log = logging.getLogger(__name__)
 # humming's Stream-K locks: one buffer per model is enough because a model's linears run one after another on one
 # stream (humming's own layers keep one each so that layers on different streams cannot share it).
 LOCKS = 2048
+# humming's compute config for a mixture's experts: rows grouped by expert, one group after the other.
+GROUPED = '{"gemm_type": "grouped_contiguous"}'
+# Row counts a mixture's grouped weight is tried at when converted, one in each of humming's M intervals: some
+# shapes fail to launch (the tiny Mixtral of tests/actors/model/test_moe_cuda.py, 4 experts of 2048 x 512 and
+# 512 x 1024, failed to encode its zero points' TMA descriptor on an H100, 2026-12-07), and those experts run one by one.
+TRIAL_ROWS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 
 
 def available(device: torch.device) -> bool:
@@ -77,18 +86,16 @@ class HummingRuntime:
         self.device = device
         self.fp8_activations = fp8_activations
         self.locks = torch.zeros(LOCKS, dtype=torch.int32, device=device)
-        self.configs: set[str] = set()
+        self.configs: set[tuple[str, str | None]] = set()  # (layer config, compute config) to compile
 
     def convert(self, t: Int4Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, HummingWeight]:
         """humming's packed weight of a plain int4 slice, and what ``linear`` needs beside it."""
         from humming.schema import BaseInputSchema, BaseWeightSchema
-        from humming import ops
         from humming.transform import prepare_and_transform_humming_tensors
 
         n, k = t.shape
         g = group_size_of(t)
-        codes = unpack(t.qdata).to(torch.int32) + 8  # u = q + 8 in [0, 15], humming's offset-binary codes
-        tensors = {"weight": ops.pack_weight(codes.contiguous(), 4), "weight_scale": t.scale.t().contiguous()}
+        tensors = {"weight": _packed_codes(t), "weight_scale": t.scale.t().contiguous()}
         if self.fp8_activations:
             weight_cfg = {"quant_method": "humming", "dtype": "int4", "group_size": g}
             input_schema = BaseInputSchema.from_config({"quant_method": "humming", "dtype": "float8e4m3"})
@@ -97,26 +104,82 @@ class HummingRuntime:
                           "is_fp_zero_point": True}
             input_schema = None
             tensors["zero_point"] = float_zero_point(t, dtype)
-        del codes
         config, out = prepare_and_transform_humming_tensors(
             tensors, n, k, BaseWeightSchema.from_config(weight_cfg),
             input_schema.to_humming_schema(dtype) if input_schema is not None else None,
             torch_dtype=dtype, device=self.device)
-        self.configs.add(config.to_str())
+        self.configs.add((config.to_str(), None))
         return out["weight"], HummingWeight(
             config=config, scale=out["weight_scale"], zero_point=out.get("zero_point"),
             group_zero=t.zero_point.contiguous() if self.fp8_activations else None,
             group_size=g, n=n, runtime=self)
+
+    def convert_experts(self, ts: list[Int4Tensor], dtype: torch.dtype) -> GroupedHumming | None:
+        """One projection of every expert (plain int4 slices of one shape) as humming's stacked W4A16 weight for its
+        grouped GEMM; None for W4A8 (its zero-point split has no grouped form here: the experts run one by one)."""
+        from humming.schema import BaseWeightSchema
+        from humming.transform import prepare_and_transform_humming_tensors
+
+        if self.fp8_activations:
+            return None
+        n, k = ts[0].shape
+        g = group_size_of(ts[0])
+        tensors = {"weight": torch.stack([_packed_codes(t) for t in ts]),
+                   "weight_scale": torch.stack([t.scale.t() for t in ts]).contiguous(),
+                   "zero_point": torch.stack([float_zero_point(t, dtype) for t in ts]).contiguous()}
+        weight_cfg = {"quant_method": "humming", "dtype": "uint4", "group_size": g, "has_zero_point": True,
+                      "is_fp_zero_point": True}
+        config, out = prepare_and_transform_humming_tensors(
+            tensors, n, k, BaseWeightSchema.from_config(weight_cfg), None, num_experts=len(ts), torch_dtype=dtype,
+            device=self.device)
+        grouped = GroupedHumming(config, out["weight"], out["weight_scale"], out["zero_point"], self)
+        try:
+            for m in TRIAL_ROWS:  # compiles each M interval's kernel now (prepare would) and launches it once
+                counts = torch.zeros(len(ts), dtype=torch.int64, device=self.device)
+                counts[0] = m
+                grouped(torch.zeros(m, k, dtype=dtype, device=self.device), counts)
+        except RuntimeError as e:
+            log.warning("humming's grouped GEMM cannot run %d experts of %d x %d (%s); they run one by one",
+                        len(ts), n, k, str(e).splitlines()[0][:200])
+            return None
+        self.configs.add((config.to_str(), GROUPED))
+        return grouped
 
     def prepare(self) -> None:
         """Compile (or load from the cache) every kernel the converted weights will run, for every M interval."""
         from humming.kernel.humming import HummingKernel
 
         started = time.perf_counter()
-        for key in sorted(self.configs):
-            HummingKernel.prepare_kernels(key, None, None, self.device)
+        for key, compute in sorted(self.configs, key=str):
+            HummingKernel.prepare_kernels(key, compute, None, self.device)
         log.info("humming kernels for %d weight shapes ready in %.1f s", len(self.configs),
                  time.perf_counter() - started)
+
+
+@dataclass
+class GroupedHumming:
+    """A projection of every expert of a layer in humming's grouped W4A16 form (experts.py's ``GroupedExperts``)."""
+
+    config: object
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    runtime: HummingRuntime
+
+    def __call__(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        from humming.forward import humming_forward
+
+        first_rows = torch.nn.functional.pad(counts.cumsum(0), (1, 0))  # (E + 1,): where each expert's rows start
+        return humming_forward(self.config, inputs=xs, weight=self.weight, weight_scale=self.scale,
+                               zero_point=self.zero_point, expert_layout=first_rows, locks=self.runtime.locks,
+                               compute_config=GROUPED)
+
+
+def _packed_codes(t: Int4Tensor) -> torch.Tensor:
+    """humming's packing of a plain slice's codes: u = q + 8 in [0, 15] (offset binary), eight to an int32."""
+    from humming import ops
+
+    return ops.pack_weight((unpack(t.qdata).to(torch.int32) + 8).contiguous(), 4)
 
 
 def float_zero_point(t: Int4Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -151,7 +151,11 @@ def _humming_linear(x: torch.Tensor, packed: torch.Tensor, meta: object, bias: t
 def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
                            kernel_cache_dir: Path | None = None) -> int:
     """Convert every plain-int4 parameter under ``module`` in place of the old one; returns how many. The humming
-    layouts keep their compiled kernels under ``kernel_cache_dir``."""
+    layouts keep their compiled kernels under ``kernel_cache_dir``.
+
+    A mixture's experts go first: a module with ``expert_projections()`` (model/moe.py) is handed one grouped GEMM a
+    projection (experts.py) through ``use_grouped``, where one runs ``layout`` (``LAYOUT_DENSE`` too: a float model's
+    experts are grouped alike); otherwise its experts are converted one by one as any linear."""
     weights = [p.data for p in module.parameters() if is_int4(p.data)]
     runs_humming = layout in (*HUMMING_LAYOUTS, LAYOUT_DUAL)
     if layout in (LAYOUT_PRESHUFFLED, LAYOUT_PLAIN) or runs_humming:
@@ -163,6 +167,9 @@ def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
 
         runtime = HummingRuntime(weights[0].qdata.device, kernel_cache_dir, layout == LAYOUT_HUMMING_FP8, dtype)
     count = 0
+    for sub in list(module.modules()):
+        if hasattr(sub, "expert_projections"):
+            count += _group_experts(sub, layout, dtype, runtime)
     for sub in module.modules():
         for name, param in list(sub.named_parameters(recurse=False)):
             if is_int4(param.data) and not getattr(param, "int4_converted", False):
@@ -171,4 +178,18 @@ def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
     if runs_humming and runtime is not None:
         runtime.prepare()  # compiled now, before any CUDA graph is captured
     return count
+
+
+def _group_experts(block: nn.Module, layout: str, dtype: torch.dtype, runtime: HummingRuntime | None) -> int:
+    """Hand ``block`` its experts' grouped GEMMs if every projection has one; returns the int4 weights converted."""
+    from shardgen.actors.int4.experts import group_experts
+
+    projections = block.expert_projections()
+    grouped = {}
+    for name, params in projections.items():
+        grouped[name] = group_experts([p.data for p in params], layout, dtype, runtime)
+        if grouped[name] is None:
+            return 0
+    block.use_grouped(grouped)  # drops the per-expert parameters
+    return sum(is_int4(p.data) for params in projections.values() for p in params)
 

@@ -14,6 +14,7 @@ GROUP_SIZES = (32, 64, 128, 256)
 LAYOUT_PRESHUFFLED = "int4-preshuffled"
 LAYOUT_PLAIN = "int4-plain"
 LAYOUT_CPU = "cpu-dequantized"
+LAYOUT_DENSE = "dense"  # a model with no int4 weights (its experts still group: experts.py)
 LAYOUT_HUMMING = "int4-humming"  # humming's W4A16 GEMMs (humming.py), SM90
 LAYOUT_HUMMING_FP8 = "int4-humming-fp8act"  # humming's W4A8 GEMMs: e4m3 activations, the same int4 codes
 # Both packings of every weight: humming's W4A16 for steps of few rows, fbgemm's preshuffled for the rest (layouts.py).

@@ -19,7 +19,7 @@ from shardgen.actors.model.model import CausalLM
 class LoadedModel:
     model: CausalLM
     config: ModelConfig
-    layout: str  # int4 layout after conversion (actors.int4.LAYOUT_*), or "dense" if nothing was int4
+    layout: str  # int4 layout after conversion (actors.int4.LAYOUT_*), or LAYOUT_DENSE if nothing was int4
     int4_weights: int
     load_s: float
     convert_s: float
@@ -60,9 +60,9 @@ def load_model(
         model.load_weights(ckpt)
     loaded = time.perf_counter()
     quantized = any(int4.is_int4(p) for p in model.parameters())
-    layout = int4.hardware_layout(device, int4_layout) if quantized else "dense"
+    layout = int4.hardware_layout(device, int4_layout) if quantized else int4.LAYOUT_DENSE
     cache = Path(kernel_cache_dir) if kernel_cache_dir is not None else None
-    count = int4.convert_module_weights(model, layout, dtype, cache) if quantized else 0
+    count = int4.convert_module_weights(model, layout, dtype, cache)  # a dense model's experts are grouped too
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return LoadedModel(model.eval(), config, layout, count, loaded - start, time.perf_counter() - loaded)

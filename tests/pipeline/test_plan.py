@@ -34,3 +34,20 @@ def test_a_group_size_cuda_gets_wrong_is_refused_on_cuda_and_runs_on_the_cpu(tmp
     check_int4(model, "cpu", options)  # the CPU runs G=32
     with pytest.raises(ValueError, match="int4 group size 32 cannot run on CUDA"):
         check_int4(model, "cuda", options)
+
+
+def test_an_address_with_no_cluster_is_refused_naming_the_address(monkeypatch, tmp_path):
+    import ray
+
+    from shardgen.pipeline.plan import connect
+
+    def no_cluster(address: str, **kwargs: object) -> None:  # what ray.init raises, after its retries
+        raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    options = RunOptions(model=tmp_path, input=tmp_path / "in.jsonl", output=tmp_path / "out", address="10.0.0.9:6379")
+    with pytest.raises(ValueError) as caught:
+        connect(options)
+    message = as_flags(str(caught.value))
+    assert "--address 10.0.0.9:6379" in message and "ray start --head" in message

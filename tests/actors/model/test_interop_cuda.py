@@ -145,10 +145,10 @@ def test_an_opt_125m_shaped_checkpoint_saved_by_transformers_runs_through_shardg
     assert same >= len(texts) - 1  # bf16 kernels of two engines: a close call may go the other way
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_a_mixture_of_experts_saved_by_transformers_torchao_loads_in_shardgen(family, tmp_path):
-    """What transformers' TorchAoConfig writes for an MoE model (its experts are stacked parameters, not linears),
-    and shardgen's logits on it against transformers' own int4 model."""
+@pytest.mark.parametrize("family", ["phi3", "gemma3", "qwen3_moe", "mixtral"])
+def test_each_architecture_saved_by_transformers_torchao_loads_in_shardgen(family, tmp_path):
+    """What transformers' TorchAoConfig writes for each architecture (Phi-3's fused projections, Gemma 3, and the
+    mixtures' experts), and shardgen's logits on it against transformers' own int4 model (Llama and OPT: above)."""
     shape = dict(SHAPE, intermediate_size=512, **({"moe_intermediate_size": 256} if family == "qwen3_moe" else {}))
     float_dir = save_hf(hf_model(family, torch.bfloat16, **shape), tmp_path / f"{family}-float")
     config = TorchAoConfig(Int4WeightOnlyConfig(group_size=128, int4_packing_format="plain"))

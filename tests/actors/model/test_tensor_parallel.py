@@ -20,12 +20,22 @@ IDS = torch.randint(0, 301, (2, 13), generator=torch.Generator().manual_seed(11)
 PROMPTS = [[5, 17, 42, 7], [100, 3, 250, 9, 18, 77, 1]]
 
 
+def parameter_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape; a mixture's grouped experts (stacked (E, N, K)) as each expert's weight would be."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        for proj, grouped in (getattr(module, "grouped", None) or {}).items():
+            for e, w in enumerate(grouped.weight):
+                shapes[f"{name}.experts.{e}.{proj}_proj.weight"] = tuple(w.shape)
+    return shapes
+
+
 def _rank_main(rank: int, world: int, port: int, path: str, out: str, int4_layout: str = "auto") -> None:
     try:
         tp = init_tp_group(rank, world, f"127.0.0.1:{port}", "cpu", timeout_s=120)
         loaded = load_model(path, tp, int4_layout=int4_layout)
         model = loaded.model
-        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        shapes = parameter_shapes(model)
         result = {
             "logits": shardgen_logits(model, IDS),
             "greedy": greedy_paged(model, PROMPTS, new_tokens=8),
@@ -94,7 +104,7 @@ def test_tp_logits_and_greedy_tokens_equal_tp1(tmp_path, family, world, override
         assert r["greedy"] == want_greedy
         assert r["greedy_fp8_kv"] == want_greedy_fp8  # each rank's heads scaled as at TP=1
     # Each rank holds exactly its 1/T slice of every sharded parameter.
-    full = {n: tuple(p.shape) for n, p in single.named_parameters()}
+    full = parameter_shapes(single)
     shapes = ranks[0]["shapes"]
     qkv, o, gate_up, down = (f"model.layers.0.{m}.weight" for m in SHARDED.get(family, LLAMA_SHARDED))
     assert shapes[qkv][0] * world == full[qkv][0] and shapes[gate_up][0] * world == full[gate_up][0]
