@@ -165,7 +165,11 @@ def run_shardgen(system: str, config: BenchConfig) -> list[Result]:
              "kv_cache_gib": round(runner.kv_cache_bytes / GiB, 2), "kv_cache_dtype": engine_cfg.kv_cache_dtype,
              "activation_peak_gib": round(runner.activation_peak / GiB, 2), "cuda_graphs": runner.graphs is not None,
              "gemm_by_rows": gemm_by_rows(loaded.layout)}
+    print(f"{system}: ready in {ready_s:.1f} s ({loaded.layout}, read {loaded.load_s:.1f} s, convert "
+          f"{loaded.convert_s:.1f} s, KV cache {runner.kv_cache_bytes / GiB:.1f} GiB, CUDA graphs "
+          f"{runner.graphs is not None})", flush=True)
     warm_up(engine, config.max_num_batched_tokens)
+    print(f"{system}: warmed up in {time.perf_counter() - start - ready_s:.1f} s", flush=True)
     results = []
     for workload in config.workloads:
         prompts, output_len = workload_prompts(workload, config.scale)

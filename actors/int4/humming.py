@@ -133,6 +133,7 @@ class HummingRuntime:
             tensors, n, k, BaseWeightSchema.from_config(weight_cfg), None, num_experts=len(ts), torch_dtype=dtype,
             device=self.device)
         grouped = GroupedHumming(config, out["weight"], out["weight_scale"], out["zero_point"], self)
+        started = time.perf_counter()
         try:
             for m in TRIAL_ROWS:  # compiles each M interval's kernel now (prepare would) and launches it once
                 counts = torch.zeros(len(ts), dtype=torch.int64, device=self.device)
@@ -142,6 +143,9 @@ class HummingRuntime:
             log.warning("humming's grouped GEMM cannot run %d experts of %d x %d (%s); they run one by one",
                         len(ts), n, k, str(e).splitlines()[0][:200])
             return None
+        if (config.to_str(), GROUPED) not in self.configs:  # the first of a shape compiles its kernels
+            log.info("humming grouped GEMM for %d experts of %d x %d ready in %.1f s", len(ts), n, k,
+                     time.perf_counter() - started)
         self.configs.add((config.to_str(), GROUPED))
         return grouped
 
