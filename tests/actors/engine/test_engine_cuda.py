@@ -139,3 +139,27 @@ def test_logprobs_on_the_gpu_are_the_models_log_softmax_as_float32_transformers_
           f"{len(errors) + len(prompt_errors)} values; top-1 agrees at {sum(top_same)}/{len(top_same)} steps")
     assert worst <= 0.1 and mean <= 0.02
     assert sum(top_same) >= 0.9 * len(top_same)
+
+
+def test_a_real_out_of_memory_in_a_step_fails_the_request_naming_the_settings_to_lower(checkpoint):
+    """The GPU twin of test_engine.py's simulated OOM (Ray's ray.data.llm hangs on one, its issue #59986): the
+    memory the step needs is taken by a ballast tensor, the step's allocation fails inside torch, and the request
+    fails at once with the settings to lower."""
+    import time
+
+    _, path = checkpoint
+    e = engine(path, gpu_memory_utilization=0.5, cuda_graphs=False)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the activations' cached blocks go back, so the step must allocate anew
+    free, _ = torch.cuda.mem_get_info()
+    ballast = torch.empty(free - 2**20, dtype=torch.uint8, device="cuda")
+    try:
+        started = time.monotonic()
+        prompt = torch.randint(0, 2048, (500,), generator=torch.Generator().manual_seed(3)).tolist()
+        with pytest.raises(RuntimeError, match=r"out of GPU memory in an engine step \(.*\); lower "
+                                               r"`max_num_batched_tokens` \(now 512\)"):
+            e.generate([Request("big", prompt, SamplingParams(max_new_tokens=4))])
+        assert time.monotonic() - started < 60
+    finally:
+        del ballast
+        torch.cuda.empty_cache()
