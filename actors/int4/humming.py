@@ -42,7 +42,8 @@ LOCKS = 2048
 GROUPED = '{"gemm_type": "grouped_contiguous"}'
 # Row counts a mixture's grouped weight is tried at when converted, one in each of humming's M intervals: some
 # shapes fail to launch (the tiny Mixtral of tests/actors/model/test_moe_cuda.py, 4 experts of 2048 x 512 and
-# 512 x 1024, failed to encode its zero points' TMA descriptor on an H100, 2026-12-07), and those experts run one by one.
+# 512 x 1024, failed to encode its zero points' TMA descriptor on an H100, 2026-12-07); those experts run one by
+# one.
 TRIAL_ROWS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 
 
