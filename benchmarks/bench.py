@@ -81,7 +81,6 @@ class BenchConfig:
         if not 0 < self.scale <= 1:
             raise ValueError(f"--scale must be in (0, 1], got {self.scale}")
 
-
     @property
     def model(self) -> dict:
         return SHAPES[self.shape]

@@ -43,8 +43,9 @@ MiB = 2**20
 
 
 def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    rss = proc_rss_mib("self")
+    assert rss is not None  # this process's own status is always readable
+    return rss
 
 
 def peak_mib() -> float:
@@ -96,7 +97,7 @@ def write_finished(output: Path, options: RunOptions, n: int, rows_per_file: int
     output_dir.write_manifest(output, run_manifest(options))
 
 
-def proc_rss_mib(pid: int) -> float | None:
+def proc_rss_mib(pid: int | str) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024

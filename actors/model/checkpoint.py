@@ -8,7 +8,12 @@ as they are with metadata ``{"_type": "Tensor"}``. ``tensor_names`` lists the
 logical names in each file, as torchao's ``flatten_tensor_state_dict`` writes.
 
 Reading is by slice: a tensor-parallel rank asks for ``read(name, dim, start,
-length)`` and only those bytes are copied out of the file.
+length)`` and only those bytes are copied out of the file. Reads are positioned
+file reads at offsets taken from each file's header, parsed once: no mapping
+stays open, so a rank's memory holds its slice and not the pages it read
+through (safetensors' own mmap handle kept them counted until closed, and
+opening one per read parsed the whole header each time: minutes for a
+checkpoint of 18,600 tensors).
 
 Only safetensors are read unless the caller allows pickle files (``.bin``,
 ``.pt``): unpickling can run code, so those are opened with
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -39,11 +45,9 @@ _DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-# A safetensors file stays open across reads until this many bytes were read through it, then is closed and opened
-# again. Opening parses the file's whole header (4 ms a read for a file of 1,500 tensors on this project's CPU; a
-# Qwen3-30B-A3B checkpoint's 18,600 tensors, opened once a read, did not load in 140 s), while an open mapping keeps
-# every page read through it counted in this process's memory (what a rank's peak may hold beyond its slice).
-HANDLE_BYTES = 32 * 2**20
+# A slice that keeps only part of each row (a row-parallel split) is read this many bytes of whole rows at a time,
+# so the transient beyond the slice itself stays bounded whatever the tensor's size.
+CHUNK_BYTES = 16 * 2**20
 _UNSAFE_SUFFIXES = (*_PICKLE_SUFFIXES, ".ckpt", ".pkl")
 
 
@@ -88,7 +92,7 @@ class Checkpoint:
         self.files = _find_weight_files(self.dir, allow_pickle)
         self.entries: dict[str, TensorEntry] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
-        self._handle: tuple[Path, object, int] | None = None  # (file, open safetensors handle, bytes read through it)
+        self._spans: dict[Path, dict[str, _Span]] = {}  # where each stored key's bytes are, per safetensors file
         for file in self.files:
             if file.suffix == ".safetensors":
                 self._index_safetensors(file)
@@ -102,26 +106,8 @@ class Checkpoint:
         self.close()
 
     def close(self) -> None:
-        """Closes the open safetensors file and drops the mappings of pickle files."""
+        """Drops the mappings of pickle files (safetensors files are not held open between reads)."""
         self._pickled.clear()
-        self._release()
-
-    def _release(self) -> None:
-        if self._handle is not None:
-            self._handle[1].__exit__(None, None, None)
-            self._handle = None
-
-    def _open(self, file: Path, nbytes: int) -> object:
-        """The open handle of ``file`` (one file at a time: a loader reads a file's tensors together), reopened once
-        ``HANDLE_BYTES`` were read through it; ``nbytes`` is what the caller will read now."""
-        if self._handle is None or self._handle[0] != file or self._handle[2] >= HANDLE_BYTES:
-            self._release()
-            handle = safe_open(str(file), framework="pt", device="cpu")
-            handle.__enter__()
-            self._handle = (file, handle, 0)
-        file, handle, read = self._handle
-        self._handle = (file, handle, read + nbytes)
-        return handle
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -142,17 +128,12 @@ class Checkpoint:
         assert length is not None and 0 <= start and start + length <= e.shape[dim], (name, dim, start, length, e.shape)
         if e.file.suffix != ".safetensors":
             return self._read_pickled(e, dim, start, length)
-        # safetensors reads through mmap: the pages a read touched count towards this process's memory until the
-        # file is closed, so a handle is reopened every HANDLE_BYTES (counting whole tensors: a slice may touch them).
-        whole = e.shape[0] * (e.shape[-1] // 2 if e.is_int4 else math.prod(e.shape[1:]) * e.dtype.itemsize)
-        handle = self._open(e.file, whole)
+        spans = self._spans[e.file]
         if e.is_int4:
-            def read_part(data_name: str, index: tuple[slice, slice]) -> torch.Tensor:
-                return handle.get_slice(int4_key(name, data_name))[index]
-
-            return int4.read_shard(read_part, e.shape, e.group_size, dim, start, length)
+            return int4.read_shard(lambda data_name, index: spans[int4_key(name, data_name)].read(e.file, index),
+                                   e.shape, e.group_size, dim, start, length)
         index = tuple(slice(start, start + length) if d == dim else slice(None) for d in range(len(e.shape)))
-        return handle.get_slice(name)[index]
+        return spans[name].read(e.file, index)
 
     def _read_pickled(self, e: TensorEntry, dim: int, start: int, length: int) -> torch.Tensor:
         tensors = self._pickled[e.file]
@@ -170,8 +151,10 @@ class Checkpoint:
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise ValueError(f"{file} is not a readable safetensors file ({e}); the file is truncated or corrupt, re-copy it") from e
         keys = set(f.keys())
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-        dtypes = {k: _DTYPES[f.get_slice(k).get_dtype()] for k in keys}
+        self._spans[file] = _spans(file)
+        assert set(self._spans[file]) == keys, file
+        shapes = {k: span.shape for k, span in self._spans[file].items()}
+        dtypes = {k: span.dtype for k, span in self._spans[file].items()}
         self._index_keys(file, f.metadata() or {}, shapes, dtypes)
 
     def _index_pickle(self, file: Path) -> None:
@@ -220,6 +203,55 @@ class Checkpoint:
             claimed.update(parts.values())
         for key in sorted(keys - claimed):
             self.entries[key] = TensorEntry(key, file, shapes[key], dtypes[key], None)
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Where one stored tensor's bytes lie in its safetensors file (row-major, little-endian)."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def read(self, file: Path, index: tuple[slice, ...]) -> torch.Tensor:
+        """The sub-tensor ``index`` (unit-step slices, one per leading dim) as a fresh tensor, read with positioned
+        reads: whole rows in one read, a part of each row through chunks of CHUNK_BYTES."""
+        shape = self.shape or (1,)
+        rows = range(*(index[0] if index else slice(None)).indices(shape[0]))
+        assert rows.step == 1, index
+        rest = tuple(index[1:])
+        row_bytes = math.prod(shape[1:]) * self.dtype.itemsize
+        narrowed = any(s.indices(n) != (0, n, 1) for s, n in zip(rest, shape[1:]))
+        with open(file, "rb", buffering=0) as f:
+            if not narrowed:  # the bytes of whole rows are the result: one read, no copy
+                t = self._rows(f, rows.start, len(rows), shape, row_bytes)
+                return t if self.shape else t.reshape(())
+            out = torch.empty((len(rows), *torch.empty(shape[1:], device="meta")[rest].shape), dtype=self.dtype)
+            step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+            for a in range(0, len(rows), step):
+                n = min(step, len(rows) - a)
+                out[a : a + n] = self._rows(f, rows.start + a, n, shape, row_bytes)[(slice(None), *rest)]
+            return out
+
+    def _rows(self, f, first: int, count: int, shape: tuple[int, ...], row_bytes: int) -> torch.Tensor:
+        buf = bytearray(count * row_bytes)
+        f.seek(self.offset + first * row_bytes)
+        got = f.readinto(buf) if buf else 0
+        if got != len(buf):
+            raise ValueError(f"{f.name} ends inside a tensor ({got} of {len(buf)} bytes read); the file is truncated, "
+                             f"re-copy it")
+        t = torch.frombuffer(buf, dtype=self.dtype) if buf else torch.empty(0, dtype=self.dtype)
+        return t.view(count, *shape[1:])
+
+
+def _spans(file: Path) -> dict[str, _Span]:
+    """Every stored key's span, from the file's header: an 8-byte little-endian length, then that much JSON."""
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    start = 8 + size
+    return {k: _Span(start + v["data_offsets"][0], tuple(v["shape"]), _DTYPES[v["dtype"]])
+            for k, v in header.items() if k != "__metadata__"}
 
 
 def _int4_names(meta: dict[str, str], keys: set[str]) -> Iterator[tuple[str, dict]]:

@@ -58,7 +58,14 @@ def test_a_node_lost_mid_run_has_its_replica_rebuilt_elsewhere_and_the_output_eq
     calm_s = time.monotonic() - start
 
     hurt_dir, result = tmp_path / "hurt", {}
-    job = threading.Thread(target=lambda: result.update(summary=run(replace(options, output=hurt_dir))))
+
+    def hurt_run() -> None:  # the run's own exception, if any, is raised below with its traceback
+        try:
+            result["summary"] = run(replace(options, output=hurt_dir))
+        except BaseException as e:
+            result["error"] = e
+
+    job = threading.Thread(target=hurt_run)
     start = time.monotonic()
     job.start()
     deadline = time.monotonic() + 300
@@ -79,6 +86,8 @@ def test_a_node_lost_mid_run_has_its_replica_rebuilt_elsewhere_and_the_output_eq
         time.sleep(0.5)
     job.join(timeout=60)
     assert not job.is_alive(), "the job hung after a node was lost"
+    if "error" in result:
+        raise result["error"]
     hurt_s = time.monotonic() - start
     hurt, calm_rows = read_output(hurt_dir), read_output(tmp_path / "calm")
     print(f"lost worker node {victim} (of 3) after {written_before} of 200 rows were written; the run finished in "
