@@ -33,13 +33,17 @@ MIN_BATCHES_IN_FLIGHT = 4
 STAGE_ACTOR_CPUS = 0
 
 
-def batches_in_flight(batch_size: int, max_num_seqs: int) -> int:
+def batches_in_flight(batch_size: int, max_num_seqs: int, rows: int | None = None, replicas: int = 1) -> int:
     """Ray Data batches each replica is given at once: enough for 4 waves of its engine, at most what rank 0
-    serves concurrently."""
+    serves concurrently, and at most its share of the input's batches when ``rows`` is known: Ray Data hands every
+    batch to the first ready actor up to this depth, so a small input would otherwise run on one replica alone."""
     from shardgen.actors.replica import RANK0_CONCURRENCY
 
     wanted = -(-ROWS_IN_FLIGHT_PER_ENGINE_SLOT * max_num_seqs // batch_size)
-    return min(max(MIN_BATCHES_IN_FLIGHT, wanted), RANK0_CONCURRENCY)
+    depth = min(max(MIN_BATCHES_IN_FLIGHT, wanted), RANK0_CONCURRENCY)
+    if rows is not None and rows > 0:
+        depth = min(depth, -(-(-(-rows // batch_size)) // replicas))
+    return depth
 
 
 @dataclass(frozen=True)
@@ -52,15 +56,17 @@ class Stage:
     apply: Callable
 
 
-def generation_stages(r: ReplicaPlan, flush: generate.Flush | None = None, output_only: bool = False) -> list[Stage]:
+def generation_stages(r: ReplicaPlan, flush: generate.Flush | None = None, output_only: bool = False,
+                      rows: int | None = None) -> list[Stage]:
     """batch -> tokenize -> generate -> detokenize, from (id, prompt, row) to the output columns. ``flush``: where
     the generate stage writes finished rows before their batch is done (a run's output); None returns every row.
-    ``output_only``: the last stage returns the output columns alone (else the writer picks them, and the layout)."""
+    ``output_only``: the last stage returns the output columns alone (else the writer picks them, and the layout).
+    ``rows``: the rows to generate, where known, so that a small input is shared among the replicas."""
     from ray.data import ActorPoolStrategy
 
     c = r.config
     model, batch = str(c.model), c.batch_size
-    in_flight = batches_in_flight(batch, c.engine.max_num_seqs)
+    in_flight = batches_in_flight(batch, c.engine.max_num_seqs, rows, c.replicas)
     # Blocks of one batch: a big input file would otherwise be one block, generated and written as one file at its
     # very end, so a lost driver would lose all of it. Small blocks stream through and land as they finish.
     return [

@@ -55,12 +55,12 @@ def execute(p: RunPlan, echo: Callable[[str], None] = print, progress: TextIO | 
     run_id = r.spec.run_id
     control = interrupt.start_control(run_id)
     flush = generate.Flush(output, p.metadata, r.spec.model_dir, control=interrupt.control_name(run_id))
-    stages = ([resume_stage(finished)] if finished else []) + generation_stages(r, flush)
+    todo = p.input_rows - (finished.inputs if finished else 0) if p.input_rows is not None else None
+    stages = ([resume_stage(finished)] if finished else []) + generation_stages(r, flush, rows=todo)
     check_stages(stages, read.WRITES, write.READS)
     ds = read.read_prompts(p.files, p.root, o.prompt_column, p.id_column, o.input_format, p.carried)
     for stage in stages:
         ds = stage.apply(ds)
-    todo = p.input_rows - (finished.inputs if finished else 0) if p.input_rows is not None else None
     before = write.existing_output(output)
     watch = None
     if progress is not None:

@@ -40,11 +40,11 @@ log = logging.getLogger(__name__)
 LOCKS = 2048
 # humming's compute config for a mixture's experts: rows grouped by expert, one group after the other.
 GROUPED = '{"gemm_type": "grouped_contiguous"}'
-# Row counts a mixture's grouped weight is tried at when converted, one in each of humming's M intervals: some
-# shapes fail to launch (the tiny Mixtral of tests/actors/model/test_moe_cuda.py, 4 experts of 2048 x 512 and
-# 512 x 1024, failed to encode its zero points' TMA descriptor on an H100, 2026-12-07); those experts run one by
-# one.
-TRIAL_ROWS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+# A mixture's grouped weight is launched once in each of humming's M intervals when converted (at most this many
+# rows), its rows spread over every expert: some shapes fail to launch in some intervals (the tiny Mixtral of
+# tests/actors/model/test_moe_cuda.py, 4 experts of 2048 x 512 and 512 x 1024, failed to encode its zero points'
+# TMA descriptor at 264 rows on an H100, 2026-12-07, after 256 had run); those experts run one by one.
+MAX_TRIAL_ROWS = 16384
 
 
 def available(device: torch.device) -> bool:
@@ -136,9 +136,9 @@ class HummingRuntime:
         grouped = GroupedHumming(config, out["weight"], out["weight_scale"], out["zero_point"], self)
         started = time.perf_counter()
         try:
-            for m in TRIAL_ROWS:  # compiles each M interval's kernel now (prepare would) and launches it once
-                counts = torch.zeros(len(ts), dtype=torch.int64, device=self.device)
-                counts[0] = m
+            for m in self._trial_rows(config):  # compiles each M interval's kernel now (prepare would) and runs it
+                counts = torch.full((len(ts),), m // len(ts), dtype=torch.int64, device=self.device)
+                counts[: m % len(ts)] += 1
                 grouped(torch.zeros(m, k, dtype=dtype, device=self.device), counts)
         except RuntimeError as e:
             log.warning("humming's grouped GEMM cannot run %d experts of %d x %d (%s); they run one by one",
@@ -149,6 +149,16 @@ class HummingRuntime:
                      time.perf_counter() - started)
         self.configs.add((config.to_str(), GROUPED))
         return grouped
+
+    def _trial_rows(self, config: object) -> list[int]:
+        """One row count in each of the M intervals humming tunes a grouped weight's kernel for (its largest, up
+        to MAX_TRIAL_ROWS): each interval launches a kernel of its own."""
+        from humming.kernel.humming import HummingKernel
+
+        tuning = HummingKernel._resolve_configs(config.to_str(), GROUPED, None, self.device)[2]
+        if isinstance(tuning, dict):  # one kernel for every M
+            return [1]
+        return sorted({min(hi, MAX_TRIAL_ROWS) for lo, hi, _ in tuning if lo < MAX_TRIAL_ROWS})
 
     def prepare(self) -> None:
         """Compile (or load from the cache) every kernel the converted weights will run, for every M interval."""

@@ -3,6 +3,7 @@ runs a weight in any of them."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -167,9 +168,10 @@ def convert_module_weights(module: nn.Module, layout: str, dtype: torch.dtype,
 
         runtime = HummingRuntime(weights[0].qdata.device, kernel_cache_dir, layout == LAYOUT_HUMMING_FP8, dtype)
     count = 0
-    for sub in list(module.modules()):
-        if hasattr(sub, "expert_projections"):
-            count += _group_experts(sub, layout, dtype, runtime)
+    # Only the mixture blocks are listed: a list of every module would keep each expert alive until the last layer
+    # is grouped, holding the whole model twice (a bf16 Qwen3-30B-A3B ran out of an H100's memory so, 2026-12-07).
+    for block in [sub for sub in module.modules() if hasattr(sub, "expert_projections")]:
+        count += _group_experts(block, layout, dtype, runtime)
     for sub in module.modules():
         for name, param in list(sub.named_parameters(recurse=False)):
             if is_int4(param.data) and not getattr(param, "int4_converted", False):
@@ -190,6 +192,16 @@ def _group_experts(block: nn.Module, layout: str, dtype: torch.dtype, runtime: H
         grouped[name] = group_experts([p.data for p in params], layout, dtype, runtime)
         if grouped[name] is None:
             return 0
+    count = sum(is_int4(p.data) for params in projections.values() for p in params)
+    on_gpu = projections["down"][0].device.type == "cuda"
+    del projections, params
     block.use_grouped(grouped)  # drops the per-expert parameters
-    return sum(is_int4(p.data) for params in projections.values() for p in params)
+    # A parameter and its weight_loader refer to each other: only the cycle collector frees the experts, and it must
+    # run now, before the next layer's stacked copy is made (a bf16 Qwen3-30B-A3B, 57 GiB, held 72 GiB and ran out
+    # of an H100's memory while grouping, 2026-12-07).
+    gc.collect()
+    if on_gpu:
+        # The experts' freed blocks are many small ones that the next layer's stacked weight cannot reuse.
+        torch.cuda.empty_cache()
+    return count
 

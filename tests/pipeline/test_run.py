@@ -313,6 +313,16 @@ def test_each_replica_holds_four_engine_waves_of_rows_within_rank0s_concurrency(
     assert batches_in_flight(1, 256) == RANK0_CONCURRENCY  # more would only queue in front of rank 0
 
 
+def test_a_small_input_is_shared_among_the_replicas_not_taken_by_the_first_one_ready():
+    from shardgen.pipeline.processor import batches_in_flight
+
+    assert batches_in_flight(8, 256, rows=64, replicas=2) == 4  # 8 batches: four each, not all eight to one
+    assert batches_in_flight(8, 256, rows=65, replicas=2) == 5  # a ninth, partial batch rounds the share up
+    assert batches_in_flight(8, 256, rows=3, replicas=4) == 1
+    assert batches_in_flight(64, 256, rows=10**6, replicas=2) == 16  # a big input: the engine's depth
+    assert batches_in_flight(64, 256, rows=None, replicas=2) == 16  # too big to count: the same
+
+
 def test_an_engine_that_finishes_no_step_in_time_has_its_replica_rebuilt_then_stops_the_job(demo, tmp_path):
     """The health check's stall test end to end: with a step timeout no step can meet, every check finds rank 0's
     engine stalled, as it would a rank hung in a collective; the replica is rebuilt, and after 3 starts the job stops

@@ -151,8 +151,13 @@ def test_a_real_out_of_memory_in_a_step_fails_the_request_naming_the_settings_to
     e = engine(path, gpu_memory_utilization=0.5, cuda_graphs=False)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # the activations' cached blocks go back, so the step must allocate anew
-    free, _ = torch.cuda.mem_get_info()
-    ballast = torch.empty(free - 2**20, dtype=torch.uint8, device="cuda")
+    ballast = []  # every block the allocator can still get: 1 GiB at a time, then 2 MiB (its granularity)
+    for size in (2**30, 2**21):
+        while True:
+            try:
+                ballast.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+            except torch.OutOfMemoryError:
+                break
     try:
         started = time.monotonic()
         prompt = torch.randint(0, 2048, (500,), generator=torch.Generator().manual_seed(3)).tolist()

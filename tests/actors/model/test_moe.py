@@ -46,3 +46,26 @@ def test_a_loaded_int4_mixture_runs_its_experts_grouped_on_the_cpu(tmp_path):
     # Every expert's two int4 weights (gate and up merged, down) count as converted: dequantized into the stack.
     assert loaded.int4_weights >= len(blocks) * experts * 2
     assert blocks[0].grouped["gate_up"].weight.shape[0] == experts
+
+
+def test_each_layers_experts_are_freed_once_grouped_before_the_next_layer_is_grouped(tmp_path, monkeypatch):
+    """Grouping stacks a layer's experts into a copy: the separate weights must go before the next layer's copy is
+    made, or the whole model is held twice at the end (a bf16 Qwen3-30B-A3B did not fit an H100 so)."""
+    import weakref
+
+    from shardgen.actors.int4 import experts
+
+    config = load_model(int4_checkpoint("qwen3_moe", tmp_path)[1]).config
+    layers = torch.nn.ModuleList([random_block(config), random_block(config), random_block(config)])
+    alive = [[weakref.ref(e.down_proj.weight) for e in block.experts] for block in layers]
+    real, calls = experts.group_experts, []
+
+    def checked(weights, *args, **kwargs):  # no gc.collect() here: what grouping itself frees
+        layer = len(calls) // 2  # two projections a layer
+        assert all(r() is None for earlier in alive[:layer] for r in earlier), f"layer {layer}: earlier experts alive"
+        calls.append(layer)
+        return real(weights, *args, **kwargs)
+
+    monkeypatch.setattr(experts, "group_experts", checked)
+    int4.convert_module_weights(layers, int4.LAYOUT_DENSE, torch.float32)
+    assert calls == [0, 0, 1, 1, 2, 2]
