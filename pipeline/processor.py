@@ -42,7 +42,8 @@ def batches_in_flight(batch_size: int, max_num_seqs: int, rows: int | None = Non
     wanted = -(-ROWS_IN_FLIGHT_PER_ENGINE_SLOT * max_num_seqs // batch_size)
     depth = min(max(MIN_BATCHES_IN_FLIGHT, wanted), RANK0_CONCURRENCY)
     if rows is not None and rows > 0:
-        depth = min(depth, -(-(-(-rows // batch_size)) // replicas))
+        batches = -(-rows // batch_size)
+        depth = min(depth, -(-batches // replicas))
     return depth
 
 
