@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from shardgen.actors.engine.sequence import Completion, Request
 from shardgen.actors.worker import ReplicaSpec, ShardWorker
 
+log = logging.getLogger(__name__)
 # Rank 0 serves several Ray Data batches at once (each waits in collect while the engine runs).
 RANK0_CONCURRENCY = 64
 HEALTH_CHECK_S = 10.0  # while a batch runs, every worker is pinged this often
@@ -55,8 +57,15 @@ class Replica:
             ).remote(rank, spec)
             for rank in range(spec.tp)
         ]
-        address = ray.get(self.workers[0].rendezvous_address.remote())
-        self.info = ray.get([w.setup.remote(address) for w in self.workers])
+        try:
+            address = ray.get(self.workers[0].rendezvous_address.remote())
+            self.info = ray.get([w.setup.remote(address) for w in self.workers])
+        except ray.exceptions.RayActorError as e:  # a worker died (its node lost): start again; errors go up as raised
+            try:
+                self.kill()
+            except Exception as gone:  # the rest went with the node
+                log.debug("freeing the replica that did not start: %s", gone)
+            raise ReplicaFailed(f"a ShardWorker died while the replica started: {type(e).__name__}") from e
 
     @property
     def layout(self) -> str:

@@ -60,12 +60,8 @@ class GenerateStage:
     """One replica; if a worker dies, the replica is replaced and the unfinished rows of its batches run again."""
 
     def __init__(self, spec: ReplicaSpec, flush: Flush | None = None) -> None:
-        from shardgen.actors.replica import Replica
-
         self.spec = spec
         self.flush = flush
-        self.replica = Replica(spec)
-        self.starts = 1
         self._lock = threading.Lock()  # several batches are in flight: one of them replaces the replica
         self._detokenize = None
         self._flush_lock = threading.Lock()  # the batches in flight and their finished, unwritten rows
@@ -74,6 +70,8 @@ class GenerateStage:
         self.stopping = threading.Event()
         self._key = uuid.uuid4().hex  # this stage's line in the run's token count
         self._tokens_before = (0, 0)  # generated and taken from the prefix cache by replicas this stage replaced
+        self.starts = 0
+        self.replica = self._start(None)  # last: a replica that never starts leaves a whole object for __del__
         if flush is not None and flush.control is not None:
             threading.Thread(target=self._watch_control, args=(flush.control,), daemon=True).start()
 
@@ -136,8 +134,6 @@ class GenerateStage:
                 self._replace(replica, e)
 
     def _replace(self, failed, error: Exception) -> None:
-        from shardgen.actors.replica import Replica
-
         with self._lock:
             if self.replica is not failed:  # another batch already replaced it
                 return
@@ -145,14 +141,26 @@ class GenerateStage:
                 failed.kill()
             except Exception as e:  # already gone: nothing left to free
                 log.debug("killing the failed replica: %s", e)
-            if self.starts >= MAX_REPLICA_STARTS:
-                raise RuntimeError(f"a replica failed {self.starts} times (last: {error}); giving up. Check the "
-                                   f"workers' GPUs and memory; rows written so far are kept, rerun to resume")
-            log.warning("replica failed (%s); starting a new one and retrying its batches", error)
             self._tokens_before = (self._tokens_before[0] + failed.last_generated_tokens,
                                    self._tokens_before[1] + failed.last_cached_tokens)
-            self.replica = Replica(self.spec)
+            self.replica = self._start(error)
+
+    def _start(self, error: Exception | None):
+        """A new replica, after ``error`` (None: the first). One whose worker dies while it starts (its node lost
+        during setup) is started again; MAX_REPLICA_STARTS starts in all stop the job."""
+        from shardgen.actors.replica import Replica, ReplicaFailed
+
+        while True:
+            if error is not None:
+                if self.starts >= MAX_REPLICA_STARTS:
+                    raise RuntimeError(f"a replica failed {self.starts} times (last: {error}); giving up. Check the "
+                                       f"workers' GPUs and memory; rows written so far are kept, rerun to resume")
+                log.warning("replica failed (%s); starting a new one and retrying its batches", error)
             self.starts += 1
+            try:
+                return Replica(self.spec)
+            except ReplicaFailed as e:
+                error = e
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch.column("error").to_pylist()

@@ -100,6 +100,29 @@ def test_a_replica_that_keeps_failing_stops_the_job_with_a_clear_message(flaky):
     assert len(flaky.made) == generate.MAX_REPLICA_STARTS and all(r.killed for r in flaky.made)
 
 
+def test_a_replica_whose_worker_dies_while_it_starts_is_started_again(flaky, monkeypatch):
+    """A node lost while a replica loads its model (tests/pipeline/test_lost_node.py, under load) failed the stage's
+    constructor, and with it the job: the replica is started again instead, within the same MAX_REPLICA_STARTS."""
+    deaths = {"left": 1}
+
+    class DiesWhileStarting(FlakyReplica):
+        def __init__(self, spec: ReplicaSpec) -> None:
+            super().__init__(spec)
+            if deaths["left"] > 0:
+                deaths["left"] -= 1
+                raise ReplicaFailed("a ShardWorker died while the replica started: ActorDiedError")
+
+    monkeypatch.setattr(replica_module, "Replica", DiesWhileStarting)
+    stage = GenerateStage(ReplicaSpec("m"))
+    assert len(flaky.made) == 2 and stage.replica is flaky.made[1] and stage.starts == 2
+    assert [r["finish_reason"] for r in stage(batch()).to_pylist()] == ["length", "error", "length"]
+
+    deaths["left"] = 100
+    with pytest.raises(RuntimeError, match=rf"a replica failed {generate.MAX_REPLICA_STARTS} times \(last: a "
+                                           rf"ShardWorker died while the replica started.*giving up"):
+        GenerateStage(ReplicaSpec("m"))
+
+
 def test_the_inputs_carried_columns_follow_each_rows_samples_and_its_error_row(flaky):
     params = params_array([SamplingParams(max_new_tokens=2, n=2), None])
     table = pa.table({"id": ["a", "b"], "prompt": ["x", None], "prompt_token_ids": [[1, 2], []], "params": params,
