@@ -4,7 +4,9 @@ through shardgen's own quantize + convert + ``int4.linear`` path.
 
 Each time is one call's GPU time under a CUDA graph that cycles through enough copies of the weight that none is in
 L2 when it comes round (``graph_time_us``), as a decode step sees it. ``err`` is the relative error
-against x @ W with W the dequantized plain weight in float32 (what the checkpoint means).
+against x @ W with W the dequantized plain weight in float32 (what the checkpoint means), for random x; ``err_one_sign``
+for |x| (inputs of one sign, as after a ReLU: where a per-group offset of the weights adds up). ``humming-kernel``
+times humming's W4A16 GEMM alone, without the zero-point correction ``int4-humming`` adds (humming.py).
 
     python -m benchmarks.int4_gemm [--ms 1,16,64,128,256,512,1024,2048] [--layouts ...]
 Writes benchmarks/results/int4_gemm-<device>.json.
@@ -73,6 +75,19 @@ def converted(w: torch.Tensor, layout: str, copies: int) -> list[torch.nn.Parame
     return out
 
 
+def _err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(f"{((got.float() - want).norm() / want.norm()).item():.2e}")
+
+
+def _humming_kernel(x: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
+    """humming's W4A16 GEMM alone: int4.linear without the zero-point correction."""
+    from humming.forward import humming_forward
+
+    meta = p.humming
+    return humming_forward(meta.config, inputs=x, weight=p.data, weight_scale=meta.scale, zero_point=meta.zero_point,
+                           locks=meta.runtime.locks)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ms", default=",".join(map(str, MS)))
@@ -99,15 +114,20 @@ def main() -> None:
             row = {"shape": name, "N": n, "K": k, "M": m, "bf16_us": round(bf16_us, 1)}
             for layout, params in weights.items():
                 us = graph_time_us([lambda p=p: int4.linear(x, p) for p in params])
-                got = int4.linear(x, params[0]).float()
                 row[layout] = {"us": round(us, 1), "x_bf16": round(bf16_us / us, 2),
-                               "err": float(f"{((got - want).norm() / want.norm()).item():.2e}")}
+                               "err": _err(int4.linear(x, params[0]), want),
+                               "err_one_sign": _err(int4.linear(x.abs(), params[0]), x.abs().float() @ reference.T)}
+            if int4.LAYOUT_HUMMING in weights:
+                us = graph_time_us([lambda p=p: _humming_kernel(x, p) for p in weights[int4.LAYOUT_HUMMING]])
+                row["humming-kernel"] = {"us": round(us, 1), "x_bf16": round(bf16_us / us, 2),
+                                         "err": _err(_humming_kernel(x, weights[int4.LAYOUT_HUMMING][0]), want)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    columns = layouts + (["humming-kernel"] if int4.LAYOUT_HUMMING in layouts else [])
     print(f"\nint4 GEMMs on {device}: speed-up over cuBLAS bf16 (relative error), L2-cold, under CUDA graphs")
-    print(f"{'shape':>8} {'M':>5} {'bf16 us':>8} " + " ".join(f"{layout:>22}" for layout in layouts))
+    print(f"{'shape':>8} {'M':>5} {'bf16 us':>8} " + " ".join(f"{column:>22}" for column in columns))
     for r in rows:
-        cells = [f"{r[la]['x_bf16']:>5.2f}x ({r[la]['err']:.1e})" for la in layouts]
+        cells = [f"{r[la]['x_bf16']:>5.2f}x ({r[la]['err']:.1e})" for la in columns]
         print(f"{r['shape']:>8} {r['M']:>5} {r['bf16_us']:>8} " + " ".join(f"{c:>22}" for c in cells))
     out = Path(__file__).parent / "results" / f"int4_gemm-{device.replace(' ', '_')}.json"
     out.write_text(json.dumps({"device": device, "layouts": layouts, "rows": rows}, indent=1))
