@@ -80,7 +80,7 @@ def generation_stages(r: ReplicaPlan, flush: generate.Flush | None = None, outpu
             generate.GenerateStage, fn_constructor_args=(r.spec, flush), batch_format="pyarrow", batch_size=batch,
             compute=ActorPoolStrategy(size=c.replicas, max_tasks_in_flight_per_actor=in_flight,
                                       max_concurrent_calls_per_actor=in_flight),
-            num_cpus=0, scheduling_strategy=on_driver_node())),
+            num_cpus=0, label_selector=on_driver_node())),
         Stage("detokenize", detokenize.READS, detokenize.WRITES, lambda ds: ds.map_batches(
             detokenize.DetokenizeStage, fn_constructor_args=(model, output_only), batch_format="pyarrow",
             batch_size=batch,
@@ -88,15 +88,17 @@ def generation_stages(r: ReplicaPlan, flush: generate.Flush | None = None, outpu
     ]
 
 
-def on_driver_node():
+def on_driver_node() -> dict[str, str]:
     """Where the generate stage's actors live: the driver's node. Each holds a replica (its ranks' handles and
     placement group) and asks for no resources. On a worker node, that node's loss took the actor with it, and Ray's
     restart of it never finished (Ray 2.60, tests/pipeline/test_lost_node.py): the job hung. Here a lost node only
-    kills ranks, whose replica the actor rebuilds on the nodes left; the driver's own node is the job's anyway."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    kills ranks, whose replica the actor rebuilds on the nodes left; the driver's own node is the job's anyway.
 
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    A label selector on the node id every Ray node carries (Ray Data's own local writes pin the driver's node so);
+    a scheduling strategy would go through ``ray_remote_args``, which Ray 2.60 warns users is deprecated."""
+    import ray
+
+    return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
 
 
 def check_stages(stages: list[Stage], columns: tuple[str, ...], sink_reads: tuple[str, ...]) -> None:

@@ -1,7 +1,7 @@
 """Runs the model for one engine step on one rank: owns the paged KV cache, its size, and the step's inputs.
 
 Under tensor parallelism rank 0 schedules; ``execute`` broadcasts the step to
-the other ranks (which sit in ``follow``) so every rank runs the same forward.
+the other ranks (which sit in ``follow``) as tensors (step.py) so every rank runs the same forward.
 On a GPU the cache is sized from what is left after the weights and a measured
 activation peak, and decode steps replay CUDA graphs.
 """
@@ -9,7 +9,6 @@ activation peak, and decode steps replay CUDA graphs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,6 +16,8 @@ import torch.distributed as dist
 
 from shardgen.actors.kernels import kv_cache, paged_attention
 from shardgen.actors.model.attention import AttentionMetadata, StepParts
+from shardgen.actors.engine import step as wire
+from shardgen.actors.engine.step import StepInput
 from shardgen.actors.engine.config import EngineConfig
 from shardgen.actors.engine.cuda_graphs import DecodeGraphs
 from shardgen.actors.model.distributed import TPGroup
@@ -27,44 +28,6 @@ log = logging.getLogger(__name__)
 
 TABLE_WIDTH_BUCKET = 16  # blocks
 GiB = 2**30
-_STOP = "stop"
-_NOOP = "noop"
-
-
-@dataclass
-class StepInput:
-    """Everything a rank needs to run one forward pass (CPU tensors; small enough to broadcast)."""
-
-    input_ids: torch.Tensor  # int64 (tokens,)
-    positions: torch.Tensor  # int64 (tokens,)
-    cu_seqlens_q: torch.Tensor  # int32 (seqs + 1,)
-    context_lens: torch.Tensor  # int32 (seqs,)
-    slot_mapping: torch.Tensor  # int64 (tokens,)
-    block_tables: torch.Tensor  # int32 (seqs, width)
-    max_q_len: int
-    max_context_len: int
-    logits_indices: torch.Tensor  # rows of the flattened tokens whose next token is sampled
-    parts: StepParts | None = None  # the sequences by kind, for attention (None: one paged launch)
-    # (sequence, first position, count) of prompt positions whose logits follow the sampled rows' in the output:
-    # sequences that asked for prompt_logprobs (position p's logits give prompt token p + 1 its log-probability).
-    prompt_rows: tuple[tuple[int, int, int], ...] = ()
-
-    @classmethod
-    def prefill(cls, lengths: list[int], block_size: int) -> "StepInput":
-        """Whole prompts of the given lengths in consecutive cache blocks (memory profiling, warm-up)."""
-        pos, slots, tables, first = [], [], [], 0
-        for n in lengths:
-            blocks = -(-n // block_size)
-            tables.append(list(range(first, first + blocks)))
-            pos.extend(range(n))
-            slots.extend(range(first * block_size, first * block_size + n))
-            first += blocks
-        width = max(len(t) for t in tables)
-        cu = np.concatenate([[0], np.cumsum(lengths)])
-        return cls(torch.zeros(len(pos), dtype=torch.int64), torch.tensor(pos), torch.tensor(cu, dtype=torch.int32),
-                   torch.tensor(lengths, dtype=torch.int32), torch.tensor(slots),
-                   torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-                   max(lengths), max(lengths), torch.tensor(cu[1:] - 1), StepParts.of(lengths, [0] * len(lengths)))
 
 
 def kv_block_bytes(loaded: LoadedModel, tp: TPGroup, block_size: int, dtype: torch.dtype,
@@ -230,14 +193,15 @@ class ModelRunner:
 
     @property
     def can_overlap(self) -> bool:
-        """Whether decode steps may be launched ahead (one rank: followers receive steps as host objects)."""
+        """Whether decode steps may be launched ahead: one rank only (a step ahead takes its tokens from the last
+        step's sampling on rank 0's GPU, which the wire to the other ranks, step.py, does not carry yet)."""
         return self.tp.size == 1 and self.config.overlap_decode
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
         """Run the step on every rank; returns float32 logits (rows = ``logits_indices``)."""
         if self.tp.size > 1:
-            dist.broadcast_object_list([step], src=0)
+            wire.send(step, self._wire_device)
         return self._forward(step)
 
     def _forward(self, step: StepInput) -> torch.Tensor:
@@ -257,23 +221,27 @@ class ModelRunner:
         with torch.inference_mode():
             return self.model.compute_logits(self.model(input_ids, positions, meta, self.kv_caches)).float()
 
+    @property
+    def _wire_device(self) -> torch.device:
+        """Where steps travel between ranks: NCCL's GPU (no host round trip for the step's tensors), gloo's CPU."""
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
     def heartbeat(self) -> None:
         """Keep idle followers' collective from timing out."""
         if self.tp.size > 1:
-            dist.broadcast_object_list([_NOOP], src=0)
+            wire.send_signal(wire.NOOP, self._wire_device)
 
     def stop_followers(self) -> None:
         if self.tp.size > 1:
-            dist.broadcast_object_list([_STOP], src=0)
+            wire.send_signal(wire.STOP, self._wire_device)
 
     @torch.inference_mode()
     def follow(self) -> None:
         """Ranks > 0: run whatever rank 0 broadcasts until it says stop."""
         assert self.tp.rank > 0
         while True:
-            box: list[object] = [None]
-            dist.broadcast_object_list(box, src=0)
-            if box[0] == _STOP:
+            step = wire.receive(self._wire_device)
+            if isinstance(step, StepInput):
+                self._forward(step)
+            elif step == wire.STOP:
                 return
-            if box[0] != _NOOP:
-                self._forward(box[0])

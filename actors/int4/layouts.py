@@ -3,7 +3,6 @@ runs a weight in any of them."""
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -196,10 +195,9 @@ def _group_experts(block: nn.Module, layout: str, dtype: torch.dtype, runtime: H
     on_gpu = projections["down"][0].device.type == "cuda"
     del projections, params
     block.use_grouped(grouped)  # drops the per-expert parameters
-    # A parameter's weight_loader is its module's bound method, so module and parameter refer to each other: only
-    # the cycle collector frees the experts, and it must run now, before the next layer's stacked copy is made (a
-    # bf16 Qwen3-30B-A3B, 57 GiB, held 72 GiB and ran out of an H100's memory while grouping, 2026-12-07).
-    gc.collect()
+    # The experts go now, by reference counting (a parameter holds its module's weight_loader weakly, layers.py),
+    # before the next layer's stacked copy is made: a bf16 Qwen3-30B-A3B (57 GiB) held both and ran out of an
+    # H100's memory while grouping when they waited for the cycle collector (2026-12-07).
     if on_gpu:
         # The experts' freed blocks are many small ones that the next layer's stacked weight cannot reuse.
         torch.cuda.empty_cache()

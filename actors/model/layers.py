@@ -7,7 +7,10 @@ turns them into the hardware's layout.
 
 from __future__ import annotations
 
+import inspect
 import math
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -51,13 +54,27 @@ def load_whole(param: nn.Parameter, ckpt: Checkpoint, name: str, shard_id: objec
     param.data.copy_(read_checked(ckpt, name, tuple(param.shape), 0, 0, param.shape[0], False))
 
 
-def parameter(data: torch.Tensor, loader, **attrs: object) -> nn.Parameter:
-    """A frozen parameter that carries its ``weight_loader``."""
+def parameter(data: torch.Tensor, loader: Callable[..., None], **attrs: object) -> nn.Parameter:
+    """A frozen parameter that carries its ``weight_loader``. A module's own method is held through a weak
+    reference: module and parameter would otherwise refer to each other, and a dropped parameter (a mixture's
+    experts once grouped) or a deleted model would wait for the cycle collector to give its memory back."""
     p = nn.Parameter(data, requires_grad=False)
-    p.weight_loader = loader
+    p.weight_loader = _weakly_bound(loader) if inspect.ismethod(loader) else loader
     for k, v in attrs.items():
         setattr(p, k, v)
     return p
+
+
+def _weakly_bound(method: Callable[..., None]) -> Callable[..., None]:
+    """``method`` called through a weak reference to its object (the module, which holds the parameter)."""
+    ref = weakref.WeakMethod(method)
+
+    def weight_loader(*args: object, **kwargs: object) -> None:
+        bound = ref()
+        assert bound is not None, "a parameter's module is gone: load weights through the model that holds them"
+        bound(*args, **kwargs)
+
+    return weight_loader
 
 
 def read_checked(ckpt: Checkpoint, name: str, full_shape: tuple[int, ...], dim: int, start: int, length: int, int4_expected: bool) -> torch.Tensor:

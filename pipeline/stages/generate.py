@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +24,9 @@ from shardgen.actors.engine.sequence import FINISH_ERROR, Completion, Request
 from shardgen.actors.worker import ReplicaSpec
 from shardgen.pipeline.columns import OUTPUT_SCHEMA, carried, params_list
 from shardgen.pipeline.storage import Location
+
+if TYPE_CHECKING:
+    from shardgen.actors.replica import Replica
 
 READS = ("id", "prompt", "prompt_token_ids", "params", "error")
 WRITES = ("id", "sample_index", "prompt", "completion_token_ids", "completion_text", "prompt_tokens", "completion_tokens",
@@ -145,7 +149,7 @@ class GenerateStage:
                                    self._tokens_before[1] + failed.last_cached_tokens)
             self.replica = self._start(error)
 
-    def _start(self, error: Exception | None):
+    def _start(self, error: Exception | None) -> Replica:
         """A new replica, after ``error`` (None: the first). One whose worker dies while it starts (its node lost
         during setup) is started again; MAX_REPLICA_STARTS starts in all stop the job."""
         from shardgen.actors.replica import Replica, ReplicaFailed

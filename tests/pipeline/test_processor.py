@@ -1,6 +1,7 @@
 """``shardgen.build_processor``: the run's stages on a user's Ray Dataset (CPU, the demo model)."""
 
 import json
+import warnings
 
 import pytest
 
@@ -77,8 +78,12 @@ def test_per_row_columns_override_the_config_and_every_row_yields_its_rows_or_on
 
 def test_an_id_column_names_the_rows_and_a_missing_prompt_column_is_refused_naming_it(processor):
     import ray
+    from ray.util.annotations import RayDeprecationWarning
 
-    out = processor(ray.data.from_items([{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}])).take_all()
+    with warnings.catch_warnings():  # the stages use Ray Data's current API: no deprecation shown to the user
+        warnings.simplefilter("error", RayDeprecationWarning)
+        ds = processor(ray.data.from_items([{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}]))
+    out = ds.take_all()
     assert sorted(r["id"] for r in out) == ["a", "b"]
     with pytest.raises(ValueError, match=r"the dataset has no column 'prompt' \(columns: \['text'\]\); pass "
                                          r"`prompt_column`"):

@@ -189,3 +189,19 @@ def test_moe_experts_are_int4_one_tensor_each_and_the_router_stays_float(tmp_pat
     loaded = load_model(path)
     with pytest.raises(ValueError, match=r"block_sparse_moe.gate \(the router\) is int4"):
         CausalLM(loaded.config, int4_groups={**groups, "model.layers.0.block_sparse_moe.gate": 32})
+
+
+def test_a_loaded_model_is_freed_by_reference_counting_alone(tmp_path):
+    """A parameter holds its module's weight_loader weakly: no module-parameter cycle, so a dropped model (or a
+    mixture's experts dropped once grouped) gives its memory back at once, not at the cycle collector's next run."""
+    import gc
+    import weakref
+
+    loaded = load_model(int4_checkpoint("llama", tmp_path)[1])
+    refs = [weakref.ref(p) for p in loaded.model.parameters()] + [weakref.ref(m) for m in loaded.model.modules()]
+    gc.disable()
+    try:
+        del loaded
+        assert sum(r() is not None for r in refs) == 0
+    finally:
+        gc.enable()
