@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import re
 import subprocess
@@ -225,6 +226,22 @@ def synthetic_int4_checkpoint(directory: Path, hidden: int, intermediate: int, l
     plan.append(PlannedTensor("lm_head.weight", (vocab, hidden), torch.bfloat16, None, dense(vocab, hidden)))
     save_checkpoint(directory, plan, max_shard_bytes=2**28)
     return sum(t.nbytes() for t in plan)
+
+
+def run_ranks(target, world: int, out: Path, *args: object, timeout: float = 300) -> None:
+    """``target(rank, *args)`` in ``world`` spawned processes (a TP group's ranks, joined through gloo); fails with
+    the first rank's traceback, which each rank writes to ``out/rank<r>.err``."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():  # a hung rank (a collective its peer never joined): the test fails, not the whole run
+            p.kill()
+    errors = [f.read_text() for f in sorted(out.glob("*.err"))]
+    assert not errors, errors[0]
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
 def model_with_tokenizer(family: str, tmp: Path, **overrides: object):

@@ -1,7 +1,6 @@
 """A step's journey from rank 0 to the other ranks (actors/engine/step.py): packed into a header and one buffer,
 unpacked equal, and broadcast for real between two gloo processes."""
 
-import multiprocessing as mp
 import traceback
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from shardgen.actors.engine import step as wire
 from shardgen.actors.engine.step import StepInput
 from shardgen.actors.model.attention import StepParts
 from shardgen.actors.model.distributed import destroy_tp_group, free_port, init_tp_group
+from tests.helpers import run_ranks
 
 
 def mixed_step() -> StepInput:
@@ -71,15 +71,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
 
 
 def test_rank_0s_steps_reach_a_follower_over_gloo_in_order_until_stop(tmp_path):
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    errors = [f.read_text() for f in sorted(tmp_path.glob("*.err"))]
-    assert not errors, errors[0]
+    run_ranks(_rank_main, 2, tmp_path, free_port(), str(tmp_path), timeout=120)
     got = torch.load(tmp_path / "received.pt", weights_only=False)
     assert got[0] == wire.NOOP and len(got) == 3
     assert_same(got[1], mixed_step())

@@ -4,7 +4,6 @@ Tolerance: TP changes only the order of float32 sums (partial products
 all-reduced), so logits agree with TP=1 to ~1e-6 of their scale; we allow 1e-5.
 """
 
-import multiprocessing as mp
 import traceback
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from shardgen.actors import int4
 from shardgen.actors.model.distributed import destroy_tp_group, free_port, init_tp_group
 from shardgen.actors.model.loader import load_model
-from tests.helpers import greedy_paged, int4_checkpoint, shardgen_logits
+from tests.helpers import greedy_paged, int4_checkpoint, run_ranks, shardgen_logits
 
 IDS = torch.randint(0, 301, (2, 13), generator=torch.Generator().manual_seed(11))
 PROMPTS = [[5, 17, 42, 7], [100, 3, 250, 9, 18, 77, 1]]
@@ -51,17 +50,7 @@ def _rank_main(rank: int, world: int, port: int, path: str, out: str, int4_layou
 
 
 def run_tp(path: Path, world: int, out: Path, int4_layout: str = "auto") -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(path), str(out), int4_layout))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    errors = [f.read_text() for f in sorted(out.glob("*.err"))]
-    assert not errors, errors[0]
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_rank_main, world, out, world, free_port(), str(path), str(out), int4_layout)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

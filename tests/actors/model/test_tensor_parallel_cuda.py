@@ -8,7 +8,6 @@ transformers model on the dequantized weights: TP=T must be as close to it as TP
 in float32 through the same TP=T engine shows what is left without bf16: only the order of float32 sums.
 """
 import gc
-import multiprocessing as mp
 import traceback
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from shardgen.actors.model.loader import load_model
 from shardgen.actors.engine.sequence import Request, SamplingParams
 from tests.helpers import require_gpu_kernels
 from tests.actors.model.test_model_cuda import SHAPE
-from tests.helpers import hf_greedy, int4_checkpoint, prefix_agreement, shardgen_logits
+from tests.helpers import hf_greedy, int4_checkpoint, prefix_agreement, run_ranks, shardgen_logits
 
 pytestmark = pytest.mark.gpu
 require_gpu_kernels()
@@ -130,18 +129,7 @@ def _local_sizes(model) -> dict[str, list[int]]:
 
 
 def run_tp(world: int, path: Path, out: Path) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(path), str(out))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-        if p.is_alive():
-            p.kill()
-    errors = [f.read_text() for f in sorted(out.glob("*.err"))]
-    assert not errors, errors[0]
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_rank_main, world, out, world, free_port(), str(path), str(out), timeout=600)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
