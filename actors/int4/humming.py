@@ -198,7 +198,8 @@ class GroupedHumming:
                             zero_point=self.zero_point, expert_layout=first_rows, locks=self.runtime.locks,
                             compute_config=GROUPED)
         sums = group_sums(xs, self.group_size)
-        sums = torch.nn.functional.pad(sums, (0, self.group_term.shape[2] - sums.shape[1]))
+        if sums.shape[1] != self.group_term.shape[2]:  # K/G not a multiple of 8 (Qwen3-30B-A3B's down: 6)
+            sums = torch.nn.functional.pad(sums, (0, self.group_term.shape[2] - sums.shape[1]))
         return y.add_(torch._grouped_mm(sums, self.group_term.transpose(-2, -1), offs=ends.to(torch.int32)))
 
 
