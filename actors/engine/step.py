@@ -85,10 +85,9 @@ def unpack(header: list[int], buffer: torch.Tensor) -> StepInput:
     """The step that ``pack`` made ``header`` and ``buffer`` of; its tensors are views or copies on the buffer's
     device."""
     assert header[_KIND] == STEP and len(header) == HEADER, header[:2]
-    tokens, seqs, width, logits = header[_TOKENS], header[_SEQS], header[_WIDTH], header[_LOGITS]
-    sizes = [tokens, tokens, seqs + 1, seqs, tokens, seqs * width, logits]
-    assert buffer.numel() >= sum(sizes), (buffer.numel(), sizes)
-    ids, positions, cu, ctx, slots, tables, logits_idx, host = torch.split(buffer, sizes + [buffer.numel() - sum(sizes)])
+    sizes = _sizes(header)
+    assert buffer.numel() == sum(sizes), (buffer.numel(), sizes)
+    ids, positions, cu, ctx, slots, tables, logits_idx, host = torch.split(buffer, sizes)
     host = host.tolist() if host.numel() else []  # a device-to-host copy only when the step has such rows
     n_lens = header[_UNCACHED_LENS]
     parts = StepParts(header[_DECODE], header[_UNCACHED], header[_UNCACHED_ROW], header[_MIDDLE_MAX_Q],
@@ -97,8 +96,17 @@ def unpack(header: list[int], buffer: torch.Tensor) -> StepInput:
     prompt_rows = tuple(tuple(rows[i:i + 3]) for i in range(0, len(rows), 3))
     assert len(prompt_rows) == header[_PROMPT_ROWS], (len(prompt_rows), header[_PROMPT_ROWS])
     int32 = torch.int32
-    return StepInput(ids, positions, cu.to(int32), ctx.to(int32), slots, tables.view(seqs, width).to(int32),
-                     header[_MAX_Q], header[_MAX_CTX], logits_idx, parts, prompt_rows)
+    tables = tables.view(header[_SEQS], header[_WIDTH]).to(int32)
+    return StepInput(ids, positions, cu.to(int32), ctx.to(int32), slots, tables, header[_MAX_Q], header[_MAX_CTX],
+                     logits_idx, parts, prompt_rows)
+
+
+def _sizes(header: list[int]) -> list[int]:
+    """The buffer's parts, in ``pack``'s order: input_ids, positions, cu_seqlens_q, context_lens, slot_mapping,
+    block_tables, logits_indices, and the host tail (the last part's prompt lengths, then the prompt rows)."""
+    tokens, seqs = header[_TOKENS], header[_SEQS]
+    return [tokens, tokens, seqs + 1, seqs, tokens, seqs * header[_WIDTH], header[_LOGITS],
+            header[_UNCACHED_LENS] + 3 * header[_PROMPT_ROWS]]
 
 
 def send(step: StepInput, device: torch.device) -> None:
@@ -123,8 +131,6 @@ def receive(device: torch.device) -> StepInput | int:
     values = header.tolist()
     if values[_KIND] != STEP:
         return values[_KIND]
-    sizes = 3 * values[_TOKENS] + 2 * values[_SEQS] + 1 + values[_SEQS] * values[_WIDTH] + values[_LOGITS] \
-        + values[_UNCACHED_LENS] + 3 * values[_PROMPT_ROWS]
-    buffer = torch.empty(sizes, dtype=torch.int64, device=device)
+    buffer = torch.empty(sum(_sizes(values)), dtype=torch.int64, device=device)
     dist.broadcast(buffer, src=0)
     return unpack(values, buffer)
