@@ -61,10 +61,7 @@ class Replica:
             address = ray.get(self.workers[0].rendezvous_address.remote())
             self.info = ray.get([w.setup.remote(address) for w in self.workers])
         except ray.exceptions.RayActorError as e:  # a worker died (its node lost): start again; errors go up as raised
-            try:
-                self.kill()
-            except Exception as gone:  # the rest went with the node
-                log.debug("freeing the replica that did not start: %s", gone)
+            self.kill()
             raise ReplicaFailed(f"a ShardWorker died while the replica started: {type(e).__name__}") from e
 
     @property
@@ -125,10 +122,17 @@ class Replica:
         return counts
 
     def kill(self) -> None:
-        """Stop every worker at once (some may be dead or stuck) and free the placement group."""
+        """Stop every worker at once (some may be dead or stuck) and free the placement group. Best effort: what
+        went with a lost node or cluster is already gone, and the rest is still freed."""
         for w in self.workers:
-            ray.kill(w, no_restart=True)
-        remove_placement_group(self.pg)
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception as e:
+                log.debug("killing a ShardWorker: %s", e)
+        try:
+            remove_placement_group(self.pg)
+        except Exception as e:
+            log.debug("removing the replica's placement group: %s", e)
 
     def shutdown(self) -> None:
         # Rank 0 first: stopping its engine releases the followers from their collective.

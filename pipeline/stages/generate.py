@@ -85,10 +85,7 @@ class GenerateStage:
         self.stopping.set()
         replica = getattr(self, "replica", None)
         if replica is not None:
-            try:
-                replica.kill()
-            except Exception as e:  # already gone with the cluster
-                log.debug("freeing the replica: %s", e)
+            replica.kill()
 
     def _watch_control(self, control_name: str) -> None:
         """Tell the run's RunControl how many tokens this stage's engines generated (the progress line counts
@@ -141,10 +138,7 @@ class GenerateStage:
         with self._lock:
             if self.replica is not failed:  # another batch already replaced it
                 return
-            try:
-                failed.kill()
-            except Exception as e:  # already gone: nothing left to free
-                log.debug("killing the failed replica: %s", e)
+            failed.kill()
             self._tokens_before = (self._tokens_before[0] + failed.last_generated_tokens,
                                    self._tokens_before[1] + failed.last_cached_tokens)
             self.replica = self._start(error)
