@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -57,8 +57,11 @@ class ParquetSink(Datasink[WriteStats]):
 
 
 def write_part(output: Where, block: pa.Table, metadata: dict[str, str]) -> WriteStats:
-    """Write one block of finished rows as ``part-<uuid>.parquet``, whole or not at all (``Location.write_bytes``),
-    so a part file in the output is always complete (the generate stage's early flushes write this way too)."""
+    """Write one block of finished rows as ``part-<digest>.parquet``, whole or not at all (``Location.write_bytes``),
+    so a part file in the output is always complete (the generate stage's early flushes write this way too).
+
+    The name is a digest of the block's rows (``part_name``): a write task that Ray runs again (its node was lost
+    after it wrote, before it reported) writes the same file again, not a second copy of its rows."""
     if block.num_rows == 0:
         return WriteStats()
     layouts = sorted(set(block.column("layout").to_pylist()))
@@ -67,8 +70,19 @@ def write_part(output: Where, block: pa.Table, metadata: dict[str, str]) -> Writ
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
-    Location.of(output).child(f"{PART_PREFIX}{uuid.uuid4().hex}.parquet").write_bytes(buffer.getvalue())
+    Location.of(output).child(part_name(table)).write_bytes(buffer.getvalue())
     return stats_of(table)
+
+
+def part_name(table: pa.Table) -> str:
+    """``part-<digest of the rows' (id, sample_index)>.parquet``: the same rows always get the same name, and two
+    writes of different rows never meet (each output row is one (id, sample_index) of one write)."""
+    h = hashlib.blake2b(digest_size=16)
+    samples = (table.column("sample_index").to_pylist() if "sample_index" in table.column_names
+               else [None] * table.num_rows)
+    for i, s in zip(table.column("id").to_pylist(), samples):
+        h.update(json.dumps([i, s]).encode())  # one JSON array a row: no two rows' bytes run together
+    return f"{PART_PREFIX}{h.hexdigest()}.parquet"
 
 
 def stats_of(table: pa.Table) -> WriteStats:

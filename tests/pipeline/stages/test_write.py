@@ -5,7 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardgen.pipeline.columns import OUTPUT_SCHEMA
-from shardgen.pipeline.stages.write import existing_output, read_stats, rows_in, run_metadata, stats_of, write_part
+from shardgen.pipeline.stages.write import (ParquetSink, existing_output, part_name, read_stats, rows_in, run_metadata,
+                                            stats_of, write_part)
+from shardgen.pipeline.storage import Location
 from tests.helpers import output_block as rows
 
 
@@ -30,6 +32,16 @@ def test_each_block_is_a_file_of_its_own_and_an_empty_block_writes_nothing(tmp_p
     parts = existing_output(tmp_path)
     assert len(parts) == 2 and rows_in(parts) == 7
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # written through a temporary name
+
+
+def test_a_block_written_again_replaces_its_own_file_and_never_doubles_its_rows(tmp_path):
+    # Ray runs a write task again when its node is lost after the task wrote but before it reported: the second
+    # write must land on the first's file (a lost-node CI run once wrote one block's 8 rows twice)
+    sink = ParquetSink(Location.of(tmp_path), {})
+    sink.write([rows(3)], None)
+    sink.write([rows(3)], None)
+    assert len(existing_output(tmp_path)) == 1 and rows_in(existing_output(tmp_path)) == 3
+    assert part_name(rows(3)) != part_name(rows(2)) != part_name(rows(2, samples=2))  # other rows, other files
 
 
 def test_an_error_rows_prompt_tokens_do_not_count_toward_throughput():
