@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from shardgen.actors.engine.sequence import FINISH_ERROR, Completion, Request
 from shardgen.actors.worker import ReplicaSpec
 from shardgen.pipeline.columns import OUTPUT_SCHEMA, carried, params_list
+from shardgen.pipeline.resume import IdShard, digests
 from shardgen.pipeline.storage import Location
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class GenerateStage:
         self._key = uuid.uuid4().hex  # this stage's line in the run's token count
         self._tokens_before = (0, 0)  # generated and taken from the prefix cache by replicas this stage replaced
         self.starts = 0
+        self._written = self._written_before_restart()
         self.replica = self._start(None)  # last: a replica that never starts leaves a whole object for __del__
         if flush is not None and flush.control is not None:
             threading.Thread(target=self._watch_control, args=(flush.control,), daemon=True).start()
@@ -86,6 +88,21 @@ class GenerateStage:
         replica = getattr(self, "replica", None)
         if replica is not None:
             replica.kill()
+
+    def _written_before_restart(self) -> IdShard | None:
+        """The ids the output holds, when Ray has restarted this actor (its process died): Ray Data then sends the
+        batches it had in flight again, and the rows of them it had flushed are written already. None on a first
+        start: no row of a batch not yet seen can be in the output (the skip-finished stage left out the earlier
+        runs' rows)."""
+        if self.flush is None or not restarted_actor():
+            return None
+        from shardgen.pipeline.stages.write import existing_output
+
+        written = IdShard(0, 1)
+        rows = written.load_output(existing_output(self.flush.output))
+        log.warning("generate stage restarted: %d rows are in the output; the batches it had in flight run again "
+                    "without them", rows)
+        return written
 
     def _watch_control(self, control_name: str) -> None:
         """Tell the run's RunControl how many tokens this stage's engines generated (the progress line counts
@@ -165,9 +182,12 @@ class GenerateStage:
         tokens = batch.column("prompt_token_ids").to_pylist()
         params = params_list(batch.column("params"))
         ids = batch.column("id").to_pylist()
-        todo = [i for i, e in enumerate(errors) if e is None]
+        written = (self._written.contains(digests(ids)) if self._written is not None
+                   else [False] * len(ids))  # flushed before this actor's restart: not again
+        todo = [i for i, e in enumerate(errors) if e is None and not written[i]]
         requests = [Request(ids[i], tokens[i], params[i]) for i in todo]
-        mine = _InFlight(batch, unwritten=[i for i, e in enumerate(errors) if e is not None])  # error rows: ready
+        mine = _InFlight(batch, unwritten=[i for i, e in enumerate(errors)
+                                           if e is not None and not written[i]])  # error rows: ready
         with self._flush_lock:
             self._in_flight.append(mine)
             if mine.unwritten and self._oldest is None:
@@ -236,6 +256,15 @@ class GenerateStage:
         if self._detokenize is None:
             self._detokenize = DetokenizeStage(self.flush.model_dir)
         write.write_part(self.flush.output, self._detokenize(rows), self.flush.metadata)
+
+
+def restarted_actor() -> bool:
+    """Whether this process is a Ray actor that Ray has restarted (False outside an actor)."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return False
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 # The columns this stage makes, in the output schema's types (completion_text: a completion a stop string cut)

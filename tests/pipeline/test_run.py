@@ -302,6 +302,44 @@ def test_a_worker_killed_mid_job_is_replaced_and_every_id_comes_out_once(demo, t
     assert all(hurt[i]["completion_token_ids"] == calm_rows[i]["completion_token_ids"] for i in hurt)
 
 
+def test_a_generate_actor_killed_after_writing_part_of_its_batch_is_restarted_and_every_id_comes_out_once(
+        demo, tmp_path, monkeypatch):
+    """SIGKILL the generate stage's actor once it has flushed some rows of its one batch (all 200 rows): Ray
+    restarts it and sends the batch again, and the restarted stage leaves out the rows already written. (The
+    engine's timing is deterministic enough here that a re-flush of the same rows would land on the same
+    digest-named file anyway: stages/test_generate.py checks the leaving-out itself.)"""
+    import functools
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from shardgen.pipeline.stages import generate
+
+    model, prompts = demo
+    # flushes every second: rows finish long before their 200-row batch does
+    monkeypatch.setattr(generate, "Flush", functools.partial(generate.Flush, seconds=1.0))
+    options = RunOptions(model=model, input=prompts, output=tmp_path / "out", batch_size=200,
+                         sampling=SamplingParams(max_new_tokens=24))
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=run(options)))
+    job.start()
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "out").glob("part-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    written_before = len(read_output(tmp_path / "out"))
+    (stage,) = [p for p in psutil.process_iter(["cmdline"]) if "GenerateStage" in " ".join(p.info["cmdline"] or [])]
+    os.kill(stage.pid, signal.SIGKILL)
+    job.join(timeout=600)
+    assert not job.is_alive(), "the job hung after the generate actor died"
+    out = read_output(tmp_path / "out")  # each id once
+    print(f"killed the generate actor after {written_before} of 200 rows were written")
+    assert 0 < written_before < 200
+    assert set(out) == input_ids(prompts) and result["summary"].rows == 200 and result["summary"].errors == 0
+
+
 def test_each_replica_holds_four_engine_waves_of_rows_within_rank0s_concurrency():
     from shardgen.actors.replica import RANK0_CONCURRENCY
     from shardgen.pipeline.processor import MIN_BATCHES_IN_FLIGHT, batches_in_flight

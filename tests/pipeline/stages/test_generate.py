@@ -83,6 +83,20 @@ def test_finished_rows_are_written_before_their_batch_is_done_and_returned_once(
     assert written.schema.metadata[b"shardgen.version"] == b"test"
 
 
+def test_a_restarted_stage_leaves_out_the_rows_its_first_life_wrote_of_a_batch_sent_again(flaky, tmp_path, monkeypatch):
+    """Ray restarts a generate actor whose process died and sends its batches in flight again: the rows the first
+    process had flushed of them are not generated or written a second time."""
+    first = GenerateStage(ReplicaSpec("m"), flush_to(tmp_path, seconds=3600))
+    first.stopping.set()
+    first(batch())  # flushes "a" and the error row "b"; "c" is unfinished when the process "dies"
+    monkeypatch.setattr(generate, "restarted_actor", lambda: True)
+    again = GenerateStage(ReplicaSpec("m"), flush_to(tmp_path, seconds=3600))
+    out = again(batch())
+    assert flaky.made[-1].asked == [["c"]] and out.column("id").to_pylist() == ["c"]
+    monkeypatch.setattr(generate, "restarted_actor", lambda: False)  # a first start reads nothing of the output
+    assert GenerateStage(ReplicaSpec("m"), flush_to(tmp_path, seconds=3600))(batch()).num_rows == 3
+
+
 def test_a_stop_writes_the_finished_rows_and_returns_nothing_else(flaky, tmp_path):
     stage = GenerateStage(ReplicaSpec("m"), flush_to(tmp_path, seconds=3600))
     stage.stopping.set()
