@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from shardgen.pipeline.output_dir import OPENAI_BATCH_OUTPUT
 from shardgen.pipeline.stages import openai_batch
-from shardgen.pipeline.stages.read import _json_chunks
+from shardgen.pipeline.formats import json_chunks
 from shardgen.pipeline.storage import Location
 
 COLUMNS = ["id", "sample_index", "completion", "completion_token_ids", "prompt_tokens", "completion_tokens",
@@ -57,7 +57,7 @@ def _requests(inputs: list[Location]) -> dict[str, tuple[str, str | None, int]]:
     """custom_id -> (url, body.model, the alternatives asked per token) of every request line that has them."""
     out = {}
     for file in inputs:
-        for columns, errors in _json_chunks(file, ["custom_id", "url", "body"], 8192):
+        for columns, errors in json_chunks(file, ["custom_id", "url", "body"], 8192):
             for custom_id, url, body, error in zip(columns["custom_id"], columns["url"], columns["body"], errors):
                 if not error and custom_id is not None:
                     body = body if isinstance(body, dict) else {}

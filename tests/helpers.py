@@ -31,6 +31,18 @@ TINY = dict(vocab_size=301, hidden_size=128, intermediate_size=256, num_hidden_l
             initializer_range=0.2, tie_word_embeddings=False)
 
 
+# config.json of a small Llama (8 heads, 2 KV heads), for the config tests
+LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 512, "intermediate_size": 1024,
+                "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2}
+
+
+def llama_config(**overrides: object):
+    """``ModelConfig`` of ``LLAMA_CONFIG`` with ``overrides`` of its keys."""
+    from shardgen.actors.model.config import ModelConfig
+
+    return ModelConfig.from_dict({**LLAMA_CONFIG, **overrides})
+
+
 def hf_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: object):
     """A randomly initialised transformers model of ``family`` (llama, mistral, qwen2, qwen3, phi3, gemma3, qwen3_moe, mixtral,
     opt)."""

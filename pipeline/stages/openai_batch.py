@@ -105,7 +105,7 @@ def _response_format(value: object) -> dict:
 
 
 def _neutral(value: object, neutral: tuple) -> bool:
-    # JSON numbers arrive as their text (read._JsonNumber): 0 and 0.0 are both neutral penalties
+    # JSON numbers arrive as their text (formats.JsonNumber): 0 and 0.0 are both neutral penalties
     try:
         return any(float(value) == n if isinstance(n, int) and not isinstance(n, bool) else value == n
                    for n in neutral)

@@ -22,9 +22,10 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from shardgen.pipeline.formats import (FORMATS, JsonNumber, csv_chunks, format_of, iter_chunks, json_chunks,
+                                       parquet_file)
 from shardgen.pipeline.storage import Location, Where
 
-FORMATS = {".parquet": "parquet", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv"}
 OVERRIDE_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs", "n", "json_schema",
                     "regex", "choice", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p",
                     "min_tokens", "stop_token_ids")
@@ -54,10 +55,6 @@ def input_files(where: Where) -> list[Location]:
     return files
 
 
-def format_of(file: Location) -> str:
-    return FORMATS[file.suffix.lower()]
-
-
 @dataclass(frozen=True)
 class FileSchema:
     """What a cheap look at one input file tells: its columns and whether it holds any row."""
@@ -72,7 +69,7 @@ def peek(file: Location) -> FileSchema:
     fmt = format_of(file)
     try:
         if fmt == "parquet":
-            meta = _parquet(file).metadata
+            meta = parquet_file(file).metadata
             return FileSchema(list(meta.schema.to_arrow_schema().names), meta.num_rows > 0)
         # utf-8-sig: Excel starts its CSVs with a byte-order mark
         with io.TextIOWrapper(file.open_stream(), encoding="utf-8-sig", newline="") as f:
@@ -176,13 +173,13 @@ def carried_columns(files: list[Where], prompt_column: str, id_column: str | Non
 
 def _column_types(file: Location) -> list[tuple[str, pa.DataType]]:
     if format_of(file) == "parquet":
-        return [(field.name, field.type) for field in _parquet(file).schema_arrow]
+        return [(field.name, field.type) for field in parquet_file(file).schema_arrow]
     return [(name, pa.string()) for name in peek(file).columns]
 
 
 def estimate_rows(files: list[Location]) -> int:
     """Rows in the input: exact for Parquet (from the footers), an upper bound for text files."""
-    return sum(_parquet(f).metadata.num_rows if format_of(f) == "parquet" else f.size() // 16 for f in files)
+    return sum(parquet_file(f).metadata.num_rows if format_of(f) == "parquet" else f.size() // 16 for f in files)
 
 
 COUNT_TEXT_BYTES = 64 * 2**20  # text inputs up to this size have their rows counted (a fraction of a second)
@@ -197,11 +194,11 @@ def count_rows(files: list[Where]) -> int | None:
     if sum(f.size() for f in text) > COUNT_TEXT_BYTES:
         return None
     try:
-        rows = sum(_parquet(f).metadata.num_rows for f in files if f not in text)
+        rows = sum(parquet_file(f).metadata.num_rows for f in files if f not in text)
         for f in text:
             if format_of(f) == "csv":
                 # a column no file has: converts nothing, but has a row per record
-                rows += sum(len(errors) for _, errors in _csv_chunks(f, ["\0count"]))
+                rows += sum(len(errors) for _, errors in csv_chunks(f, ["\0count"]))
             else:
                 with f.open_stream() as fh:
                     rows += sum(1 for line in fh if line.strip())
@@ -238,7 +235,7 @@ def read_file(file: Where, name: str, prompt_column: str, id_column: str | None,
     if input_format == "openai-batch":
         from shardgen.pipeline.stages import openai_batch
 
-        for columns, errors in _json_chunks(file, list(openai_batch.FIELDS), 8192):
+        for columns, errors in json_chunks(file, list(openai_batch.FIELDS), 8192):
             table = openai_batch.normalize(columns, errors, (name, start))
             start += table.num_rows
             yield table
@@ -262,114 +259,6 @@ def iter_ids(file: Where, id_column: str) -> Iterator[list[str | None]]:
         yield [_id_text(v) for v, err in zip(columns[id_column], errors) if not err]
 
 
-def iter_chunks(file: Location, wanted: list[str], chunk_rows: int = 8192
-                ) -> Iterator[tuple[dict[str, list], list[str | None]]]:
-    """``(columns, errors)`` chunks of one file: the ``wanted`` columns as Python values (text in CSV, JSON numbers
-    as written, Parquet's own types; a column the file lacks is absent or all null), and per row what made it
-    unreadable (None for a good row)."""
-    fmt = format_of(file)
-    if fmt == "parquet":
-        pf = _parquet(file)
-        present = [c for c in wanted if c in pf.schema_arrow.names]
-        for b in pf.iter_batches(batch_size=chunk_rows, columns=present):
-            yield {c: b.column(c).to_pylist() for c in present}, [None] * b.num_rows
-    elif fmt == "csv":
-        yield from _csv_chunks(file, wanted)
-    else:
-        yield from _json_chunks(file, wanted, chunk_rows)
-
-
-def _csv_chunks(file: Location, wanted: list[str], chunk_rows: int = 8192
-                ) -> Iterator[tuple[dict[str, list], list[str | None]]]:
-    """The wanted columns as text, a record at a time (CSV has no types, and inferring them turns the id ``007``
-    into 7; a wanted column the file lacks is all null). A record with more or fewer fields than the header, or a
-    wanted cell that is not UTF-8, is an error row naming its line and the column; the file's other records go on.
-    Blank lines are not records. (Python's csv reader, not Arrow's: Arrow's fails the whole file on a record of
-    the wrong width that is not UTF-8 either, and does not know a record's line.)"""
-    import csv
-
-    columns: dict[str, list] = {c: [] for c in wanted}
-    errors: list[str | None] = []
-    with io.TextIOWrapper(file.open_stream(), encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        records = csv.reader(f)
-        try:
-            header = next(records, None) or []
-            index = {}
-            for i, name in enumerate(header):
-                index.setdefault(name, i)
-            where = [index.get(c) for c in wanted]
-            for record in records:
-                if not record:
-                    continue
-                values, error = _csv_record(record, len(header), where, wanted, records.line_num)
-                for c, v in zip(wanted, values):
-                    columns[c].append(v)
-                errors.append(error)
-                if len(errors) == chunk_rows:
-                    yield columns, errors
-                    columns, errors = {c: [] for c in wanted}, []
-        except csv.Error as e:
-            raise ValueError(f"cannot read {file} as csv (line {records.line_num}: {e}); check the file") from e
-    if errors:
-        yield columns, errors
-
-
-def _csv_record(record: list[str], width: int, where: list[int | None], wanted: list[str],
-                line: int) -> tuple[list[str | None], str | None]:
-    """One record's wanted cells, or what is wrong with it (then every cell is null)."""
-    if len(record) != width:
-        return [None] * len(wanted), f"line {line}: a record of {len(record)} fields where the header has {width}"
-    values = [record[i] if i is not None else None for i in where]
-    for c, v in zip(wanted, values):
-        try:
-            v is not None and v.encode("utf-8")
-        except UnicodeEncodeError:  # undecodable bytes, kept as surrogates by the reader
-            return [None] * len(wanted), f"line {line}: column {c!r} is not UTF-8 text"
-    return values, None
-
-
-class _JsonNumber(str):
-    """A JSON number kept as written (``1e3`` stays ``1e3``): an id is its text; a number column is converted by the
-    tokenize stage; a prompt that is a number is an error row."""
-
-
-def _json_chunks(file: Location, wanted: list[str], chunk_rows: int) -> Iterator[tuple[dict[str, list], list]]:
-    """JSON Lines, a line at a time: a line that is not a JSON object is an error row naming its line, and the
-    file's other rows go on. Blank lines are not rows."""
-    columns: dict[str, list] = {c: [] for c in wanted}
-    errors: list[str | None] = []
-    with file.open_stream() as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            record, error = _json_record(raw, number)
-            for c in wanted:
-                columns[c].append(record.get(c))
-            errors.append(error)
-            if len(errors) == chunk_rows:
-                yield columns, errors
-                columns, errors = {c: [] for c in wanted}, []
-    if errors:
-        yield columns, errors
-
-
-def _json_record(raw: bytes, number: int) -> tuple[dict, str | None]:
-    try:
-        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-        record = json.loads(line, parse_int=_JsonNumber, parse_float=_JsonNumber)
-    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError both are
-        return {}, f"line {number}: not a JSON object ({e})"
-    if not isinstance(record, dict):
-        return {}, f"line {number}: not a JSON object (a {type(record).__name__})"
-    return record, None
-
-
-def _parquet(file: Location):
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(file.open())
-
-
 def normalize_rows(columns: dict[str, list], errors: list[str | None], fmt: str, prompt_column: str,
                    id_column: str | None, positions: tuple[str, int]) -> pa.Table:
     """A chunk of rows as (id, prompt, row): the prompt as text (or chat messages, or what is wrong with it, in
@@ -390,12 +279,12 @@ def normalize_rows(columns: dict[str, list], errors: list[str | None], fmt: str,
         row = {c: columns[c][i] for c in overrides if not _unset(columns[c][i], c, fmt)}
         if isinstance(row.get("json_schema"), (dict, list)):  # a schema written as an object: its text, numbers kept
             row["json_schema"] = json.dumps(plain_json(row["json_schema"]))
-        if isinstance(prompt, str) and not isinstance(prompt, _JsonNumber) or prompt is None:
+        if isinstance(prompt, str) and not isinstance(prompt, JsonNumber) or prompt is None:
             prompts.append(prompt)
         else:
             # Chat messages arrive as lists of records; anything else is reported by the tokenize stage.
             row["prompt_json"] = json.dumps(prompt, default=str)
-            row["prompt_type"] = "number" if isinstance(prompt, _JsonNumber) else type(prompt).__name__
+            row["prompt_type"] = "number" if isinstance(prompt, JsonNumber) else type(prompt).__name__
             prompts.append(None)
         rows.append(json.dumps(row, default=str))
     return pa.table({"id": pa.array(ids, pa.string()), "prompt": pa.array(prompts, pa.string()),
@@ -410,8 +299,8 @@ def _text(value: object) -> str | None:
 
 
 def plain_json(value: object) -> object:
-    """A parsed JSON value with its numbers as numbers again (``_JsonNumber`` keeps them as their text)."""
-    if isinstance(value, _JsonNumber):
+    """A parsed JSON value with its numbers as numbers again (``JsonNumber`` keeps them as their text)."""
+    if isinstance(value, JsonNumber):
         return json.loads(value)
     if isinstance(value, dict):
         return {k: plain_json(v) for k, v in value.items()}
