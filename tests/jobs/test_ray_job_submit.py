@@ -29,6 +29,28 @@ def _env(token_file: Path) -> dict[str, str]:
     return env
 
 
+def _stop_head(temp_dir: str, address: str) -> None:
+    """Stop the head this test started (``--temp-dir``; the client server names only its ``address``) and every
+    process under it. ``ray stop`` would stop every Ray on the machine: a user's cluster, or a test run beside."""
+    import psutil
+
+    mine = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
+            and any(temp_dir in a or a.endswith(address) for a in p.info["cmdline"] or [])]
+    family = set(mine)
+    for p in mine:
+        try:
+            family.update(p.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    for signal_ in ("terminate", "kill"):  # kill what a terminate left alive after 15 s
+        for p in family:
+            try:
+                getattr(p, signal_)()
+            except psutil.NoSuchProcess:
+                pass
+        family = psutil.wait_procs(family, timeout=15)[1]
+
+
 def _rows(path: Path) -> dict[str, list[int]]:
     rows = pads.dataset(path).to_table().to_pylist()
     assert len(rows) == len({r["id"] for r in rows})
@@ -41,11 +63,17 @@ def test_ray_job_submit_gives_the_same_output_as_shardgen_run(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dashboard = free_port(), free_port()
     env = _env(tmp_path / "ray-token")
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    "--num-cpus=2",  # what a plain `ray start --head` gives a 2-core machine: enough for tp 1
-                    "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=120)
+    # Every port a head listens on is a free one, not Ray's default: another Ray on this machine (a test run
+    # beside this one) holds the defaults (the client server's 10001, the agents'), and `ray start` fails on them.
+    ports = [f"--{name}-port={free_port()}" for name in ("ray-client-server", "dashboard-agent-listen",
+                                                         "dashboard-agent-grpc", "runtime-env-agent",
+                                                         "metrics-export", "node-manager", "object-manager")]
+    start = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *ports,
+                            "--num-cpus=2",  # what a plain `ray start --head` gives a 2-core machine: enough for tp 1
+                            "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, f"ray start failed:\n{start.stdout[-3000:]}\n{start.stderr[-3000:]}"
     try:
         # The head's job agent starts after `ray start` returns; a submission before it is up is refused with
         # "No available agent" (and no job is created), so wait for it as a user would, by trying again.
@@ -62,7 +90,7 @@ def test_ray_job_submit_gives_the_same_output_as_shardgen_run(tmp_path):
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "shardgen run: 200 rows (0 errors)" in job.stdout
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_head(temp_dir, f"127.0.0.1:{port}")
         shutil.rmtree(temp_dir, ignore_errors=True)
     local = subprocess.run([str(BIN / "shardgen"), "run", *args, "--output", str(tmp_path / "local")],
                            env=_env(tmp_path / "local-token"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
