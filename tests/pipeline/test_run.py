@@ -72,15 +72,17 @@ def test_greedy_completions_equal_transformers_generate(tmp_path, family, tp):
 
 def test_seeded_sampling_is_reproducible_across_runs_and_layouts(demo, tmp_path):
     model, prompts = demo
-    base = RunOptions(model=model, input=prompts, output=tmp_path / "a", batch_size=32,
+    data = tmp_path / "in.jsonl"  # 64 rows: two batches of 32, over two replicas in run "c"
+    data.write_text("".join(line + "\n" for line in prompts.read_text().splitlines()[:64]))
+    base = RunOptions(model=model, input=data, output=tmp_path / "a", batch_size=32,
                       sampling=SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=5))
     outs = []
     for name, r, t in [("a", 1, 1), ("b", 1, 1), ("c", 2, 1), ("d", 1, 2)]:
         run(replace(base, output=tmp_path / name, replicas=r, tp=t))
         outs.append({k: v["completion_token_ids"] for k, v in read_output(tmp_path / name).items()})
-    assert outs[0] == outs[1] == outs[2] == outs[3]
+    assert len(outs[0]) == 64 and outs[0] == outs[1] == outs[2] == outs[3]
     greedy_like = sum(len(set(v)) == 1 for v in outs[0].values())
-    assert greedy_like < 50  # it really sampled
+    assert greedy_like < 16  # it really sampled
 
 
 def test_n_samples_are_n_rows_of_a_row_reproducible_across_layouts_and_an_error_row_is_one(demo, tmp_path):
